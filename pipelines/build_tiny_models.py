@@ -1,0 +1,267 @@
+"""Train the embedded tiny one-step text-to-image model on procedurally generated images.
+
+    python -m pipelines.build_tiny_models --output_dir assets/tiny-sd-turbo
+
+The result is an SD-Turbo-shaped diffusers folder (UNet2DConditionModel, AutoencoderKL, CLIPTextModel +
+CLIPTokenizer, EulerAncestral "trailing" scheduler) that ``AutoPipelineForText2Image`` loads offline
+and runs in one step at guidance 0. Images are coloured shapes described by captions such as
+"a large red circle on the left". Recipe (about 17 minutes on 2 CPU cores):
+
+1. train a tiny KL-VAE on the procedural images (32 px crops, then 64 px);
+2. train text encoder + UNet as a *one-step* generator by regression: the pipeline's one-step x0
+   prediction for noise n and caption c is fitted to the VAE latent of the image rendered from c
+   with its free factors read off the noise (background texture from a low-pass of channel 0; shade,
+   size and position jitter from the means of channels 1-3). This designed noise-to-image coupling
+   plays the role of a distilled multi-step sampler: samples are sharp, follow the caption and vary
+   by seed, so a reward that reads pixels sees real variation between candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from drpo_utils import COLORS, one_step_latents
+
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.13, "large": 0.22}
+PLACES = {
+    "on the left": (0.28, 0.5),
+    "on the right": (0.72, 0.5),
+    "at the top": (0.5, 0.28),
+    "at the bottom": (0.5, 0.72),
+    "in the center": (0.5, 0.5),
+}
+RESOLUTION = 64
+LATENT_FACTOR = 4  # the tiny VAE downsamples 4x: 64 px images <-> 16x16x4 latents
+
+
+def all_captions() -> list[str]:
+    """Every caption of the procedural world: 'a {size} {colour} {shape} {place}'."""
+    return [
+        f"a {size} {color} {shape} {place}"
+        for size in SIZES for color in COLORS for shape in SHAPES for place in PLACES
+    ]
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over the caption alphabet, with merges that build most caption words."""
+    words = sorted({word for caption in all_captions() for word in caption.split()})
+    vocab = ["<|startoftext|>", "<|endoftext|>"]
+    vocab += [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) + "</w>" for c in range(ord("a"), ord("z") + 1)]
+    merges = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if (merged, piece) not in merges:
+                merges.append((merged, piece))
+            merged += piece
+            if merged not in vocab:
+                vocab.append(merged)
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=merges, model_max_length=77)
+
+
+# ------------------------------------------------------------------------------------------------
+# Procedural images
+# ------------------------------------------------------------------------------------------------
+
+
+def noise_factors(noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Free image factors read off the initial noise [B, 4, h, w] (each roughly uniform in [0, 1])."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    h, w = noise.shape[-2:]
+    half = w // 2
+    background = F.avg_pool2d(noise[:, :1], 4) * 4.0  # low-pass of channel 0, unit variance
+    return {
+        "background": background,
+        "shade": normal.cdf(noise[:, 1].mean((1, 2)) * math.sqrt(h * w)),
+        "size": normal.cdf(noise[:, 2].mean((1, 2)) * math.sqrt(h * w)),
+        "dx": normal.cdf(noise[:, 3, :, :half].mean((1, 2)) * math.sqrt(h * half)),
+        "dy": normal.cdf(noise[:, 3, :, half:].mean((1, 2)) * math.sqrt(h * half)),
+    }
+
+
+def parse_caption(caption: str) -> tuple[str, str, str, str]:
+    size, color, shape, *place = caption.split()[1:]
+    return size, color, shape, " ".join(place)
+
+
+def render(captions: list[str], noise: torch.Tensor, resolution: int = RESOLUTION) -> torch.Tensor:
+    """Images [B, 3, R, R] in [0, 1] for the captions, free factors taken from ``noise``."""
+    factors = noise_factors(noise)
+    coords = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    images = []
+    for i, caption in enumerate(captions):
+        size, color, shape, place = parse_caption(caption)
+        cx, cy = PLACES[place]
+        cx = cx + 0.2 * (factors["dx"][i] - 0.5)
+        cy = cy + 0.2 * (factors["dy"][i] - 0.5)
+        radius = SIZES[size] * (0.75 + 0.5 * factors["size"][i])
+        dx, dy = xx - cx, yy - cy
+        if shape == "circle":
+            distance = torch.sqrt(dx**2 + dy**2) - radius
+        elif shape == "square":
+            distance = torch.maximum(dx.abs(), dy.abs()) - 0.85 * radius
+        else:  # upward triangle: max over the three edge normals
+            normals = [(0.0, 1.0), (-math.sqrt(3) / 2, -0.5), (math.sqrt(3) / 2, -0.5)]
+            distance = torch.stack([nx * dx + ny * dy for nx, ny in normals]).amax(0) - 0.55 * radius
+        mask = torch.sigmoid(-distance * resolution)  # about one pixel of anti-aliasing
+        background = F.interpolate(factors["background"][i : i + 1], size=resolution, mode="bilinear")[0, 0]
+        background = (0.4 + 0.12 * background).clamp(0, 1)
+        shade = 0.55 + 0.45 * factors["shade"][i]
+        rgb = torch.tensor(COLORS[color]).view(3, 1, 1) * shade
+        images.append(background * (1 - mask) + rgb * mask)
+    return torch.stack(images)
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+
+
+def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // LATENT_FACTOR, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=16, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+
+
+def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    return CLIPTextModel(config)
+
+
+def build_scheduler() -> EulerAncestralDiscreteScheduler:
+    """SD-Turbo's scheduler (scaled-linear betas, trailing spacing: one step at t = 999).
+
+    The tiny model predicts v rather than epsilon: at t = 999 the epsilon parameterisation gives
+    x0 = sigma * (n - eps) with sigma ~ 14.6, so a tiny UNet would have to reproduce its input to
+    1 % to get x0 right; v-prediction is well conditioned there. Both are handled by the generator.
+    """
+    return EulerAncestralDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+def random_batch(batch_size: int, generator: torch.Generator) -> tuple[list[str], torch.Tensor]:
+    captions = all_captions()
+    picks = torch.randint(len(captions), (batch_size,), generator=generator)
+    noise = torch.randn(batch_size, 4, RESOLUTION // LATENT_FACTOR, RESOLUTION // LATENT_FACTOR, generator=generator)
+    return [captions[i] for i in picks], noise
+
+
+def train_vae(vae: AutoencoderKL, steps: int, batch_size: int, generator: torch.Generator) -> None:
+    """Reconstruction + tiny KL; the first 60% of steps on random 32 px crops, the rest at 64 px."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    start = time.time()
+    for step in range(steps):
+        images = render(*random_batch(batch_size, generator)) * 2 - 1
+        if step < 0.6 * steps:
+            top, left = torch.randint(0, RESOLUTION - 32 + 1, (2,), generator=generator).tolist()
+            images = images[:, :, top : top + 32, left : left + 32]
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"vae step {step:5d}  loss {loss.item():.5f}  {time.time() - start:.0f}s", flush=True)
+
+
+@torch.no_grad()
+def calibrate_latent_scale(vae: AutoencoderKL, generator: torch.Generator) -> float:
+    """scaling_factor = 1 / std of the latents, as for the SD VAEs."""
+    images = render(*random_batch(256, generator)) * 2 - 1
+    return 1.0 / vae.encode(images).latent_dist.mean.std().item()
+
+
+def encode_captions(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train_generator(unet, text_encoder, tokenizer, vae, steps: int, batch_size: int, generator: torch.Generator):
+    """Fit the one-step x0 prediction for (noise, caption) to the latent of render(caption, noise)."""
+    scheduler = build_scheduler()
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=5e-4, weight_decay=0.0)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=0.05)
+    start = time.time()
+    for step in range(steps):
+        captions, noise = random_batch(batch_size, generator)
+        with torch.no_grad():
+            target = vae.encode(render(captions, noise) * 2 - 1).latent_dist.mean * vae.config.scaling_factor
+        prediction = one_step_latents(unet, scheduler, noise, encode_captions(text_encoder, tokenizer, captions))
+        loss = F.mse_loss(prediction, target)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"generator step {step:5d}  loss {loss.item():.5f}  {time.time() - start:.0f}s", flush=True)
+
+
+def main(args=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", default="assets/tiny-sd-turbo")
+    parser.add_argument("--vae_steps", type=int, default=1000)
+    parser.add_argument("--generator_steps", type=int, default=3000)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(args)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    tokenizer = build_tokenizer()
+    vae = build_vae()
+    train_vae(vae, args.vae_steps, args.batch_size, generator)
+    vae.register_to_config(scaling_factor=calibrate_latent_scale(vae, generator))
+    vae.requires_grad_(False).eval()
+
+    text_encoder = build_text_encoder(len(tokenizer))
+    unet = build_unet(text_encoder.config.hidden_size)
+    train_generator(unet, text_encoder, tokenizer, vae, args.generator_steps, args.batch_size, generator)
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=build_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(args.output_dir)
+    print(f"saved {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
