@@ -99,7 +99,7 @@ def drift_field(
          A_ij = sqrt(softmax_j(L) softmax_i(L)) w_j over the joint B    (Eq. 22)
          m+_i, m-_i = sum of A over B+, B-                              (Eq. 23)
          V_i = m-_i sum_j A+_ij b~+_j - m+_i sum_j A-_ij b~-_j          (Eq. 24)
-         V <- V + V / RMS(V)                                            (Eqs. 25-26)
+         V <- V + V_rho / RMS(V_rho)                                    (Eqs. 25-26)
 
     ``mask_self`` excludes support ``neg[i]`` from query ``i`` (for i < Q): use it when the first Q
     negatives are the queries themselves (the authors' self-negatives, or V_ref's sg(Z)).
@@ -135,22 +135,38 @@ def drift_field(
         self_mask = torch.zeros_like(delta, dtype=torch.bool)
         self_mask[:, : len(z)] = torch.eye(len(z), dtype=torch.bool, device=z.device)
 
+    log_weights = weights.log()
     field = torch.zeros_like(queries)
     for radius in radii:
         logits = kernel_logits(distances, cosine, float(radius), kernel)  # Eq. 21
         if self_mask is not None:
             logits = logits.masked_fill(self_mask, float("-inf"))
-        # Eq. 22; a support whose only query is masked has no affinity (softmax of all -inf).
-        affinity = (logits.softmax(dim=1) * logits.softmax(dim=0)).sqrt().nan_to_num(0.0) * weights
-        affinity_neg, affinity_pos = affinity[:, :num_neg], affinity[:, num_neg:]
-        mass_pos = affinity_pos.sum(dim=1, keepdim=True)  # Eq. 23
-        mass_neg = affinity_neg.sum(dim=1, keepdim=True)
-        drift = mass_neg * (affinity_pos @ supports_normalised[num_neg:]) - mass_pos * (
-            affinity_neg @ supports_normalised[:num_neg]
-        )  # Eq. 24
-        rms = drift.square().mean().clamp_min(_EPS_RMS).sqrt()  # Eq. 25
-        field = field + drift / rms  # Eq. 26
+        field = field + cross_mass_drift(logits, log_weights, supports_normalised, num_neg)  # Eqs. 22-25
     return field.to(z.dtype)
+
+
+def cross_mass_drift(logits: torch.Tensor, log_weights: torch.Tensor, supports: torch.Tensor, num_neg: int):
+    """RMS-normalised cross-mass drift of one radius (Eqs. 22-25), computed in log space.
+
+    With A_ij = sqrt(softmax_j(L) softmax_i(L)) w_j (Eq. 22), masses m+-_i (Eq. 23) and the
+    affinity-weighted support means mu+-_i = sum_j A+-_ij b~_j / m+-_i, Eq. 24 is
+        V_i = m-_i sum_j A+_ij b~+_j - m+_i sum_j A-_ij b~-_j = m+_i m-_i (mu+_i - mu-_i).
+    For small radii the affinities underflow float32 (exp(-1250 D^2) at rho = 0.02), so the masses
+    are kept as logarithms and the common factor max_i m+_i m-_i is divided out before
+    exponentiating; the RMS normalisation of Eq. 25 cancels it exactly.
+    """
+    # Eq. 22 in log space; a support whose every query is masked has no affinity (NaN -> -inf).
+    log_affinity = 0.5 * (logits.log_softmax(dim=1) + logits.log_softmax(dim=0)) + log_weights
+    log_affinity = log_affinity.nan_to_num(nan=float("-inf"))
+    log_neg, log_pos = log_affinity[:, :num_neg], log_affinity[:, num_neg:]
+    log_mass = log_pos.logsumexp(dim=1) + log_neg.logsumexp(dim=1)  # log m+_i + log m-_i (Eq. 23)
+    if not torch.isfinite(log_mass.max()):
+        return torch.zeros(len(logits), supports.shape[1], dtype=supports.dtype, device=supports.device)
+    mass = (log_mass - log_mass.max()).exp().unsqueeze(1)
+    mean_pos = log_pos.softmax(dim=1).nan_to_num(0.0) @ supports[num_neg:]
+    mean_neg = log_neg.softmax(dim=1).nan_to_num(0.0) @ supports[:num_neg]
+    drift = mass * (mean_pos - mean_neg)  # Eq. 24, up to the common factor max_i m+_i m-_i
+    return drift / drift.square().mean().clamp_min(_EPS_RMS).sqrt()  # Eq. 25
 
 
 # ---------------------------------------------------------------------------------------------
