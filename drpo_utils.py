@@ -11,7 +11,11 @@ Equation numbers refer to the paper. The file reads top to bottom like Section 4
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -335,3 +339,669 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
         latents = latents + vae.config.shift_factor
     images = vae.decode(latents, return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def encode_prompts_sd(pipe, prompts: list[str], device) -> dict:
+    """SD / SD-Turbo conditioning, via the pipeline's own ``encode_prompt`` (no CFG)."""
+    prompt_embeds, _ = pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": prompt_embeds}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Feature maps phi (Section 4.1): frozen, differentiable, returning named tensors
+# ---------------------------------------------------------------------------------------------
+
+
+class LatentFeatures(torch.nn.Module):
+    """phi(x) = the raw x0 latent (Table 3b "Latent")."""
+
+    needs_images = False
+
+    def forward(self, latents: torch.Tensor, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"latent": latents.float().flatten(1)}
+
+
+class ImageFeatures(torch.nn.Module):
+    """phi(x) on the VAE-decoded image: multi-scale average-pooled RGB plus colour moments.
+
+    Three tensors (one drift each, Contract 1): the image pooled to ``fine`` and ``coarse`` grids,
+    and per-channel mean / std. A weight-free pixel-space map for small models and tests; the
+    paper's learned maps (latent-MAE, DINOv2, MAE) plug into the same registry.
+    """
+
+    needs_images = True
+
+    def __init__(self, fine: int = 16, coarse: int = 4):
+        super().__init__()
+        self.fine, self.coarse = fine, coarse
+
+    def forward(self, latents: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = images.float()
+        return {
+            "image_fine": F.adaptive_avg_pool2d(images, self.fine).flatten(1),
+            "image_coarse": F.adaptive_avg_pool2d(images, self.coarse).flatten(1),
+            "color_moments": torch.cat([images.mean((2, 3)), images.std((2, 3))], dim=1),
+        }
+
+
+FEATURE_MAPS: dict[str, Callable[..., torch.nn.Module]] = {"latent": LatentFeatures, "image": ImageFeatures}
+
+
+def build_feature_map(name: str) -> torch.nn.Module:
+    """A frozen feature map from the registry, in eval mode."""
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"Unknown feature extractor {name!r}; choose one of {', '.join(FEATURE_MAPS)}.")
+    return FEATURE_MAPS[name]().eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Rewards (used only to rank candidates, always under no_grad on detached CPU images)
+# ---------------------------------------------------------------------------------------------
+
+RewardFn = Callable[[torch.Tensor, list[str]], object]
+
+
+class RewardError(RuntimeError):
+    """A reward returned something DrPO cannot rank with (wrong count, NaN, non-numbers)."""
+
+
+def _jpeg_kilobytes(images: torch.Tensor) -> torch.Tensor:
+    import io
+
+    from PIL import Image
+
+    sizes = []
+    for image in (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000.0)
+    return torch.tensor(sizes)
+
+
+def jpeg_compressibility(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Negative JPEG size in kB (DDPO's compressibility reward): smoother images score higher."""
+    return -_jpeg_kilobytes(images)
+
+
+def jpeg_incompressibility(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """JPEG size in kB (DDPO's incompressibility reward): more detailed images score higher."""
+    return _jpeg_kilobytes(images)
+
+
+def color_match(images: torch.Tensor, prompts: list[str], width: float = 0.25) -> torch.Tensor:
+    """Share of the image painted in the colour the prompt names (0 if it names none of COLORS).
+
+    Fits the embedded tiny models' captions ("a small red circle ..."): it rewards larger, more
+    saturated objects of the requested colour.
+    """
+    scores = []
+    for image, prompt in zip(images, prompts):
+        named = [word for word in prompt.lower().replace(",", " ").split() if word in COLORS]
+        if not named:
+            scores.append(0.0)
+            continue
+        target = torch.tensor(COLORS[named[0]], dtype=image.dtype).view(3, 1, 1)
+        closeness = torch.exp(-(image - target).square().sum(0) / (2 * width**2))
+        scores.append(closeness.mean().item())
+    return torch.tensor(scores)
+
+
+REWARDS: dict[str, RewardFn] = {
+    "color_match": color_match,
+    "jpeg_compressibility": jpeg_compressibility,
+    "jpeg_incompressibility": jpeg_incompressibility,
+}
+
+
+def load_reward(spec: str) -> RewardFn:
+    """A reward by name, or a custom one as ``path/to/file.py:function`` / ``package.module:function``."""
+    if spec in REWARDS:
+        return REWARDS[spec]
+    if ":" not in spec:
+        raise ValueError(
+            f"Unknown reward {spec!r}; choose one of {', '.join(REWARDS)} "
+            "or give a custom one as path/to/file.py:function or package.module:function."
+        )
+    import importlib
+    import importlib.util
+    import os
+
+    location, function_name = spec.rsplit(":", 1)
+    if location.endswith(".py"):
+        if not os.path.isfile(location):
+            raise FileNotFoundError(f"reward file {location!r} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"drpo_custom_reward_{abs(hash(location))}", location)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(location)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"{location!r} has no callable {function_name!r} to use as a reward")
+    return function
+
+
+@torch.no_grad()
+def score_candidates(reward_fn: RewardFn, images: torch.Tensor, prompts: list[str], name: str) -> torch.Tensor:
+    """Rank-only reward call (Contract 4): float32 [N, 3, H, W] in [0, 1] on the CPU -> N finite floats."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    try:
+        scores = torch.as_tensor(reward_fn(images, list(prompts)), dtype=torch.float64).flatten()
+    except (TypeError, ValueError) as error:
+        raise RewardError(f"reward {name!r} did not return numbers: {error}") from error
+    if len(scores) != len(images):
+        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(images)} images")
+    if not torch.isfinite(scores).all():
+        raise RewardError(f"reward {name!r} returned non-finite scores: {scores.tolist()}")
+    return scores.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Training plumbing shared by train_drpo.py and train_drpo_sdxl.py
+# ---------------------------------------------------------------------------------------------
+
+LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
+
+
+def add_training_args(parser, default_resolution: int = 512):
+    """The diffusers-examples flags plus DrPO's own; both scripts call this, then add their extras."""
+    add = parser.add_argument
+    # Model and output (diffusers conventions)
+    add("--pretrained_model_name_or_path", required=True, help="Hub id or local folder of the one-step model.")
+    add("--revision", default=None)
+    add("--variant", default=None, help='Weights variant, e.g. "fp16".')
+    add("--output_dir", default="drpo-output")
+    add("--seed", type=int, default=None)
+    add("--resolution", type=int, default=default_resolution)
+    add("--rank", type=int, default=16, help="LoRA rank (paper: 16).")
+    add("--lora_alpha", type=int, default=None, help="LoRA alpha (default: equal to --rank).")
+    add("--lora_target_modules", default=LORA_TARGET_MODULES)
+    # Prompts
+    add("--prompts_file", default=None, help="A .txt file (one prompt per line) or .jsonl with a 'prompt' key.")
+    add("--dataset_name", default=None, help="A datasets name or local folder holding prompts.")
+    add("--dataset_split", default="train")
+    add("--prompt_column", default="prompt")
+    # DrPO (Algorithm 1, Eqs. 15-16, Appendix A)
+    add("--reward", default="color_match", help=f"One of {', '.join(REWARDS)}, or file.py:function / module:function.")
+    add("--feature_extractor", default="image", help=f"One of {', '.join(FEATURE_MAPS)}.")
+    add("--num_candidates", type=int, default=24, help="K candidates per prompt (paper: 24).")
+    add("--num_pairs", type=int, default=12, help="M reward-ordered pairs per prompt (paper: 12).")
+    add("--ref_weight", type=float, default=0.2, help="lambda: weight of the reference drift (Eq. 15).")
+    add("--velocity_scale", type=float, default=1.0, help="eta: target step z + eta V (Eq. 16).")
+    add("--drift_radii", default="0.02,0.05,0.2", help="Comma-separated kernel radii rho (Appendix A).")
+    add("--drift_kernel", default="rbf", choices=DRIFT_KERNELS)
+    add("--pair_weight", type=float, default=1.0, help="Support weight of A+/A- (authors' code: 3000).")
+    add("--self_negatives", action="store_true", help="Add sg(Z) as self-masked negatives (authors' code).")
+    add("--mask_self", action="store_true", help="Mask each query's own copy in the reference drift.")
+    # Optimisation (diffusers conventions)
+    add("--train_batch_size", type=int, default=1, help="Prompts per process per micro-step (K candidates each).")
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--gradient_checkpointing", action="store_true")
+    add("--max_train_steps", type=int, default=1000)
+    add("--learning_rate", type=float, default=1e-4)
+    add("--lr_scheduler", default="constant")
+    add("--lr_warmup_steps", type=int, default=0)
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=1e-2)
+    add("--adam_epsilon", type=float, default=1e-8)
+    add("--max_grad_norm", type=float, default=1.0)
+    add("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    add("--allow_tf32", action="store_true")
+    add("--dataloader_num_workers", type=int, default=0, help="Accepted for diffusers compatibility; prompts are in memory.")
+    # Checkpoints, logging, validation, Hub
+    add("--checkpointing_steps", type=int, default=500)
+    add("--checkpoints_total_limit", type=int, default=None)
+    add("--resume_from_checkpoint", default=None, help='"latest" or a path / name like checkpoint-500.')
+    add("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    add("--logging_dir", default="logs")
+    add("--validation_prompts", default=None, help="'|'-separated prompts for sample grids (default: first 4 prompts).")
+    add("--validation_steps", type=int, default=100)
+    add("--num_validation_seeds", type=int, default=4)
+    add("--push_to_hub", action="store_true")
+    add("--hub_model_id", default=None)
+    add("--hub_token", default=None)
+    return parser
+
+
+def drift_config_from_args(args) -> DriftConfig:
+    return DriftConfig(
+        radii=tuple(float(r) for r in str(args.drift_radii).split(",")), kernel=args.drift_kernel,
+        ref_weight=args.ref_weight, velocity_scale=args.velocity_scale, pair_weight=args.pair_weight,
+        self_negatives=args.self_negatives, mask_self=args.mask_self,
+    )
+
+
+def check_args(args) -> None:
+    """Fail on bad input before any model is loaded."""
+    if args.num_candidates < 2:
+        raise ValueError(f"--num_candidates (K) must be at least 2, got {args.num_candidates}")
+    if not 1 <= args.num_pairs <= max_pairs(args.num_candidates):
+        raise ValueError(
+            f"--num_pairs (M) must be in [1, {max_pairs(args.num_candidates)}] = [1, K(K-1)/2] for "
+            f"K={args.num_candidates}, got {args.num_pairs}"
+        )
+    if args.feature_extractor not in FEATURE_MAPS:
+        raise ValueError(f"Unknown feature extractor {args.feature_extractor!r}; choose one of {', '.join(FEATURE_MAPS)}.")
+    drift_config_from_args(args)  # validates kernel and radii
+    if args.prompts_file is None and args.dataset_name is None:
+        raise ValueError("give prompts with --prompts_file or --dataset_name")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: {path} does not exist")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed_precision fp16 needs a GPU; on the CPU use --mixed_precision bf16 or no")
+    if args.push_to_hub and hub_token(args) is None:
+        raise ValueError("--push_to_hub needs Hub credentials: run `hf auth login`, set HF_TOKEN, or pass --hub_token")
+
+
+def load_prompts(args) -> list[str]:
+    """Training prompts from a .txt / .jsonl file or a ``datasets`` dataset; never empty."""
+    if args.prompts_file is not None:
+        if not os.path.isfile(args.prompts_file):
+            raise FileNotFoundError(f"--prompts_file {args.prompts_file!r} does not exist")
+        with open(args.prompts_file, encoding="utf-8") as handle:
+            lines = [line.strip() for line in handle if line.strip()]
+        if args.prompts_file.endswith(".jsonl"):
+            lines = [json.loads(line)[args.prompt_column] for line in lines]
+        prompts = lines
+        source = args.prompts_file
+    else:
+        from datasets import load_dataset
+
+        dataset = load_dataset(args.dataset_name, split=args.dataset_split)
+        if args.prompt_column not in dataset.column_names:
+            raise ValueError(f"--prompt_column {args.prompt_column!r} not in {dataset.column_names}")
+        prompts = [p.strip() for p in dataset[args.prompt_column] if p and p.strip()]
+        source = args.dataset_name
+    if not prompts:
+        raise ValueError(f"no prompts found in {source!r}")
+    return prompts
+
+
+def hub_token(args) -> str | None:
+    from huggingface_hub import get_token
+
+    return args.hub_token or get_token()
+
+
+def add_lora(unet, args) -> None:
+    """Attach the trainable LoRA adapter ("default") to the frozen UNet (paper: rank 16, attention)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
+            target_modules=[m.strip() for m in args.lora_target_modules.split(",")],
+        )
+    )
+
+
+def save_lora(directory: str, unet, pipeline_cls) -> None:
+    """``pytorch_lora_weights.safetensors`` (keys ``unet.*``) with the adapter metadata (alpha, rank)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    pipeline_cls.save_lora_weights(
+        directory, unet_lora_layers=state_dict, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
+    )
+
+
+def load_lora_into_adapter(directory: str, unet, pipeline_cls) -> None:
+    """Load saved LoRA weights into the *existing* "default" adapter (never a new ``default_1``)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state_dict = pipeline_cls.lora_state_dict(directory)[0]
+    unet_state = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"checkpoint LoRA does not match the model: {result.unexpected_keys[:5]}")
+
+
+def register_lora_checkpoint_hooks(accelerator, unet, pipeline_cls) -> None:
+    """Make ``accelerator.save_state`` store only the LoRA (loadable by ``load_lora_weights``)."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_lora(output_dir, accelerator.unwrap_model(unet), pipeline_cls)
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        load_lora_into_adapter(input_dir, accelerator.unwrap_model(unet), pipeline_cls)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def resolve_checkpoint_path(output_dir: str, name: str) -> str:
+    return name if os.path.isabs(name) or os.path.dirname(name) else os.path.join(output_dir, name)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints ``checkpoint-N`` in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+def find_resume_checkpoint(args) -> str | None:
+    """The checkpoint to resume from: ``latest`` may find none (fresh start), a named one must exist."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        return os.path.join(args.output_dir, checkpoints[-1]) if checkpoints else None
+    return resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
+
+
+def save_checkpoint(accelerator, args, global_step: int) -> None:
+    """Atomically write ``checkpoint-N`` (state + LoRA), then prune to ``--checkpoints_total_limit``.
+
+    The state is written to ``checkpoint-N.tmp`` and renamed, so an interrupted save never leaves a
+    half-written checkpoint; older checkpoints are removed only after the new one exists.
+    """
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    staging = final + ".tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(os.path.join(args.output_dir, old))
+    accelerator.wait_for_everyone()
+
+
+def plot_reward_curve(history: list[dict], path: str) -> None:
+    """reward_curve.png: candidate reward mean (+- std across candidates) per optimisation step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    mean = torch.tensor([h["reward_mean"] for h in history])
+    std = torch.tensor([h["reward_std"] for h in history])
+    window = max(1, len(history) // 20)
+    smooth = torch.nn.functional.avg_pool1d(mean.view(1, 1, -1), window, 1, padding=0).flatten()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.15, label="candidate spread (std)")
+    ax.plot(steps, mean, alpha=0.4, label="candidate mean")
+    ax.plot(steps[window - 1:], smooth, linewidth=2, label=f"moving mean ({window})")
+    ax.set(xlabel="optimisation step", ylabel="reward", title="DrPO: reward of the K candidates")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def image_grid(rows: list[torch.Tensor]) -> "PIL.Image.Image":
+    """Stack rows of images [N, 3, H, W] in [0, 1] into one PIL grid."""
+    from PIL import Image
+
+    grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)
+    return Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def write_model_card(args, output_dir: str, sample_file: str | None, metrics: dict) -> None:
+    """``README.md`` model card (huggingface_hub.ModelCard) with the samples and the DrPO setup."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    samples = f"![before / after]({sample_file})\n\nTop row: base model. Bottom row: with this LoRA.\n" if sample_file else ""
+    lines = "\n".join(f"- {k}: {v}" for k, v in metrics.items())
+    content = f"""---
+{ModelCardData(base_model=args.pretrained_model_name_or_path, library_name="diffusers", license="other",
+               tags=["text-to-image", "diffusers", "lora", "drpo", "one-step"]).to_yaml()}
+---
+
+# DrPO LoRA for {args.pretrained_model_name_or_path}
+
+LoRA weights trained with Drifting Preference Optimization (arXiv 2606.02521): reward `{args.reward}`,
+feature map `{args.feature_extractor}`, K = {args.num_candidates}, M = {args.num_pairs},
+lambda = {args.ref_weight}, eta = {args.velocity_scale}, radii {args.drift_radii}, kernel {args.drift_kernel},
+{args.max_train_steps} steps at learning rate {args.learning_rate}, rank {args.rank}.
+
+{samples}
+{lines}
+
+```python
+import torch
+from diffusers import AutoPipelineForText2Image
+
+pipe = AutoPipelineForText2Image.from_pretrained("{args.pretrained_model_name_or_path}")
+pipe.load_lora_weights("{repo_id}")
+image = pipe("a prompt", num_inference_steps=1, guidance_scale=0.0).images[0]
+```
+"""
+    ModelCard(content).save(os.path.join(output_dir, "README.md"))
+
+
+def create_hub_repo(args) -> str:
+    """Create (or reuse) the Hub repository at start-up, so auth problems fail before training."""
+    from huggingface_hub import create_repo
+
+    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    return create_repo(name, exist_ok=True, token=hub_token(args)).repo_id
+
+
+def push_to_hub(args, repo_id: str) -> None:
+    from huggingface_hub import upload_folder
+
+    upload_folder(
+        repo_id=repo_id, folder_path=args.output_dir, commit_message="DrPO LoRA",
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp"], token=hub_token(args),
+    )
+
+
+def setup_accelerator(args):
+    """Accelerator with trackers, mixed precision and gradient accumulation from the flags."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if args.report_to == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ImportError("--report_to wandb needs `pip install wandb`")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+    )
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """dtype of the frozen weights: fp16 / bf16 under mixed precision (LoRA stays fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def prepare_frozen_models(pipe, accelerator, dtype) -> None:
+    """Freeze every pipeline module and move it to the accelerator device."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
+    pipe.to(accelerator.device)
+
+
+class lora_disabled:
+    """Context manager: the frozen base model g_ref = the same UNet with its adapters disabled."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __enter__(self):
+        self.unet.disable_adapters()
+
+    def __exit__(self, *exc):
+        self.unet.enable_adapters()
+
+
+def step_generator(base_seed: int, step: int, micro_step: int, index: int, rank: int) -> torch.Generator:
+    """RNG for one prompt of one micro-step: prompt draw, noises and pairs.
+
+    Derived from (seed, step, micro-step, index, rank) alone, so ranks draw different prompts and
+    noises, and a resumed run replays exactly the draws of an uninterrupted one.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"{base_seed}/{step}/{micro_step}/{index}/{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def maybe_resume(accelerator, args) -> int:
+    """Load the checkpoint named by --resume_from_checkpoint (LoRA, optimiser, scheduler, RNG); return its step."""
+    path = find_resume_checkpoint(args)
+    if path is None:
+        if args.resume_from_checkpoint:
+            accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
+        return 0
+    accelerator.print(f"Resuming from {path}")
+    accelerator.load_state(path)
+    return int(os.path.basename(os.path.normpath(path)).split("-")[1])
+
+
+def init_trackers(accelerator, args) -> None:
+    if accelerator.is_main_process and args.report_to != "none":
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("drpo", config=config)
+
+
+def step_logs(accelerator, step_stats: list[dict], loss, lr_scheduler, seconds: float) -> dict[str, float]:
+    """Average the per-prompt stats of one optimisation step over micro-steps and processes."""
+    keys = sorted(step_stats[0])
+    local = torch.tensor([[s[k] for k in keys] for s in step_stats], dtype=torch.float64).mean(0)
+    local = torch.cat([local, torch.tensor([float(loss.detach())], dtype=torch.float64)])
+    averaged = accelerator.gather(local.to(accelerator.device)[None]).mean(0).tolist()
+    logs = dict(zip(keys + ["loss"], averaged))
+    logs.update(lr=lr_scheduler.get_last_lr()[0], step_time=seconds)
+    return logs
+
+
+HISTORY_FILE = "reward_history.jsonl"
+
+
+def load_history(output_dir: str, up_to_step: int) -> list[dict]:
+    """Per-step logs of an earlier run (for the reward curve of a resumed run)."""
+    path = os.path.join(output_dir, HISTORY_FILE)
+    if up_to_step == 0 or not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        return [row for row in map(json.loads, handle) if row["step"] <= up_to_step]
+
+
+def save_history(accelerator, output_dir: str, history: list[dict]) -> None:
+    if accelerator.is_main_process:
+        staging = os.path.join(output_dir, HISTORY_FILE + ".tmp")
+        with open(staging, "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in history)
+        os.replace(staging, os.path.join(output_dir, HISTORY_FILE))
+
+
+def validation_prompts(args, prompts: list[str]) -> list[str]:
+    if args.validation_prompts:
+        return [p.strip() for p in args.validation_prompts.split("|") if p.strip()]
+    return list(dict.fromkeys(prompts))[:4]
+
+
+VALIDATION_SEED = 10_000  # held-out: training noises come from step_generator
+
+
+def log_images(accelerator, name: str, image, step: int) -> None:
+    """Send a PIL image to every active tracker (tensorboard / wandb)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(image)}, step=step)
+
+
+def before_after_images(pipe, prompts: list[str], seeds: list[int], resolution: int, accelerator):
+    """One-step samples of the base model (LoRA disabled) and of the current LoRA, same seeds."""
+    from pipelines.one_step import generate_images
+
+    with accelerator.autocast():
+        with lora_disabled(pipe.unet):
+            base = generate_images(pipe, prompts, seeds, resolution)
+        tuned = generate_images(pipe, prompts, seeds, resolution)
+    return base, tuned
+
+
+def log_validation(accelerator, pipe, prompts: list[str], args, step: int) -> None:
+    """Validation grid: per prompt, base row above LoRA row, the same held-out seeds."""
+    if not accelerator.is_main_process:
+        return
+    seeds = list(range(VALIDATION_SEED, VALIDATION_SEED + args.num_validation_seeds))
+    base, tuned = before_after_images(pipe, prompts, seeds, args.resolution, accelerator)
+    grid = image_grid(interleave_rows(base, tuned, len(seeds)))
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    grid.save(os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
+    log_images(accelerator, "validation/base_vs_lora", grid, step)
+
+
+def interleave_rows(base: torch.Tensor, tuned: torch.Tensor, per_row: int) -> list[torch.Tensor]:
+    """Rows: prompt 1 base, prompt 1 LoRA, prompt 2 base, ..."""
+    rows = []
+    for b, t in zip(base.split(per_row), tuned.split(per_row)):
+        rows += [b, t]
+    return rows
+
+
+def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_id) -> dict:
+    """Save the LoRA, reload it into a fresh stock pipeline, score it, plot, write the card, push."""
+    if not accelerator.is_main_process:
+        return {}
+    from pipelines.evaluate import reward_table, summarize
+    from pipelines.one_step import load_one_step_pipeline
+
+    save_lora(args.output_dir, accelerator.unwrap_model(pipe.unet), type(pipe))
+    save_history(accelerator, args.output_dir, history)
+    if history:
+        plot_reward_curve(history, os.path.join(args.output_dir, "reward_curve.png"))
+
+    # Final check on a fresh pipeline: exactly what a user gets from load_lora_weights.
+    fresh = load_one_step_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
+    seeds = list(range(VALIDATION_SEED, VALIDATION_SEED + args.num_validation_seeds))
+    base, base_images = reward_table(fresh, reward_fn, args.reward, prompts, seeds, args.resolution)
+    fresh.load_lora_weights(args.output_dir)
+    tuned, tuned_images = reward_table(fresh, reward_fn, args.reward, prompts, seeds, args.resolution)
+    metrics = summarize(base, tuned)
+    with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    image_grid(interleave_rows(base_images, tuned_images, len(seeds))).save(
+        os.path.join(args.output_dir, "samples_before_after.png")
+    )
+    accelerator.print(
+        f"held-out {args.reward}: base {metrics['base_mean']:.4f} -> LoRA {metrics['lora_mean']:.4f} "
+        f"(effect size {metrics['effect_size']:.2f}, paired z {metrics['z_paired']:.1f})"
+    )
+    write_model_card(args, args.output_dir, "samples_before_after.png", {
+        f"held-out {args.reward} (base -> LoRA)": f"{metrics['base_mean']:.4f} -> {metrics['lora_mean']:.4f}",
+        "effect size (change / across-seed std)": f"{metrics['effect_size']:.2f}",
+    })
+    if repo_id is not None:
+        push_to_hub(args, repo_id)
+    return metrics

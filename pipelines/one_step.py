@@ -1,0 +1,46 @@
+"""One-step generation helpers for stock diffusers pipelines (inference side).
+
+    from pipelines.one_step import load_one_step_pipeline, generate_images
+    pipe = load_one_step_pipeline("stabilityai/sd-turbo", lora="drpo-output")
+    images = generate_images(pipe, ["a cat"], seeds=[0, 1, 2])  # [3, 3, H, W] in [0, 1]
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def load_one_step_pipeline(model: str, lora: str | None = None, *, dtype=torch.float32, device="cpu", **kwargs):
+    """``AutoPipelineForText2Image`` with an optional DrPO LoRA loaded by ``load_lora_weights``."""
+    from diffusers import AutoPipelineForText2Image
+
+    pipe = AutoPipelineForText2Image.from_pretrained(model, dtype=dtype, **kwargs)
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def initial_noise(pipe, seed: int, height: int, width: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """The pipeline's own initial latent noise for ``seed`` (CPU generator, as ``pipe(generator=...)``)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+
+@torch.no_grad()
+def generate_images(pipe, prompts: list[str], seeds: list[int], resolution: int | None = None) -> torch.Tensor:
+    """One image per (prompt, seed), prompt-major: ``num_inference_steps=1, guidance_scale=0``.
+
+    Returns float32 [len(prompts) * len(seeds), 3, H, W] in [0, 1] on the CPU.
+    """
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = []
+    for prompt in prompts:
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        out = pipe(
+            [prompt] * len(seeds), num_inference_steps=1, guidance_scale=0.0, generator=generators,
+            height=resolution, width=resolution, output_type="pt",
+        ).images
+        images.append(out.float().cpu())
+    return torch.cat(images)
