@@ -584,6 +584,7 @@ def check_args(args) -> None:
     if args.feature_extractor not in FEATURE_MAPS:
         raise ValueError(f"Unknown feature extractor {args.feature_extractor!r}; choose one of {', '.join(FEATURE_MAPS)}.")
     drift_config_from_args(args)  # validates kernel and radii
+    load_reward(args.reward)  # unknown names list the choices; custom files must exist
     if args.prompts_file is None and args.dataset_name is None:
         raise ValueError("give prompts with --prompts_file or --dataset_name")
     if args.resume_from_checkpoint not in (None, "latest"):
