@@ -836,12 +836,12 @@ def weight_dtype(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def prepare_frozen_models(pipe, accelerator, dtype) -> None:
-    """Freeze every pipeline module and move it to the accelerator device."""
+def prepare_frozen_models(pipe, device) -> None:
+    """Freeze every pipeline module (eval mode) and move the pipeline to ``device``."""
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False).eval()
-    pipe.to(accelerator.device)
+    pipe.to(device)
 
 
 class lora_disabled:

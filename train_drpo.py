@@ -112,7 +112,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     weight_dtype = drpo_utils.weight_dtype(accelerator)
     pipe = load_pipeline(args, weight_dtype)
     pipe.set_progress_bar_config(disable=True)
-    drpo_utils.prepare_frozen_models(pipe, accelerator, weight_dtype)
+    drpo_utils.prepare_frozen_models(pipe, accelerator.device)
     drpo_utils.add_lora(pipe.unet, args)
     if accelerator.mixed_precision != "no":
         cast_training_params(pipe.unet, dtype=torch.float32)

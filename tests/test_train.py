@@ -83,3 +83,26 @@ def test_bf16_accumulation_and_gradient_checkpointing_run(tmp_path, script):
                                   "--gradient_accumulation_steps=2", "--train_batch_size=2"))
     weights = lora_tensors(tmp_path)
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_cpu_processes_stay_in_sync(tmp_path, script):
+    """torchrun --nproc_per_node 2 (gloo): different draws per rank, identical LoRA, one writer."""
+    probe, output = tmp_path / "probe", tmp_path / "out"
+    probe.mkdir()
+    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2", "--master_port=29517",
+                os.path.join(ROOT, "tests", "data", "ddp_probe.py"), str(probe)]
+    launch(script, *training_args(SCRIPTS[script], output, "--reward=color_match", "--max_train_steps=3",
+                                  "--checkpointing_steps=2", "--learning_rate=1e-3"),
+           launcher=torchrun, env={"ACCELERATE_USE_CPU": "true"})
+    import json
+
+    draws = [json.loads((probe / f"draws_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(draws[0]) == len(draws[1]) == 3
+    assert all(a["image_sum"] != b["image_sum"] for a, b in zip(*draws))  # different noises per rank
+    loras = [torch.load(probe / f"lora_rank{r}.pt") for r in (0, 1)]
+    for key in loras[0]:
+        torch.testing.assert_close(loras[0][key], loras[1][key], rtol=0, atol=0)
+    initial = torch.load(probe / "lora_rank0.pt")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in initial.items())  # training moved the LoRA
+    assert sorted(d for d in os.listdir(output) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
