@@ -11,6 +11,7 @@ Equation numbers refer to the paper. The file reads top to bottom like Section 4
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -844,17 +845,14 @@ def prepare_frozen_models(pipe, device) -> None:
     pipe.to(device)
 
 
-class lora_disabled:
-    """Context manager: the frozen base model g_ref = the same UNet with its adapters disabled."""
-
-    def __init__(self, unet):
-        self.unet = unet
-
-    def __enter__(self):
-        self.unet.disable_adapters()
-
-    def __exit__(self, *exc):
-        self.unet.enable_adapters()
+@contextlib.contextmanager
+def lora_disabled(unet):
+    """The frozen base model g_ref: the same UNet with its adapters disabled (no second copy)."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
 
 
 def step_generator(base_seed: int, step: int, micro_step: int, index: int, rank: int) -> torch.Generator:

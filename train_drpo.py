@@ -73,8 +73,9 @@ def drpo_step(ctx, prompt: str, rng: torch.Generator):
     """Lines 3-12 of Algorithm 1 for one prompt; returns the loss and what to log."""
     args, pipe, unet, device = ctx["args"], ctx["pipe"], ctx["unet"], ctx["device"]
     k = args.num_candidates
-    # 3: condition c and noises eps_1..K
-    condition = ctx["encode_prompts"](pipe, [prompt] * k, device, args.resolution)
+    # 3: condition c (encoded once, shared by the K candidates) and noises eps_1..K
+    condition = ctx["encode_prompts"](pipe, [prompt], device, args.resolution)
+    condition = {name: value.expand(k, *value.shape[1:]) for name, value in condition.items()}
     latent_size = args.resolution // pipe.vae_scale_factor
     noise = torch.randn((k, pipe.unet.config.in_channels, latent_size, latent_size), generator=rng).to(device)
     # 4: current samples x_i = g_theta(eps_i, c) and reference samples x_i^ref = g_ref(eps_i, c)
