@@ -11,6 +11,7 @@ Equation numbers refer to the paper. The file reads top to bottom like Section 4
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -224,7 +225,10 @@ class DriftConfig:
     velocity_scale: float = 1.0  # eta, Eq. 16
     pair_weight: float = 1.0  # w_j of the preference supports (authors: 3000)
     self_negatives: bool = False  # add sg(Z) as self-masked negatives of V_pref (authors' code)
-    mask_self: bool = False  # mask z_i against its own copy in V_ref's negatives sg(Z)
+    # Mask z_i against its own copy in V_ref's negatives sg(Z) (authors' code; Appendix A is silent).
+    # Unmasked, the copy at distance 0 dominates Eq. 22 and V_ref_i becomes a unit-RMS pull of every
+    # sample onto its own reference image, which freezes the generator at lambda = 0.2 (README).
+    mask_self: bool = True
 
     def __post_init__(self):
         if self.kernel not in DRIFT_KERNELS:
@@ -533,7 +537,9 @@ def add_training_args(parser, default_resolution: int = 512):
     add("--drift_kernel", default="rbf", choices=DRIFT_KERNELS)
     add("--pair_weight", type=float, default=1.0, help="Support weight of A+/A- (authors' code: 3000).")
     add("--self_negatives", action="store_true", help="Add sg(Z) as self-masked negatives (authors' code).")
-    add("--mask_self", action="store_true", help="Mask each query's own copy in the reference drift.")
+    add("--mask_self", action=argparse.BooleanOptionalAction, default=True,
+        help="Mask each sample's own copy among the reference drift's negatives sg(Z) (authors' code). "
+             "--no-mask_self gives the literal, unmasked Eq. 22.")
     # Optimisation (diffusers conventions)
     add("--train_batch_size", type=int, default=1, help="Prompts per process per micro-step (K candidates each).")
     add("--gradient_accumulation_steps", type=int, default=1)
