@@ -555,7 +555,6 @@ def add_training_args(parser, default_resolution: int = 512):
     add("--max_grad_norm", type=float, default=1.0)
     add("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     add("--allow_tf32", action="store_true")
-    add("--dataloader_num_workers", type=int, default=0, help="Accepted for diffusers compatibility; prompts are in memory.")
     # Checkpoints, logging, validation, Hub
     add("--checkpointing_steps", type=int, default=500)
     add("--checkpoints_total_limit", type=int, default=None)

@@ -50,6 +50,7 @@ def test_custom_reward_moves_by_more_than_three_standard_errors(tmp_path, script
     result, base_images, tuned_images = evaluate(model, str(tmp_path), f"{REWARDS}:brightness", prompts,
                                                  HELD_OUT_SEEDS)
     assert not torch.allclose(base_images, tuned_images)  # load_lora_weights changes the output
+    print(reward, {k: round(v, 3) for k, v in result.items()})
     assert sign * result["z_unpaired"] > 3, result
     for name in ("pytorch_lora_weights.safetensors", "README.md", "reward_curve.png", "samples_before_after.png"):
         assert os.path.isfile(tmp_path / name), name

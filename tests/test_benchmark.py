@@ -1,0 +1,21 @@
+"""The DrPO-vs-DRaFT benchmark runs at tiny size (so it cannot rot) and reports consistent numbers."""
+
+import math
+
+from conftest import TINY_SD
+
+from benchmarks.step_cost import main
+
+
+def test_step_cost_benchmark_runs_at_tiny_size(tmp_path):
+    result = main([f"--model={TINY_SD}", "--device=cpu", "--num_candidates=4", "--num_pairs=3",
+                   "--reward_width=64", "--reward_depth=1", "--reward_resolution=32", "--repeats=1",
+                   f"--output_json={tmp_path / 'bench.json'}"])
+    assert result["drpo_seconds"] > 0 and result["draft_seconds"] > 0
+    assert math.isclose(result["speedup"], result["draft_seconds"] / result["drpo_seconds"])
+    assert set(result["parts"]) == {"generator forward+backward", "reference forward + its features",
+                                    "reward forward", "decode + feature forward+backward", "drift field"}
+    assert all(seconds > 0 for seconds in result["parts"].values())
+    assert math.isclose(result["step_over_parts"], result["drpo_seconds"] / sum(result["parts"].values()))
+    assert result["drpo_peak_mb"] >= 0 and result["draft_peak_mb"] >= 0
+    assert (tmp_path / "bench.json").is_file()
