@@ -319,37 +319,58 @@ def drpo_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def one_step_latents(unet, scheduler, noise: torch.Tensor, encoder_hidden_states: torch.Tensor, **unet_kwargs):
+def unet_inputs(condition: dict) -> dict:
+    """UNet keyword arguments from a flat condition dict (SDXL's pooled text and time ids -> added_cond_kwargs)."""
+    inputs = {"encoder_hidden_states": condition["encoder_hidden_states"]}
+    if "text_embeds" in condition:
+        inputs["added_cond_kwargs"] = {"text_embeds": condition["text_embeds"], "time_ids": condition["time_ids"]}
+    return inputs
+
+
+def one_step_latents(unet, scheduler, noise: torch.Tensor, condition: dict) -> torch.Tensor:
     """x = g_theta(eps, c): the stock pipeline's single step at t = T, differentiable.
 
     Mirrors ``pipe(..., num_inference_steps=1, guidance_scale=0.0, output_type="latent")`` through
     the scheduler's own methods: the noise is scaled by ``init_noise_sigma``, the UNet sees
     ``scale_model_input(...)``, and ``scheduler.step`` returns the x0 prediction (epsilon or
-    v_prediction). ``scheduler`` should be a private copy: its step counter is reset on every call.
+    v_prediction). ``condition`` is a flat dict of per-sample tensors (``encode_prompts_sd`` /
+    ``encode_prompts_sdxl``). ``scheduler`` should be a private copy: its step counter is reset here.
     """
     scheduler.set_timesteps(1, device=noise.device)
     timestep = scheduler.timesteps[0]
     latents = noise * scheduler.init_noise_sigma
     model_input = scheduler.scale_model_input(latents, timestep)
-    model_output = unet(model_input, timestep, encoder_hidden_states, **unet_kwargs, return_dict=False)[0]
+    model_output = unet(model_input, timestep, **unet_inputs(condition), return_dict=False)[0]
     # The last ancestral step has sigma_up = 0, so the generator only sets where its zero noise comes from.
     generator = torch.Generator(device=noise.device).manual_seed(0)
     return scheduler.step(model_output, timestep, latents, generator=generator, return_dict=False)[0]
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode latents to images in [0, 1], differentiably (as the pipeline's postprocessing)."""
+    """VAE-decode latents to images in [0, 1], differentiably, in the VAE's own dtype (no autocast:
+    an fp32-kept SDXL VAE must not be run in fp16)."""
     latents = latents.to(vae.dtype) / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):
         latents = latents + vae.config.shift_factor
-    images = vae.decode(latents, return_dict=False)[0]
+    with torch.autocast(latents.device.type, enabled=False):
+        images = vae.decode(latents, return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-def encode_prompts_sd(pipe, prompts: list[str], device) -> dict:
-    """SD / SD-Turbo conditioning, via the pipeline's own ``encode_prompt`` (no CFG)."""
+def encode_prompts_sd(pipe, prompts: list[str], device, resolution: int | None = None) -> dict:
+    """SD / SD-Turbo condition c: CLIP hidden states, via the pipeline's own ``encode_prompt`` (no CFG)."""
     prompt_embeds, _ = pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
     return {"encoder_hidden_states": prompt_embeds}
+
+
+def encode_prompts_sdxl(pipe, prompts: list[str], device, resolution: int) -> dict:
+    """SDXL / SDXL-Turbo condition c: both encoders' penultimate states (concatenated), the second's
+    pooled output, and ``add_time_ids`` = (original size, crop top-left, target size) = (R, R, 0, 0, R, R)."""
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                     do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=prompt_embeds.dtype)
+    return {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled,
+            "time_ids": time_ids.to(device).expand(len(prompts), -1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -974,12 +995,14 @@ def interleave_rows(base: torch.Tensor, tuned: torch.Tensor, per_row: int) -> li
     return rows
 
 
-def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_id) -> dict:
-    """Save the LoRA, reload it into a fresh stock pipeline, score it, plot, write the card, push."""
+def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_id, fresh_pipeline) -> dict:
+    """Save the LoRA, reload it into a fresh stock pipeline, score it, plot, write the card, push.
+
+    ``fresh_pipeline()`` loads the base model again exactly as the script does (e.g. SDXL's VAE).
+    """
     if not accelerator.is_main_process:
         return {}
     from pipelines.evaluate import reward_table, summarize
-    from pipelines.one_step import load_one_step_pipeline
 
     save_lora(args.output_dir, accelerator.unwrap_model(pipe.unet), type(pipe))
     save_history(accelerator, args.output_dir, history)
@@ -987,7 +1010,7 @@ def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_i
         plot_reward_curve(history, os.path.join(args.output_dir, "reward_curve.png"))
 
     # Final check on a fresh pipeline: exactly what a user gets from load_lora_weights.
-    fresh = load_one_step_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant)
+    fresh = fresh_pipeline().to(accelerator.device)
     seeds = list(range(VALIDATION_SEED, VALIDATION_SEED + args.num_validation_seeds))
     base, base_images = reward_table(fresh, reward_fn, args.reward, prompts, seeds, args.resolution)
     fresh.load_lora_weights(args.output_dir)

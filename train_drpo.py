@@ -45,28 +45,22 @@ def parse_args(input_args=None):
     return args
 
 
-def load_pipeline(args, weight_dtype):
+def load_pipeline(args, weight_dtype, **components):
     """The stock one-step pipeline; its UNet becomes g_theta (LoRA) and g_ref (LoRA disabled)."""
-    return AutoPipelineForText2Image.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, dtype=weight_dtype
+    pipe = AutoPipelineForText2Image.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, dtype=weight_dtype,
+        **components,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
-def encode_prompts(pipe, prompts, device, resolution) -> dict:
-    """Conditioning c for the UNet: CLIP hidden states (SD 2.x)."""
-    return drpo_utils.encode_prompts_sd(pipe, prompts, device)
+encode_prompts = drpo_utils.encode_prompts_sd  # condition c: CLIP hidden states (SD 2.x)
 
 
 # ------------------------------------------------------------------------------------------------
 # Algorithm 1
 # ------------------------------------------------------------------------------------------------
-
-
-def generate(unet, scheduler, noise, condition):
-    """x = g(eps, c) on the latent side: the pipeline's single step at t = T."""
-    hidden_states = condition["encoder_hidden_states"]
-    extra = {k: v for k, v in condition.items() if k != "encoder_hidden_states"}
-    return drpo_utils.one_step_latents(unet, scheduler, noise, hidden_states, **extra)
 
 
 def drpo_step(ctx, prompt: str, rng: torch.Generator):
@@ -80,9 +74,9 @@ def drpo_step(ctx, prompt: str, rng: torch.Generator):
     noise = torch.randn((k, pipe.unet.config.in_channels, latent_size, latent_size), generator=rng).to(device)
     # 4: current samples x_i = g_theta(eps_i, c) and reference samples x_i^ref = g_ref(eps_i, c)
     with ctx["accelerator"].autocast():
-        latents = generate(unet, ctx["scheduler"], noise, condition)
+        latents = drpo_utils.one_step_latents(unet, ctx["scheduler"], noise, condition)
         with torch.no_grad(), drpo_utils.lora_disabled(pipe.unet):
-            ref_latents = generate(pipe.unet, ctx["scheduler"], noise, condition)
+            ref_latents = drpo_utils.one_step_latents(pipe.unet, ctx["scheduler"], noise, condition)
         # 5: features Z = phi(x_i) (differentiable) and R = phi(x_i^ref) (frozen)
         feature_map = ctx["feature_map"]
         images = drpo_utils.decode_latents(pipe.vae, latents) if feature_map.needs_images else None
@@ -112,7 +106,6 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
 
     weight_dtype = drpo_utils.weight_dtype(accelerator)
     pipe = load_pipeline(args, weight_dtype)
-    pipe.set_progress_bar_config(disable=True)
     drpo_utils.prepare_frozen_models(pipe, accelerator.device)
     drpo_utils.add_lora(pipe.unet, args)
     if accelerator.mixed_precision != "no":
@@ -177,7 +170,8 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
             drpo_utils.log_validation(accelerator, pipe, validation_prompts, args, global_step)
 
     accelerator.wait_for_everyone()
-    drpo_utils.finish_training(accelerator, args, pipe, history, validation_prompts, reward_fn, repo_id)
+    drpo_utils.finish_training(accelerator, args, pipe, history, validation_prompts, reward_fn, repo_id,
+                               fresh_pipeline=lambda: load_pipeline(args, torch.float32))
     accelerator.end_training()
 
 

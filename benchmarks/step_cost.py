@@ -95,7 +95,7 @@ class Bench:
         )
         self.drpo_step_fn = train_drpo.drpo_step
         k, size = args.num_candidates, args.resolution // self.pipe.vae_scale_factor
-        self.condition = drpo_utils.encode_prompts_sd(self.pipe, [PROMPT] * k, self.device)["encoder_hidden_states"]
+        self.condition = train_drpo.encode_prompts(self.pipe, [PROMPT] * k, self.device, args.resolution)
         self.noise = torch.randn(k, self.pipe.unet.config.in_channels, size, size, generator=self.rng())
         self.noise = self.noise.to(self.device)
 

@@ -7,7 +7,7 @@ import torch
 from conftest import PROMPTS, build_random_pipeline
 from diffusers import AutoPipelineForText2Image
 
-from drpo_utils import encode_prompts_sd, one_step_latents
+from drpo_utils import encode_prompts_sd, encode_prompts_sdxl, one_step_latents
 from pipelines.one_step import generate_images, initial_noise
 
 
@@ -17,15 +17,19 @@ def pipeline_latents(pipe, prompt, seed, resolution):
                 width=resolution, output_type="latent").images
 
 
+ENCODERS = {"sd-turbo": encode_prompts_sd, "sdxl-turbo": encode_prompts_sdxl}
+
+
+@pytest.mark.parametrize("architecture", sorted(ENCODERS))
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_generator_reproduces_the_stock_pipeline(tmp_path, prediction_type):
-    pipe = AutoPipelineForText2Image.from_pretrained(build_random_pipeline(str(tmp_path), prediction_type))
+def test_generator_reproduces_the_stock_pipeline(tmp_path, prediction_type, architecture):
+    pipe = AutoPipelineForText2Image.from_pretrained(build_random_pipeline(str(tmp_path), prediction_type, architecture))
     pipe.set_progress_bar_config(disable=True)
     prompt, seed, resolution = "a small red circle on the left", 3, 64
     expected = pipeline_latents(pipe, prompt, seed, resolution)
     noise = initial_noise(pipe, seed, resolution, resolution)
-    condition = encode_prompts_sd(pipe, [prompt], "cpu")
-    latents = one_step_latents(pipe.unet, copy.deepcopy(pipe.scheduler), noise, condition["encoder_hidden_states"])
+    condition = ENCODERS[architecture](pipe, [prompt], "cpu", resolution)
+    latents = one_step_latents(pipe.unet, copy.deepcopy(pipe.scheduler), noise, condition)
     torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -33,7 +37,7 @@ def test_generator_is_differentiable(tmp_path):
     pipe = AutoPipelineForText2Image.from_pretrained(build_random_pipeline(str(tmp_path)))
     noise = torch.randn(2, 4, 16, 16)
     condition = encode_prompts_sd(pipe, ["a large blue square at the top"] * 2, "cpu")
-    latents = one_step_latents(pipe.unet, copy.deepcopy(pipe.scheduler), noise, condition["encoder_hidden_states"])
+    latents = one_step_latents(pipe.unet, copy.deepcopy(pipe.scheduler), noise, condition)
     latents.square().mean().backward()
     grads = [p.grad for p in pipe.unet.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)

@@ -135,7 +135,7 @@ def test_saved_lora_loads_into_a_stock_pipeline_with_the_right_scale(tmp_path):
     condition = drpo_utils.encode_prompts_sd(pipe, [prompt], "cpu")
     with torch.no_grad():
         trained = drpo_utils.one_step_latents(pipe.unet, copy.deepcopy(pipe.scheduler), initial_noise(pipe, seed, 64, 64),
-                                              condition["encoder_hidden_states"])
+                                              condition)
     lora_dir = tmp_path / "lora"
     drpo_utils.save_lora(str(lora_dir), pipe.unet, StableDiffusionPipeline)
     with safe_open(str(lora_dir / "pytorch_lora_weights.safetensors"), "pt") as handle:

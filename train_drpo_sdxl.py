@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Online DrPO (arXiv 2606.02521) for SDXL-Turbo-family one-step models.
+
+    accelerate launch train_drpo_sdxl.py --pretrained_model_name_or_path=stabilityai/sdxl-turbo \
+        --pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix \
+        --prompts_file=prompts.txt --reward=my_reward.py:score --output_dir=drpo-sdxl-turbo
+
+Same flags, outputs and training loop as train_drpo.py (it runs train_drpo.main); only what SDXL
+changes lives here: two text encoders (penultimate states concatenated, pooled output of the second)
+and ``add_time_ids`` as ``added_cond_kwargs`` (drpo_utils.encode_prompts_sdxl), and the VAE, which is
+kept in fp32 unless an fp16-safe VAE is given with --pretrained_vae_model_name_or_path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+from diffusers import AutoencoderKL
+
+import drpo_utils
+import train_drpo
+
+encode_prompts = drpo_utils.encode_prompts_sdxl  # condition c: both encoders + pooled text + time ids
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="DrPO for SDXL-Turbo-family one-step models.")
+    drpo_utils.add_training_args(parser, default_resolution=512)
+    parser.add_argument(
+        "--pretrained_vae_model_name_or_path", default=None,
+        help="An fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix); without it the SDXL VAE stays in fp32.",
+    )
+    args = parser.parse_args(input_args)
+    drpo_utils.check_args(args)
+    return args
+
+
+def load_pipeline(args, weight_dtype):
+    """SDXL-Turbo pipeline; the stock SDXL VAE overflows in fp16, so it stays fp32 unless replaced."""
+    if args.pretrained_vae_model_name_or_path is not None:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=weight_dtype)
+        return train_drpo.load_pipeline(args, weight_dtype, vae=vae)
+    pipe = train_drpo.load_pipeline(args, weight_dtype)
+    pipe.vae.to(torch.float32)
+    return pipe
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    train_drpo.main(parse_args(), encode_prompts=encode_prompts, load_pipeline=load_pipeline)
