@@ -378,16 +378,23 @@ def encode_prompts_sdxl(pipe, prompts: list[str], device, resolution: int) -> di
 # ---------------------------------------------------------------------------------------------
 
 
-class LatentFeatures(torch.nn.Module):
-    """phi(x) = the raw x0 latent (Table 3b "Latent")."""
+class FeatureMap(torch.nn.Module):
+    """phi: ``forward(latents, images) -> {name: [N, ...]}``; ``images`` is None unless ``needs_images``."""
 
     needs_images = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the feature network's activations in backward (no-op for weight-free maps)."""
+
+
+class LatentFeatures(FeatureMap):
+    """phi(x) = the raw x0 latent (Table 3b "Latent")."""
 
     def forward(self, latents: torch.Tensor, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return {"latent": latents.float().flatten(1)}
 
 
-class ImageFeatures(torch.nn.Module):
+class ImageFeatures(FeatureMap):
     """phi(x) on the VAE-decoded image: multi-scale average-pooled RGB plus colour moments.
 
     Three tensors (one drift each, Contract 1): the image pooled to ``fine`` and ``coarse`` grids,
@@ -410,14 +417,69 @@ class ImageFeatures(torch.nn.Module):
         }
 
 
-FEATURE_MAPS: dict[str, Callable[..., torch.nn.Module]] = {"latent": LatentFeatures, "image": ImageFeatures}
+class ViTMAEFeatures(FeatureMap):
+    """Pixel-space MAE features (paper: SDXL-Turbo), from ``transformers.ViTMAEModel`` with masking off.
+
+    The decoded image is resized to the encoder's input size (bicubic, antialiased) and normalised
+    with ImageNet statistics (those of facebook/vit-mae-base); patches keep their order (identity
+    shuffle, mask ratio 0). Returns the CLS token, the mean and std of the patch tokens, and the
+    patch tokens average-pooled to a 2x2 grid: four tensors, one drift each.
+    """
+
+    needs_images = True
+    DEFAULT_WEIGHTS = "facebook/vit-mae-base"
+    IMAGENET_MEAN = (0.485, 0.456, 0.406)
+    IMAGENET_STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, path: str | None = None):
+        super().__init__()
+        from transformers import ViTMAEModel
+
+        self.model = ViTMAEModel.from_pretrained(path or self.DEFAULT_WEIGHTS, mask_ratio=0.0)
+        self.register_buffer("mean", torch.tensor(self.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.model.gradient_checkpointing_enable()
+
+    def forward(self, latents: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = self.model.config.image_size
+        pixels = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        pixels = ((pixels - self.mean) / self.std).to(self.model.dtype)
+        grid = size // self.model.config.patch_size
+        keep_order = torch.arange(grid * grid, device=pixels.device, dtype=torch.float32).expand(len(pixels), -1)
+        hidden = self.model(pixel_values=pixels, noise=keep_order).last_hidden_state.float()
+        patches = hidden[:, 1:]
+        patch_grid = patches.transpose(1, 2).reshape(len(pixels), -1, grid, grid)
+        return {
+            "cls": hidden[:, 0],
+            "patch_mean": patches.mean(1),
+            "patch_std": patches.std(1),
+            "patch_2x2": F.adaptive_avg_pool2d(patch_grid, 2).flatten(1),
+        }
 
 
-def build_feature_map(name: str) -> torch.nn.Module:
-    """A frozen feature map from the registry, in eval mode."""
+FEATURE_MAPS: dict[str, Callable[..., FeatureMap]] = {
+    "latent": LatentFeatures, "image": ImageFeatures, "vit_mae": ViTMAEFeatures,
+}
+WEIGHTED_FEATURE_MAPS = {"vit_mae"}  # take --feature_extractor_path
+
+
+def build_feature_map(name: str, path: str | None = None) -> FeatureMap:
+    """A frozen feature map from the registry, in eval mode, with a clear error for missing weights."""
     if name not in FEATURE_MAPS:
         raise ValueError(f"Unknown feature extractor {name!r}; choose one of {', '.join(FEATURE_MAPS)}.")
-    return FEATURE_MAPS[name]().eval().requires_grad_(False)
+    if name not in WEIGHTED_FEATURE_MAPS:
+        return FEATURE_MAPS[name]().eval().requires_grad_(False)
+    try:
+        feature_map = FEATURE_MAPS[name](path)
+    except OSError as error:
+        weights = path or FEATURE_MAPS[name].DEFAULT_WEIGHTS
+        raise OSError(
+            f"feature extractor {name!r} needs the weights {weights!r} (downloaded from the Hub, or a local folder "
+            f"given with --feature_extractor_path); loading failed: {error}"
+        ) from error
+    return feature_map.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +591,7 @@ def score_candidates(reward_fn: RewardFn, images: torch.Tensor, prompts: list[st
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 
 
-def add_training_args(parser, default_resolution: int = 512):
+def add_training_args(parser, default_resolution: int = 512, default_feature_extractor: str = "image"):
     """The diffusers-examples flags plus DrPO's own; both scripts call this, then add their extras."""
     add = parser.add_argument
     # Model and output (diffusers conventions)
@@ -549,7 +611,8 @@ def add_training_args(parser, default_resolution: int = 512):
     add("--prompt_column", default="prompt")
     # DrPO (Algorithm 1, Eqs. 15-16, Appendix A)
     add("--reward", default="color_match", help=f"One of {', '.join(REWARDS)}, or file.py:function / module:function.")
-    add("--feature_extractor", default="image", help=f"One of {', '.join(FEATURE_MAPS)}.")
+    add("--feature_extractor", default=default_feature_extractor, help=f"One of {', '.join(FEATURE_MAPS)}.")
+    add("--feature_extractor_path", default=None, help="Local folder or Hub id of the feature network's weights.")
     add("--num_candidates", type=int, default=24, help="K candidates per prompt (paper: 24).")
     add("--num_pairs", type=int, default=12, help="M reward-ordered pairs per prompt (paper: 12).")
     add("--ref_weight", type=float, default=0.2, help="lambda: weight of the reference drift (Eq. 15).")

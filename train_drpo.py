@@ -99,6 +99,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     accelerator = drpo_utils.setup_accelerator(args)
     prompts = drpo_utils.load_prompts(args)
     reward_fn = drpo_utils.load_reward(args.reward)
+    feature_map = drpo_utils.build_feature_map(args.feature_extractor, args.feature_extractor_path)
     repo_id = drpo_utils.create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     if args.seed is not None:
         set_seed(args.seed)
@@ -112,6 +113,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
         cast_training_params(pipe.unet, dtype=torch.float32)
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+        feature_map.enable_gradient_checkpointing()
 
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -130,7 +132,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     ctx = dict(
         args=args, accelerator=accelerator, pipe=pipe, unet=unet, device=accelerator.device,
         scheduler=EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config),
-        feature_map=drpo_utils.build_feature_map(args.feature_extractor).to(accelerator.device),
+        feature_map=feature_map.to(accelerator.device, weight_dtype),
         reward_fn=reward_fn, config=drpo_utils.drift_config_from_args(args), encode_prompts=encode_prompts,
     )
     validation_prompts = drpo_utils.validation_prompts(args, prompts)

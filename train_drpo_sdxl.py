@@ -27,7 +27,8 @@ encode_prompts = drpo_utils.encode_prompts_sdxl  # condition c: both encoders + 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="DrPO for SDXL-Turbo-family one-step models.")
-    drpo_utils.add_training_args(parser, default_resolution=512)
+    # Pixel-space MAE features: the paper's choice for SDXL (the latent-MAE speaks SD-VAE latents only).
+    drpo_utils.add_training_args(parser, default_resolution=512, default_feature_extractor="vit_mae")
     parser.add_argument(
         "--pretrained_vae_model_name_or_path", default=None,
         help="An fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix); without it the SDXL VAE stays in fp32.",

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 import torch
-from conftest import PROMPTS, ROOT, TINY_SD
+from conftest import PROMPTS, ROOT, TINY_SD, TINY_SDXL
 from safetensors.torch import load_file
 
 from pipelines.evaluate import evaluate
 
 REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
-SCRIPTS = {"train_drpo.py": TINY_SD}
+SCRIPTS = {"train_drpo.py": TINY_SD, "train_drpo_sdxl.py": TINY_SDXL}
 HELD_OUT_SEEDS = list(range(5000, 5016))
 
 
@@ -20,7 +20,8 @@ def training_args(model, output_dir, *extra):
     return [
         f"--pretrained_model_name_or_path={model}", f"--prompts_file={PROMPTS}", f"--output_dir={output_dir}",
         "--resolution=64", "--num_candidates=8", "--num_pairs=8", "--seed=0", "--report_to=none",
-        "--validation_steps=0", "--num_validation_seeds=2", "--checkpointing_steps=1000", *extra,
+        "--validation_steps=0", "--num_validation_seeds=2", "--checkpointing_steps=1000", "--feature_extractor=image",
+        *extra,
     ]
 
 

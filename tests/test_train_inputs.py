@@ -6,22 +6,25 @@ import os
 
 import pytest
 import torch
-from conftest import PROMPTS, ROOT, TINY_SD, build_random_pipeline
-from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline
+from conftest import PROMPTS, ROOT, TINY_SD, TINY_SDXL, build_random_pipeline
+from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import drpo_utils
 import train_drpo
+import train_drpo_sdxl
+
+SCRIPTS = {"sd": (train_drpo, TINY_SD), "sdxl": (train_drpo_sdxl, TINY_SDXL)}
 
 REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
 
 
-def args_for(tmp_path, *extra):
+def args_for(tmp_path, *extra, model=TINY_SD):
     return [
-        f"--pretrained_model_name_or_path={TINY_SD}", f"--prompts_file={PROMPTS}", f"--output_dir={tmp_path}",
+        f"--pretrained_model_name_or_path={model}", f"--prompts_file={PROMPTS}", f"--output_dir={tmp_path}",
         "--resolution=64", "--num_candidates=4", "--num_pairs=3", "--seed=0", "--report_to=none",
-        "--validation_steps=0", "--num_validation_seeds=1", "--max_train_steps=1", *extra,
+        "--validation_steps=0", "--num_validation_seeds=1", "--max_train_steps=1", "--feature_extractor=image", *extra,
     ]
 
 
@@ -44,7 +47,7 @@ def no_model_loading(*args, **kwargs):
         (["--reward=pickscorez"], ValueError, "choose one of color_match, jpeg_compressibility"),
         (["--reward=missing_file.py:score"], FileNotFoundError, "missing_file.py"),
         ([f"--reward={REWARDS}:no_such_function"], ValueError, "no_such_function"),
-        (["--feature_extractor=dino"], ValueError, "choose one of latent, image"),
+        (["--feature_extractor=dino"], ValueError, "choose one of latent, image, vit_mae"),
         (["--num_candidates=1"], ValueError, "at least 2"),
         (["--num_candidates=4", "--num_pairs=7"], ValueError, r"\[1, 6\]"),
         (["--drift_radii=0.1,-1"], ValueError, "positive"),
@@ -52,11 +55,13 @@ def no_model_loading(*args, **kwargs):
         (["--mixed_precision=fp16"], ValueError, "bf16"),
     ],
 )
-def test_bad_arguments_fail_in_parse_args(tmp_path, extra, error, message):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_arguments_fail_in_parse_args(tmp_path, extra, error, message, script):
     if "fp16" in extra[0] and torch.cuda.is_available():
         pytest.skip("fp16 is valid on a GPU")
+    module, model = SCRIPTS[script]
     with pytest.raises(error, match=message):
-        train_drpo.parse_args(args_for(tmp_path, *extra))
+        module.parse_args(args_for(tmp_path, *extra, model=model))
 
 
 def test_unknown_drift_kernel_lists_choices(tmp_path, capsys):
@@ -73,12 +78,14 @@ def test_empty_prompt_file_fails_before_loading_the_model(tmp_path):
         train_drpo.main(args, load_pipeline=no_model_loading)
 
 
-def test_push_without_credentials_fails_before_training(tmp_path, monkeypatch):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_push_without_credentials_fails_before_training(tmp_path, monkeypatch, script):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    module, model = SCRIPTS[script]
     with pytest.raises(ValueError, match="--push_to_hub needs Hub credentials"):
-        train_drpo.parse_args(args_for(tmp_path, "--push_to_hub"))
+        module.parse_args(args_for(tmp_path, "--push_to_hub", model=model))
 
 
 @pytest.mark.parametrize("function,message", [("wrong_count", "returned 3 scores for 4 images"),
@@ -95,7 +102,8 @@ def test_reward_is_called_without_gradients_on_cpu_images(tmp_path):
     assert os.path.isfile(tmp_path / "pytorch_lora_weights.safetensors")
 
 
-def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypatch):
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypatch, script):
     calls = []
 
     def fake_create_repo(repo_id, exist_ok=False, token=None, **kwargs):
@@ -107,9 +115,10 @@ def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypat
 
     monkeypatch.setattr("huggingface_hub.create_repo", fake_create_repo)
     monkeypatch.setattr("huggingface_hub.upload_folder", fake_upload_folder)
-    args = train_drpo.parse_args(args_for(tmp_path, "--push_to_hub", "--hub_token=hf_fake", "--hub_model_id=drpo-tiny",
-                                          "--reward=color_match", "--checkpointing_steps=1"))
-    train_drpo.main(args)
+    module, model = SCRIPTS[script]
+    args = module.parse_args(args_for(tmp_path, "--push_to_hub", "--hub_token=hf_fake", "--hub_model_id=drpo-tiny",
+                                      "--reward=color_match", "--checkpointing_steps=1", model=model))
+    train_drpo.main(args, encode_prompts=module.encode_prompts, load_pipeline=module.load_pipeline)
     assert calls[0] == ("create", "drpo-tiny", "hf_fake", False)  # created before any training output
     kind, repo_id, files, ignore = calls[1]
     assert kind == "upload" and repo_id == "someone/drpo-tiny"
@@ -119,9 +128,15 @@ def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypat
     assert "base_model:" in card and "samples_before_after.png" in card and "load_lora_weights" in card
 
 
-def test_saved_lora_loads_into_a_stock_pipeline_with_the_right_scale(tmp_path):
+@pytest.mark.parametrize("architecture,pipeline_cls,encode", [
+    ("sd-turbo", StableDiffusionPipeline, drpo_utils.encode_prompts_sd),
+    ("sdxl-turbo", StableDiffusionXLPipeline, drpo_utils.encode_prompts_sdxl),
+])
+def test_saved_lora_loads_into_a_stock_pipeline_with_the_right_scale(tmp_path, architecture, pipeline_cls, encode):
     """rank 4, alpha 8: the alpha travels in the adapter metadata; without it the output changes."""
-    pipe = AutoPipelineForText2Image.from_pretrained(build_random_pipeline(str(tmp_path / "model")))
+    pipe = AutoPipelineForText2Image.from_pretrained(
+        build_random_pipeline(str(tmp_path / "model"), architecture=architecture))
+    assert isinstance(pipe, pipeline_cls)
     pipe.set_progress_bar_config(disable=True)
     args = train_drpo.parse_args(args_for(tmp_path, "--rank=4", "--lora_alpha=8"))
     drpo_utils.add_lora(pipe.unet, args)
@@ -132,12 +147,12 @@ def test_saved_lora_loads_into_a_stock_pipeline_with_the_right_scale(tmp_path):
     prompt, seed = "a small red circle on the left", 7
     from pipelines.one_step import initial_noise
 
-    condition = drpo_utils.encode_prompts_sd(pipe, [prompt], "cpu")
+    condition = encode(pipe, [prompt], "cpu", 64)
     with torch.no_grad():
         trained = drpo_utils.one_step_latents(pipe.unet, copy.deepcopy(pipe.scheduler), initial_noise(pipe, seed, 64, 64),
                                               condition)
     lora_dir = tmp_path / "lora"
-    drpo_utils.save_lora(str(lora_dir), pipe.unet, StableDiffusionPipeline)
+    drpo_utils.save_lora(str(lora_dir), pipe.unet, pipeline_cls)
     with safe_open(str(lora_dir / "pytorch_lora_weights.safetensors"), "pt") as handle:
         metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
     assert metadata["unet.lora_alpha"] == 8 and metadata["unet.r"] == 4
@@ -156,3 +171,24 @@ def test_saved_lora_loads_into_a_stock_pipeline_with_the_right_scale(tmp_path):
     stripped.mkdir()
     save_file(load_file(str(lora_dir / "pytorch_lora_weights.safetensors")), str(stripped / "pytorch_lora_weights.safetensors"))
     assert not torch.allclose(stock_latents(str(stripped)), trained, atol=1e-4)  # alpha lost -> wrong scale
+
+
+def test_sdxl_defaults_to_pixel_mae_and_trains_with_local_weights(tmp_path):
+    from test_features import tiny_vit_mae
+
+    defaults = train_drpo_sdxl.parse_args(["--pretrained_model_name_or_path=x", f"--prompts_file={PROMPTS}"])
+    assert defaults.feature_extractor == "vit_mae" and defaults.resolution == 512
+    weights = tiny_vit_mae(tmp_path / "vit-mae")
+    args = train_drpo_sdxl.parse_args(args_for(tmp_path / "out", "--feature_extractor=vit_mae",
+                                               f"--feature_extractor_path={weights}", "--gradient_checkpointing",
+                                               model=TINY_SDXL))
+    train_drpo.main(args, encode_prompts=train_drpo_sdxl.encode_prompts, load_pipeline=train_drpo_sdxl.load_pipeline)
+    history = (tmp_path / "out" / "reward_history.jsonl").read_text()
+    assert "drift_norm_pref/patch_2x2" in history and os.path.isfile(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+
+
+def test_missing_feature_weights_fail_before_the_model_loads(tmp_path):
+    args = train_drpo.parse_args(args_for(tmp_path, "--feature_extractor=vit_mae",
+                                          f"--feature_extractor_path={tmp_path / 'nowhere'}"))
+    with pytest.raises(OSError, match="needs the weights"):
+        train_drpo.main(args, load_pipeline=no_model_loading)

@@ -1,0 +1,62 @@
+"""Feature maps: documented keys and shapes, differentiable w.r.t. the image, frozen, clear errors."""
+
+import pytest
+import torch
+
+from drpo_utils import FEATURE_MAPS, build_feature_map
+
+
+def tiny_vit_mae(path):
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    torch.manual_seed(0)
+    config = ViTMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=32, patch_size=8)
+    ViTMAEModel(config).save_pretrained(path)
+    return str(path)
+
+
+def build(name, tmp_path):
+    return build_feature_map(name, tiny_vit_mae(tmp_path / "vit-mae") if name == "vit_mae" else None)
+
+
+EXPECTED = {
+    "latent": {"latent": 4 * 8 * 8},
+    "image": {"image_fine": 3 * 16 * 16, "image_coarse": 3 * 4 * 4, "color_moments": 6},
+    "vit_mae": {"cls": 32, "patch_mean": 32, "patch_std": 32, "patch_2x2": 4 * 32},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
+def test_keys_shapes_gradients_and_no_trainable_parameters(name, tmp_path):
+    feature_map = build(name, tmp_path)
+    assert not any(p.requires_grad for p in feature_map.parameters()) and not feature_map.training
+    latents = torch.randn(3, 4, 8, 8, requires_grad=True)
+    images = torch.rand(3, 3, 64, 64, requires_grad=True)
+    features = feature_map(latents, images if feature_map.needs_images else None)
+    assert {k: tuple(v.shape) for k, v in features.items()} == {k: (3, d) for k, d in EXPECTED[name].items()}
+    sum(f.square().sum() for f in features.values()).backward()
+    source = images if feature_map.needs_images else latents
+    assert source.grad is not None and source.grad.abs().sum() > 0
+
+
+def test_vit_mae_keeps_patch_order_and_disables_masking(tmp_path):
+    feature_map = build("vit_mae", tmp_path)
+    assert feature_map.model.config.mask_ratio == 0.0
+    images = torch.rand(2, 3, 32, 32)
+    first, second = feature_map(None, images), feature_map(None, images)
+    for key in first:  # deterministic: ViTMAE's random patch shuffle is replaced by the identity
+        torch.testing.assert_close(first[key], second[key])
+    # The pooled 2x2 cells follow the image: a picture bright on the left differs from its mirror.
+    half = torch.zeros(1, 3, 32, 32)
+    half[..., :16] = 1.0
+    cells = feature_map(None, half)["patch_2x2"].view(32, 2, 2)
+    mirrored = feature_map(None, half.flip(-1))["patch_2x2"].view(32, 2, 2)
+    torch.testing.assert_close(cells, mirrored.flip(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_feature_map_and_missing_weights_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="choose one of latent, image, vit_mae"):
+        build_feature_map("dino")
+    with pytest.raises(OSError, match="needs the weights"):
+        build_feature_map("vit_mae", str(tmp_path / "nowhere"))
