@@ -974,13 +974,12 @@ def init_trackers(accelerator, args) -> None:
         accelerator.init_trackers("drpo", config=config)
 
 
-def step_logs(accelerator, step_stats: list[dict], loss, lr_scheduler, seconds: float) -> dict[str, float]:
+def step_logs(accelerator, step_stats: list[dict], lr_scheduler, seconds: float) -> dict[str, float]:
     """Average the per-prompt stats of one optimisation step over micro-steps and processes."""
     keys = sorted(step_stats[0])
     local = torch.tensor([[s[k] for k in keys] for s in step_stats], dtype=torch.float64).mean(0)
-    local = torch.cat([local, torch.tensor([float(loss.detach())], dtype=torch.float64)])
     averaged = accelerator.gather(local.to(accelerator.device)[None]).mean(0).tolist()
-    logs = dict(zip(keys + ["loss"], averaged))
+    logs = dict(zip(keys, averaged))
     logs.update(lr=lr_scheduler.get_last_lr()[0], step_time=seconds)
     return logs
 

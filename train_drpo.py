@@ -17,11 +17,13 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import AutoPipelineForText2Image, EulerAncestralDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -63,22 +65,37 @@ encode_prompts = drpo_utils.encode_prompts_sd  # condition c: CLIP hidden states
 # ------------------------------------------------------------------------------------------------
 
 
-def drpo_step(ctx, prompt: str, rng: torch.Generator):
+@dataclass(frozen=True)
+class DrPOContext:
+    """Everything one DrPO step needs (Algorithm 1, inputs)."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    pipe: object  # the stock pipeline: its UNet with LoRA is g_theta, with LoRA disabled g_ref
+    unet: torch.nn.Module  # pipe.unet as prepared by accelerate (DDP-wrapped when distributed)
+    scheduler: EulerAncestralDiscreteScheduler  # private copy for the differentiable one-step sampler
+    feature_map: drpo_utils.FeatureMap  # phi
+    reward_fn: drpo_utils.RewardFn  # R, only ranks
+    config: drpo_utils.DriftConfig  # lambda, eta, radii, kernel
+    encode_prompts: Callable  # prompt -> condition c (SD or SDXL)
+
+
+def drpo_step(ctx: DrPOContext, prompt: str, rng: torch.Generator):
     """Lines 3-12 of Algorithm 1 for one prompt; returns the loss and what to log."""
-    args, pipe, unet, device = ctx["args"], ctx["pipe"], ctx["unet"], ctx["device"]
+    args, pipe, device = ctx.args, ctx.pipe, ctx.accelerator.device
     k = args.num_candidates
     # 3: condition c (encoded once, shared by the K candidates) and noises eps_1..K
-    condition = ctx["encode_prompts"](pipe, [prompt], device, args.resolution)
+    condition = ctx.encode_prompts(pipe, [prompt], device, args.resolution)
     condition = {name: value.expand(k, *value.shape[1:]) for name, value in condition.items()}
     latent_size = args.resolution // pipe.vae_scale_factor
     noise = torch.randn((k, pipe.unet.config.in_channels, latent_size, latent_size), generator=rng).to(device)
     # 4: current samples x_i = g_theta(eps_i, c) and reference samples x_i^ref = g_ref(eps_i, c)
-    with ctx["accelerator"].autocast():
-        latents = drpo_utils.one_step_latents(unet, ctx["scheduler"], noise, condition)
+    with ctx.accelerator.autocast():
+        latents = drpo_utils.one_step_latents(ctx.unet, ctx.scheduler, noise, condition)
         with torch.no_grad(), drpo_utils.lora_disabled(pipe.unet):
-            ref_latents = drpo_utils.one_step_latents(pipe.unet, ctx["scheduler"], noise, condition)
+            ref_latents = drpo_utils.one_step_latents(pipe.unet, ctx.scheduler, noise, condition)
         # 5: features Z = phi(x_i) (differentiable) and R = phi(x_i^ref) (frozen)
-        feature_map = ctx["feature_map"]
+        feature_map = ctx.feature_map
         images = drpo_utils.decode_latents(pipe.vae, latents) if feature_map.needs_images else None
         features = feature_map(latents, images)
         with torch.no_grad():
@@ -87,11 +104,12 @@ def drpo_step(ctx, prompt: str, rng: torch.Generator):
             if images is None:
                 images = drpo_utils.decode_latents(pipe.vae, latents)
     # 6-7: rank with the reward (no gradient, CPU images) and form A+ / A-
-    rewards = drpo_utils.score_candidates(ctx["reward_fn"], images, [prompt] * k, args.reward)
+    rewards = drpo_utils.score_candidates(ctx.reward_fn, images, [prompt] * k, args.reward)
     winners, losers = drpo_utils.sample_reward_pairs(rewards, args.num_pairs, rng)
     # 8-12: V = V_pref + lambda V_ref, target sg(z + eta V), regression
-    loss, stats = drpo_utils.drpo_loss(features, ref_features, winners.to(device), losers.to(device), ctx["config"])
-    stats.update(reward_mean=rewards.mean().item(), reward_std=rewards.std().item(), num_pairs=len(winners))
+    loss, stats = drpo_utils.drpo_loss(features, ref_features, winners.to(device), losers.to(device), ctx.config)
+    stats.update(loss=loss.item(), reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+                 num_pairs=len(winners))
     return loss, stats
 
 
@@ -129,8 +147,8 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     global_step = drpo_utils.maybe_resume(accelerator, args)
     drpo_utils.init_trackers(accelerator, args)
 
-    ctx = dict(
-        args=args, accelerator=accelerator, pipe=pipe, unet=unet, device=accelerator.device,
+    ctx = DrPOContext(
+        args=args, accelerator=accelerator, pipe=pipe, unet=unet,
         scheduler=EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config),
         feature_map=feature_map.to(accelerator.device, weight_dtype),
         reward_fn=reward_fn, config=drpo_utils.drift_config_from_args(args), encode_prompts=encode_prompts,
@@ -160,7 +178,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
                 lr_scheduler.step()
                 optimizer.zero_grad()
         global_step += 1
-        logs = drpo_utils.step_logs(accelerator, step_stats, loss, lr_scheduler, time.time() - start)
+        logs = drpo_utils.step_logs(accelerator, step_stats, lr_scheduler, time.time() - start)
         history.append({"step": global_step, **logs})
         accelerator.log(logs, step=global_step)
         progress.set_postfix(loss=f"{logs['loss']:.3g}", reward=f"{logs['reward_mean']:.4g}")

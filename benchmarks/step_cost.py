@@ -87,9 +87,9 @@ class Bench:
         self.reward_model = self.reward_model.to(self.device).eval().requires_grad_(False)
         self.step_args = argparse.Namespace(num_candidates=args.num_candidates, num_pairs=args.num_pairs,
                                             resolution=args.resolution, reward="random-vit")
-        self.ctx = dict(
+        self.ctx = train_drpo.DrPOContext(
             args=self.step_args, accelerator=Accelerator(cpu=self.device.type == "cpu"), pipe=self.pipe,
-            unet=self.pipe.unet, device=self.device, scheduler=copy.deepcopy(self.pipe.scheduler),
+            unet=self.pipe.unet, scheduler=copy.deepcopy(self.pipe.scheduler),
             feature_map=drpo_utils.build_feature_map(args.feature_extractor).to(self.device),
             reward_fn=self.reward_fn, config=drpo_utils.DriftConfig(), encode_prompts=train_drpo.encode_prompts,
         )
@@ -111,14 +111,14 @@ class Bench:
 
     def generate(self, grad: bool):
         with torch.set_grad_enabled(grad):
-            return drpo_utils.one_step_latents(self.pipe.unet, self.ctx["scheduler"], self.noise, self.condition)
+            return drpo_utils.one_step_latents(self.pipe.unet, self.ctx.scheduler, self.noise, self.condition)
 
     def reference(self):
         with torch.no_grad(), drpo_utils.lora_disabled(self.pipe.unet):
             return self.generate(grad=False)
 
     def features(self, latents):
-        feature_map = self.ctx["feature_map"]
+        feature_map = self.ctx.feature_map
         images = drpo_utils.decode_latents(self.pipe.vae, latents) if feature_map.needs_images else None
         return feature_map(latents, images)
 
@@ -147,7 +147,7 @@ class Bench:
     def parts(self, repeats: int) -> dict[str, float]:
         latents = self.generate(grad=False)
         images = drpo_utils.decode_latents(self.pipe.vae, latents)
-        config = self.ctx["config"]
+        config = self.ctx.config
 
         def generator_fwd_bwd():
             self.generate(grad=True).square().mean().backward()
