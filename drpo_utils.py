@@ -541,18 +541,16 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
-def load_reward(spec: str) -> RewardFn:
-    """A reward by name, or a custom one as ``path/to/file.py:function`` / ``package.module:function``."""
-    if spec in REWARDS:
-        return REWARDS[spec]
-    if ":" not in spec:
-        raise ValueError(
-            f"Unknown reward {spec!r}; choose one of {', '.join(REWARDS)} "
-            "or give a custom one as path/to/file.py:function or package.module:function."
-        )
+def reward_choices() -> list[str]:
+    from pipelines.rewards import MODEL_REWARDS
+
+    return [*REWARDS, *MODEL_REWARDS]
+
+
+def _custom_reward(spec: str) -> RewardFn:
+    """``path/to/file.py:function`` or ``package.module:function``."""
     import importlib
     import importlib.util
-    import os
 
     location, function_name = spec.rsplit(":", 1)
     if location.endswith(".py"):
@@ -569,14 +567,59 @@ def load_reward(spec: str) -> RewardFn:
     return function
 
 
+def load_reward(spec: str, device="cpu", weights: Sequence[float] | None = None) -> RewardFn:
+    """A reward from its spec (Contract 4):
+
+    - a built-in name (``color_match``, ``jpeg_compressibility``, ...) or a model reward
+      (``pickscore``, ``clip``; loaded on ``device``, with a clear error naming missing weights);
+    - ``path/to/file.py:function`` or ``package.module:function``;
+    - ``http://host:port/score``: a reward server (``pipelines/reward_server.py``);
+    - ``a,b,...``: a mixture, each component standardised per prompt, weighted by ``weights``.
+    """
+    from pipelines import rewards as model_rewards
+
+    parts = [part.strip() for part in spec.split(",")] if "," in spec and "://" not in spec else [spec]
+    if len(parts) > 1:
+        components = {part: load_reward(part, device) for part in parts}
+        return model_rewards.MixtureReward(components, list(weights) if weights else [1.0] * len(parts))
+    if spec.startswith(("http://", "https://")):
+        return model_rewards.RemoteReward(spec)
+    if spec in REWARDS:
+        return REWARDS[spec]
+    if spec in model_rewards.MODEL_REWARDS:
+        factory, downloads = model_rewards.MODEL_REWARDS[spec]
+        try:
+            return factory(device=device)
+        except OSError as error:
+            raise OSError(f"reward {spec!r} needs the weights {downloads}; loading failed: {error}") from error
+    if ":" in spec:
+        return _custom_reward(spec)
+    raise ValueError(
+        f"Unknown reward {spec!r}; choose one of {', '.join(reward_choices())}, a mixture like "
+        "pickscore,clip, a server URL http://host:port/score, or path/to/file.py:function / module:function."
+    )
+
+
+def check_reward_spec(spec: str, weights: Sequence[float] | None) -> None:
+    """Cheap validation of --reward / --reward_weights (no model loading): names, files, weight count."""
+    parts = [part.strip() for part in spec.split(",")] if "," in spec and "://" not in spec else [spec]
+    if weights is not None and len(weights) != len(parts):
+        raise ValueError(f"--reward_weights has {len(weights)} values for {len(parts)} rewards in {spec!r}")
+    for part in parts:
+        if part in reward_choices() or part.startswith(("http://", "https://")):
+            continue
+        load_reward(part)  # custom functions: the file / module must exist; unknown names list the choices
+
+
 @torch.no_grad()
 def score_candidates(reward_fn: RewardFn, images: torch.Tensor, prompts: list[str], name: str) -> torch.Tensor:
     """Rank-only reward call (Contract 4): float32 [N, 3, H, W] in [0, 1] on the CPU -> N finite floats."""
     images = images.detach().float().clamp(0, 1).cpu()
+    raw = reward_fn(images, list(prompts))
     try:
-        scores = torch.as_tensor(reward_fn(images, list(prompts)), dtype=torch.float64).flatten()
-    except (TypeError, ValueError) as error:
-        raise RewardError(f"reward {name!r} did not return numbers: {error}") from error
+        scores = torch.as_tensor(raw, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise RewardError(f"reward {name!r} did not return numbers: {str(raw)[:200]}") from error
     if len(scores) != len(images):
         raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(images)} images")
     if not torch.isfinite(scores).all():
@@ -610,7 +653,11 @@ def add_training_args(parser, default_resolution: int = 512, default_feature_ext
     add("--dataset_split", default="train")
     add("--prompt_column", default="prompt")
     # DrPO (Algorithm 1, Eqs. 15-16, Appendix A)
-    add("--reward", default="color_match", help=f"One of {', '.join(REWARDS)}, or file.py:function / module:function.")
+    add("--reward", default="color_match",
+        help="A name (color_match, jpeg_compressibility, jpeg_incompressibility, pickscore, clip), "
+             "file.py:function, module:function, a server URL http://host:port/score, or a comma-separated mixture.")
+    add("--reward_weights", type=lambda v: [float(x) for x in v.split(",")], default=None,
+        help="Weights of a mixture's components (default: all 1); components are standardised per prompt.")
     add("--feature_extractor", default=default_feature_extractor, help=f"One of {', '.join(FEATURE_MAPS)}.")
     add("--feature_extractor_path", default=None, help="Local folder or Hub id of the feature network's weights.")
     add("--num_candidates", type=int, default=24, help="K candidates per prompt (paper: 24).")
@@ -674,7 +721,7 @@ def check_args(args) -> None:
     if args.feature_extractor not in FEATURE_MAPS:
         raise ValueError(f"Unknown feature extractor {args.feature_extractor!r}; choose one of {', '.join(FEATURE_MAPS)}.")
     drift_config_from_args(args)  # validates kernel and radii
-    load_reward(args.reward)  # unknown names list the choices; custom files must exist
+    check_reward_spec(args.reward, args.reward_weights)  # unknown names list the choices; files must exist
     if args.prompts_file is None and args.dataset_name is None:
         raise ValueError("give prompts with --prompts_file or --dataset_name")
     if args.resume_from_checkpoint not in (None, "latest"):

@@ -110,13 +110,14 @@ def drpo_step(ctx: DrPOContext, prompt: str, rng: torch.Generator):
     loss, stats = drpo_utils.drpo_loss(features, ref_features, winners.to(device), losers.to(device), ctx.config)
     stats.update(loss=loss.item(), reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                  num_pairs=len(winners))
+    stats.update({f"reward/{name}": value for name, value in getattr(ctx.reward_fn, "last_components", {}).items()})
     return loss, stats
 
 
 def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     accelerator = drpo_utils.setup_accelerator(args)
     prompts = drpo_utils.load_prompts(args)
-    reward_fn = drpo_utils.load_reward(args.reward)
+    reward_fn = drpo_utils.load_reward(args.reward, accelerator.device, args.reward_weights)
     feature_map = drpo_utils.build_feature_map(args.feature_extractor, args.feature_extractor_path)
     repo_id = drpo_utils.create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     if args.seed is not None:

@@ -1,0 +1,193 @@
+"""Rewards that are models or services: PickScore, CLIP score, mixtures, and remote rewards over HTTP.
+
+Every reward follows Contract 4: ``reward(images, prompts) -> N scores`` with ``images`` a float32
+tensor [N, 3, H, W] in [0, 1] on the CPU. DrPO only ranks with them, so they always run under
+``torch.no_grad()``; model rewards move the images to their own device and preprocess in torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+import torch
+import torch.nn.functional as F
+
+from drpo_utils import RewardError, score_candidates
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """CLIPImageProcessor in torch: bicubic resize of the short side to ``size``, centre crop, normalise."""
+    height, width = images.shape[-2:]
+    scale = size / min(height, width)
+    resized = F.interpolate(images, size=(max(size, int(height * scale)), max(size, int(width * scale))),
+                            mode="bicubic", antialias=True, align_corners=False)
+    top, left = (resized.shape[-2] - size) // 2, (resized.shape[-1] - size) // 2
+    cropped = resized[..., top : top + size, left : left + size]
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (cropped - mean) / std
+
+
+class ClipSimilarity:
+    """Text-image similarity of a ``transformers.CLIPModel`` (weights as their authors publish them).
+
+    ``scale="logit"`` gives ``logit_scale.exp() * cos`` (PickScore), ``scale="cosine"`` the cosine.
+    """
+
+    def __init__(self, model: str, tokenizer: str | None = None, scale: str = "cosine", device="cpu",
+                 batch_size: int = 32):
+        from transformers import AutoTokenizer, CLIPModel
+
+        self.device = torch.device(device)
+        self.model = CLIPModel.from_pretrained(model).to(self.device).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        self.scale, self.batch_size = scale, batch_size
+        self.image_size = self.model.config.vision_config.image_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        scores = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start : start + self.batch_size].to(self.device)
+            text = self.tokenizer(prompts[start : start + self.batch_size], padding=True, truncation=True,
+                                  max_length=self.tokenizer.model_max_length, return_tensors="pt").to(self.device)
+            image_embeds = self.model.get_image_features(pixel_values=clip_preprocess(batch, self.image_size))
+            text_embeds = self.model.get_text_features(**text)
+            cosine = F.cosine_similarity(image_embeds.pooler_output, text_embeds.pooler_output, dim=-1)
+            factor = self.model.logit_scale.exp() if self.scale == "logit" else 1.0
+            scores.append((factor * cosine).float().cpu())
+        return torch.cat(scores)
+
+
+def pickscore(device="cpu", model="yuvalkirstain/PickScore_v1", tokenizer="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+    """PickScore_v1 (the paper's default reward): logit_scale * cos of its CLIP-H embeddings."""
+    return ClipSimilarity(model, tokenizer, scale="logit", device=device)
+
+
+def clip_score(device="cpu", model="openai/clip-vit-large-patch14"):
+    """CLIP ViT-L/14 cosine similarity of image and prompt (Table A5 reports it x100)."""
+    return ClipSimilarity(model, scale="cosine", device=device)
+
+
+# Named model rewards: name -> (factory, what it downloads)
+MODEL_REWARDS = {
+    "pickscore": (pickscore, "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K tokenizer (~4 GB)"),
+    "clip": (clip_score, "openai/clip-vit-large-patch14 (~1.7 GB)"),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixtures
+# ------------------------------------------------------------------------------------------------
+
+
+def standardise_per_prompt(scores: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """z-score the scores within each group of identical prompts (a constant group becomes 0)."""
+    out = torch.zeros_like(scores, dtype=torch.float64)
+    for prompt in dict.fromkeys(prompts):
+        index = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        group = scores[index].double()
+        spread = group.std() if len(group) > 1 else torch.tensor(0.0, dtype=torch.float64)
+        out[index] = (group - group.mean()) / spread if spread > 0 else 0.0
+    return out
+
+
+class MixtureReward:
+    """sum_k w_k * standardise_per_prompt(R_k): scales of the components cannot dominate.
+
+    ``last_components`` keeps each component's raw mean of the last call, for logging.
+    """
+
+    def __init__(self, components: dict, weights: list[float]):
+        if len(weights) != len(components):
+            raise ValueError(f"{len(components)} rewards but {len(weights)} --reward_weights")
+        self.components, self.weights = components, weights
+        self.last_components: dict[str, float] = {}
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        total = torch.zeros(len(images), dtype=torch.float64)
+        for (name, reward), weight in zip(self.components.items(), self.weights):
+            scores = score_candidates(reward, images, prompts, name)
+            self.last_components[name] = scores.mean().item()
+            total += weight * standardise_per_prompt(scores, prompts)
+        return total.float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Remote rewards: a JSON POST of PNG images and prompts, answered by {"scores": [...]}
+# ------------------------------------------------------------------------------------------------
+
+TOKEN_ENV = "DRPO_REWARD_TOKEN"
+
+
+def encode_png(image: torch.Tensor) -> str:
+    """[3, H, W] in [0, 1] -> base64 PNG (8-bit, lossless at that depth)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_png(data: str) -> torch.Tensor:
+    """base64 PNG -> [3, H, W] float32 in [0, 1] (RGB)."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(data, validate=True))).convert("RGB")
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
+
+
+class RemoteReward:
+    """A reward served over HTTP (e.g. ``python pipelines/reward_server.py --reward pickscore``).
+
+    Sends ``{"prompts": [...], "images": [base64 PNG, ...]}``; expects ``{"scores": [N numbers]}``.
+    Each request has a timeout; connection failures and 5xx answers are retried a bounded number of
+    times with backoff; anything else fails at once with a message naming the URL.
+    """
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, retries: int = 2,
+                 backoff: float = 1.0):
+        self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
+        body = json.dumps({"prompts": list(prompts), "images": [encode_png(image) for image in images]}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        for attempt in range(self.retries + 1):
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    answer = json.loads(response.read())
+                break
+            except urllib.error.HTTPError as error:
+                detail = error.read()[:500].decode(errors="replace")
+                if error.code < 500 or attempt == self.retries:
+                    raise RewardError(f"reward server {self.url} answered HTTP {error.code}: {detail}") from error
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+                if attempt == self.retries:
+                    raise RewardError(
+                        f"reward server {self.url} unreachable or too slow after {self.retries + 1} attempts "
+                        f"(timeout {self.timeout}s): {error}"
+                    ) from error
+            except json.JSONDecodeError as error:
+                raise RewardError(f"reward server {self.url} did not answer JSON: {error}") from error
+            time.sleep(self.backoff * 2**attempt)
+        scores = answer.get("scores") if isinstance(answer, dict) else None
+        if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool)
+                                                   for s in scores):
+            raise RewardError(f"reward server {self.url} did not return a list of numbers: {str(answer)[:200]}")
+        return scores

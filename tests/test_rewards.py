@@ -1,0 +1,211 @@
+"""Model rewards on small local models in the real formats, mixtures, and the reward server over 127.0.0.1."""
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from conftest import ROOT
+
+import drpo_utils
+from pipelines.rewards import ClipSimilarity, MixtureReward, RemoteReward, clip_preprocess, standardise_per_prompt
+from pipelines.reward_server import build_server
+
+REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny CLIPModel + tokenizer saved with save_pretrained: the layout PickScore_v1 / CLIP-L use."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from pipelines.build_tiny_models import build_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-clip")
+    tokenizer = build_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_clip_preprocess_matches_the_clip_image_processor():
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    # A smooth picture (interpolation kernels disagree on white noise, not on images).
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8), size=(48, 64), mode="bilinear")[0]
+    pil = Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy())
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    expected = processor(images=pil, return_tensors="pt").pixel_values
+    ours = clip_preprocess((image * 255).round()[None] / 255, 32)
+    assert ours.shape == expected.shape == (1, 3, 32, 32)
+    # Same pipeline up to the bicubic implementation (PIL vs torch): a small per-pixel difference.
+    assert (ours - expected).abs().mean() < 0.02
+
+
+def test_pickscore_is_logit_scale_times_cosine_and_reads_the_image(tiny_clip):
+    pickscore = ClipSimilarity(tiny_clip, scale="logit")
+    cosine = ClipSimilarity(tiny_clip, scale="cosine")
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    prompts = ["a large red circle on the left"] * 2 + ["a small blue square at the top"] * 2
+    picks = pickscore(images, prompts)
+    torch.testing.assert_close(picks, pickscore.model.logit_scale.exp().item() * cosine(images, prompts))
+    assert picks.shape == (4,) and torch.isfinite(picks).all()
+    assert not torch.allclose(picks, pickscore(images.flip(-1).roll(7, dims=-2), prompts))  # image changes -> score
+    assert not torch.allclose(picks, pickscore(images, prompts[::-1]))  # prompt changes -> score
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clip"])
+def test_named_model_reward_without_network_says_which_weights(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="needs the weights"):
+        drpo_utils.load_reward(name)
+
+
+def test_training_with_a_model_reward_fails_at_start_up_not_in_step_one(tmp_path):
+    import train_drpo
+    from test_train_inputs import args_for, no_model_loading
+
+    args = train_drpo.parse_args(args_for(tmp_path, "--reward=pickscore"))
+    with pytest.raises(OSError, match="PickScore_v1"):
+        train_drpo.main(args, load_pipeline=no_model_loading)
+
+
+def test_mixture_standardises_per_prompt_and_weights_components():
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0])
+    z = standardise_per_prompt(scores, ["a", "a", "a", "b", "b"])
+    torch.testing.assert_close(z, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[0] = 1.0  # brightest
+    mixture = drpo_utils.load_reward(f"{REWARDS}:brightness,{REWARDS}:darkness", weights=[2.0, 1.0])
+    assert isinstance(mixture, MixtureReward)
+    mixed = mixture(images, ["p"] * 3)
+    bright = standardise_per_prompt(images.mean((1, 2, 3)), ["p"] * 3)
+    torch.testing.assert_close(mixed, (2.0 * bright - bright).float())  # darkness = -brightness
+    assert set(mixture.last_components) == {f"{REWARDS}:brightness", f"{REWARDS}:darkness"}
+    with pytest.raises(ValueError, match="2 values for 3 rewards"):
+        drpo_utils.check_reward_spec("color_match,jpeg_compressibility,clip", [1.0, 2.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward server, for real on 127.0.0.1
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(reward, **kwargs):
+        server = build_server(reward, host="127.0.0.1", port=0, **kwargs)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/score"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def quantised(images):
+    return (images * 255).round() / 255  # what survives the 8-bit PNG transport
+
+
+def test_remote_reward_scores_like_the_local_one(serve):
+    url = serve(f"{REWARDS}:brightness", token="s3cret")
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    remote = drpo_utils.score_candidates(RemoteReward(url, token="s3cret"), images, ["p"] * 5, url)
+    local = quantised(images).mean((1, 2, 3))
+    torch.testing.assert_close(remote, local, rtol=1e-5, atol=1e-6)
+
+
+def test_server_rejects_missing_or_wrong_tokens(serve, monkeypatch):
+    monkeypatch.delenv("DRPO_REWARD_TOKEN", raising=False)
+    url = serve(f"{REWARDS}:brightness", token="s3cret")
+    images = torch.rand(2, 3, 8, 8)
+    for token in (None, "wrong"):
+        with pytest.raises(drpo_utils.RewardError, match="HTTP 401"):
+            RemoteReward(url, token=token)(images, ["p", "p"])
+    monkeypatch.setenv("DRPO_REWARD_TOKEN", "s3cret")  # the client reads the shared token from the environment
+    assert len(RemoteReward(url)(images, ["p", "p"])) == 2
+
+
+def test_server_caps_batch_and_request_size(serve):
+    url = serve(f"{REWARDS}:brightness", max_batch=3, max_request_mb=0.01)
+    with pytest.raises(drpo_utils.RewardError, match="HTTP 413.*1..3 images"):
+        RemoteReward(url)(torch.rand(4, 3, 4, 4), ["p"] * 4)
+    with pytest.raises(drpo_utils.RewardError, match="HTTP 413.*bytes"):
+        RemoteReward(url)(torch.rand(2, 3, 128, 128), ["p"] * 2)  # noisy PNGs > 10 kB
+
+
+def test_server_reports_a_reward_that_returns_the_wrong_count(serve):
+    url = serve(f"{REWARDS}:wrong_count")
+    with pytest.raises(drpo_utils.RewardError, match="HTTP 500.*returned 1 scores for 2 images"):
+        RemoteReward(url)(torch.rand(2, 3, 8, 8), ["p", "p"])
+
+
+def test_client_errors_for_a_server_that_is_down_slow_or_answers_garbage():
+    images, prompts = torch.rand(2, 3, 8, 8), ["p", "p"]
+    probe = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    port = probe.server_port
+    probe.server_close()  # nothing listens there any more
+    start = time.time()
+    with pytest.raises(drpo_utils.RewardError, match="unreachable or too slow after 2 attempts"):
+        RemoteReward(f"http://127.0.0.1:{port}/score", retries=1, backoff=0.01)(images, prompts)
+    assert time.time() - start < 10
+
+    answers = {"/slow": None, "/words": {"scores": ["high", "low"]}, "/count": {"scores": [1.0]}}
+
+    class Fake(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path == "/slow":
+                time.sleep(2)
+            body = json.dumps(answers[self.path]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    fake = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{fake.server_port}"
+    try:
+        with pytest.raises(drpo_utils.RewardError, match="too slow"):
+            RemoteReward(base + "/slow", timeout=0.3, retries=0)(images, prompts)
+        with pytest.raises(drpo_utils.RewardError, match="list of numbers"):
+            RemoteReward(base + "/words")(images, prompts)
+        with pytest.raises(drpo_utils.RewardError, match="returned 1 scores for 2 images"):
+            drpo_utils.score_candidates(RemoteReward(base + "/count"), images, prompts, base + "/count")
+    finally:
+        fake.shutdown()
+        fake.server_close()
+
+
+def test_training_with_a_remote_reward_end_to_end(serve, tmp_path):
+    import train_drpo
+    from test_train_inputs import args_for
+
+    url = serve("color_match")
+    args = train_drpo.parse_args(args_for(tmp_path, f"--reward={url}", "--max_train_steps=2"))
+    train_drpo.main(args)
+    history = [json.loads(line) for line in (tmp_path / "reward_history.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(row["reward_mean"] > 0 for row in history)
+    assert os.path.isfile(tmp_path / "pytorch_lora_weights.safetensors")
