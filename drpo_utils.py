@@ -541,6 +541,12 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
+def urllib_error():
+    import urllib.error
+
+    return urllib.error.URLError
+
+
 def reward_choices() -> list[str]:
     from pipelines.rewards import MODEL_REWARDS
 
@@ -590,7 +596,7 @@ def load_reward(spec: str, device="cpu", weights: Sequence[float] | None = None)
         factory, downloads = model_rewards.MODEL_REWARDS[spec]
         try:
             return factory(device=device)
-        except OSError as error:
+        except (OSError, urllib_error()) as error:
             raise OSError(f"reward {spec!r} needs the weights {downloads}; loading failed: {error}") from error
     if ":" in spec:
         return _custom_reward(spec)
@@ -654,7 +660,7 @@ def add_training_args(parser, default_resolution: int = 512, default_feature_ext
     add("--prompt_column", default="prompt")
     # DrPO (Algorithm 1, Eqs. 15-16, Appendix A)
     add("--reward", default="color_match",
-        help="A name (color_match, jpeg_compressibility, jpeg_incompressibility, pickscore, clip), "
+        help="A name (color_match, jpeg_compressibility, jpeg_incompressibility, pickscore, clip, aesthetic), "
              "file.py:function, module:function, a server URL http://host:port/score, or a comma-separated mixture.")
     add("--reward_weights", type=lambda v: [float(x) for x in v.split(",")], default=None,
         help="Weights of a mixture's components (default: all 1); components are standardised per prompt.")

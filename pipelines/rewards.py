@@ -78,10 +78,57 @@ def clip_score(device="cpu", model="openai/clip-vit-large-patch14"):
     return ClipSimilarity(model, scale="cosine", device=device)
 
 
+AESTHETIC_HEAD_URL = (
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth"
+)
+
+
+class AestheticScore:
+    """LAION aesthetic predictor v2: an MLP on the L2-normalised CLIP ViT-L/14 image embedding.
+
+    The head (768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between the first four layers) is the
+    authors' ``sac+logos+ava1-l14-linearMSE.pth``, a plain state dict read with ``weights_only=True``.
+    Unconditional: the prompt is ignored.
+    """
+
+    def __init__(self, clip: str = "openai/clip-vit-large-patch14", head: str = AESTHETIC_HEAD_URL, device="cpu",
+                 batch_size: int = 32):
+        from transformers import CLIPVisionModelWithProjection
+
+        self.device = torch.device(device)
+        self.vision = CLIPVisionModelWithProjection.from_pretrained(clip).to(self.device).eval().requires_grad_(False)
+        width = self.vision.config.projection_dim
+        self.head = torch.nn.Sequential(
+            torch.nn.Linear(width, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1),
+        )
+        if head.startswith(("http://", "https://")):
+            state = torch.hub.load_state_dict_from_url(head, map_location="cpu", weights_only=True)
+        else:
+            state = torch.load(head, map_location="cpu", weights_only=True)
+        self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+        self.head = self.head.to(self.device).eval().requires_grad_(False)
+        self.image_size, self.batch_size = self.vision.config.image_size, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        scores = []
+        for batch in images.split(self.batch_size):
+            pixels = clip_preprocess(batch.to(self.device), self.image_size)
+            embeds = F.normalize(self.vision(pixel_values=pixels).image_embeds, dim=-1)
+            scores.append(self.head(embeds).squeeze(-1).float().cpu())
+        return torch.cat(scores)
+
+
+def aesthetic(device="cpu"):
+    return AestheticScore(device=device)
+
+
 # Named model rewards: name -> (factory, what it downloads)
 MODEL_REWARDS = {
     "pickscore": (pickscore, "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K tokenizer (~4 GB)"),
     "clip": (clip_score, "openai/clip-vit-large-patch14 (~1.7 GB)"),
+    "aesthetic": (aesthetic, "openai/clip-vit-large-patch14 (~1.7 GB) + the LAION aesthetic v2 head from GitHub (4 MB)"),
 }
 
 

@@ -30,9 +30,9 @@ def tiny_clip(tmp_path_factory):
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
+                         pad_token_id=1, projection_dim=16),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+                           image_size=32, patch_size=8, projection_dim=16),
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(path)
@@ -68,7 +68,7 @@ def test_pickscore_is_logit_scale_times_cosine_and_reads_the_image(tiny_clip):
     assert not torch.allclose(picks, pickscore(images, prompts[::-1]))  # prompt changes -> score
 
 
-@pytest.mark.parametrize("name", ["pickscore", "clip"])
+@pytest.mark.parametrize("name", ["pickscore", "clip", "aesthetic"])
 def test_named_model_reward_without_network_says_which_weights(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="needs the weights"):
@@ -209,3 +209,27 @@ def test_training_with_a_remote_reward_end_to_end(serve, tmp_path):
     history = [json.loads(line) for line in (tmp_path / "reward_history.jsonl").read_text().splitlines()]
     assert len(history) == 2 and all(row["reward_mean"] > 0 for row in history)
     assert os.path.isfile(tmp_path / "pytorch_lora_weights.safetensors")
+
+
+def test_aesthetic_predictor_loads_the_published_head_format(tiny_clip, tmp_path):
+    """A CLIP vision tower + the authors' MLP head file (keys layers.0 ... layers.7)."""
+    from pipelines.rewards import AestheticScore
+
+    torch.manual_seed(0)
+    widths = [(16, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
+    state = {}
+    for index, (fan_in, fan_out) in zip([0, 2, 4, 6, 7], widths):
+        state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in) / fan_in**0.5
+        state[f"layers.{index}.bias"] = torch.zeros(fan_out)
+    torch.save(state, tmp_path / "head.pth")
+    scorer = AestheticScore(clip=tiny_clip, head=str(tmp_path / "head.pth"))
+    images = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(2))
+    scores = scorer(images, ["ignored"] * 3)
+    # By hand: normalised projected image embedding through the head (dropout off in eval).
+    pixels = clip_preprocess(images, 32)
+    embeds = torch.nn.functional.normalize(scorer.vision(pixel_values=pixels).image_embeds, dim=-1)
+    hidden = embeds
+    for index in (0, 2, 4, 6, 7):
+        hidden = hidden @ state[f"layers.{index}.weight"].T + state[f"layers.{index}.bias"]
+    torch.testing.assert_close(scores, hidden.squeeze(-1), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(scores, scorer(1 - images, ["ignored"] * 3))
