@@ -68,6 +68,8 @@ def kernel_logits(distances: torch.Tensor, cosine: torch.Tensor | None, radius: 
 def _support_weights(weight: float | torch.Tensor, count: int, like: torch.Tensor) -> torch.Tensor:
     """Per-support weights w_j (Eq. 19/22): a scalar for every support, or one value per support."""
     weight = torch.as_tensor(weight, dtype=like.dtype, device=like.device)
+    if (weight < 0).any():
+        raise ValueError("support weights must be non-negative")
     if weight.ndim == 0:
         return weight.expand(count)
     if weight.shape != (count,):
@@ -91,6 +93,7 @@ def drift_field(
     pos_weight: float | torch.Tensor = 1.0,
     neg_weight: float | torch.Tensor = 1.0,
     mask_self: bool = False,
+    mask_paired_positive: bool = False,
 ) -> torch.Tensor:
     """Multi-radius cross-mass drift V(z) of Algorithm A2, in the normalised coordinates of Eq. 20.
 
@@ -109,6 +112,8 @@ def drift_field(
 
     ``mask_self`` excludes support ``neg[i]`` from query ``i`` (for i < Q): use it when the first Q
     negatives are the queries themselves (the authors' self-negatives, or V_ref's sg(Z)).
+    ``mask_paired_positive`` likewise excludes ``pos[i]`` from query ``i`` (V_ref's base sample r_i,
+    which shares z_i's noise): with both, V_ref compares Z and R leave-one-out and is 0 when Z = R.
     ``pos_weight`` / ``neg_weight`` are scalars or per-support vectors (the authors weight pairs
     3000x relative to self-negatives). Since V is RMS-normalised per radius, a common rescaling of
     all weights leaves V unchanged.
@@ -121,6 +126,8 @@ def drift_field(
         raise ValueError("drift_field needs at least one positive and one negative support")
     if mask_self and len(neg) < len(z):
         raise ValueError("mask_self needs the first Q negatives to be the Q queries")
+    if mask_paired_positive and len(pos) < len(z):
+        raise ValueError("mask_paired_positive needs a positive per query")
 
     compute_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     queries = z.detach().to(compute_dtype)
@@ -137,9 +144,13 @@ def drift_field(
     cosine = F.normalize(queries, dim=1) @ F.normalize(supports, dim=1).T if kernel == "cosine" else None
 
     self_mask = None
-    if mask_self:
+    if mask_self or mask_paired_positive:
         self_mask = torch.zeros_like(delta, dtype=torch.bool)
-        self_mask[:, : len(z)] = torch.eye(len(z), dtype=torch.bool, device=z.device)
+        eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+        if mask_self:
+            self_mask[:, : len(z)] = eye
+        if mask_paired_positive:
+            self_mask[:, num_neg : num_neg + len(z)] |= eye
 
     log_weights = weights.log()
     field = torch.zeros_like(queries)
@@ -157,22 +168,26 @@ def cross_mass_drift(logits: torch.Tensor, log_weights: torch.Tensor, supports: 
     With A_ij = sqrt(softmax_j(L) softmax_i(L)) w_j (Eq. 22), masses m+-_i (Eq. 23) and the
     affinity-weighted support means mu+-_i = sum_j A+-_ij b~_j / m+-_i, Eq. 24 is
         V_i = m-_i sum_j A+_ij b~+_j - m+_i sum_j A-_ij b~-_j = m+_i m-_i (mu+_i - mu-_i).
-    For small radii the affinities underflow float32 (exp(-1250 D^2) at rho = 0.02), so the masses
-    are kept as logarithms and the common factor max_i m+_i m-_i is divided out before
-    exponentiating; the RMS normalisation of Eq. 25 cancels it exactly.
+    For small radii the products m+_i m-_i underflow float32 (exp(-1250 D^2) at rho = 0.02), so
+    they are kept as logarithms and the common factor c = max_i m+_i m-_i is divided out before
+    exponentiating. Eq. 25 is then applied to the true field c * V': unit RMS where its mean square
+    exceeds eps_v, and left (vanishingly) small where it does not, exactly as the formula says.
     """
     # Eq. 22 in log space; a support whose every query is masked has no affinity (NaN -> -inf).
     log_affinity = 0.5 * (logits.log_softmax(dim=1) + logits.log_softmax(dim=0)) + log_weights
     log_affinity = log_affinity.nan_to_num(nan=float("-inf"))
     log_neg, log_pos = log_affinity[:, :num_neg], log_affinity[:, num_neg:]
     log_mass = log_pos.logsumexp(dim=1) + log_neg.logsumexp(dim=1)  # log m+_i + log m-_i (Eq. 23)
-    if not torch.isfinite(log_mass.max()):
+    log_common = log_mass.max()
+    if not torch.isfinite(log_common):  # no query sees both a positive and a negative
         return torch.zeros(len(logits), supports.shape[1], dtype=supports.dtype, device=supports.device)
-    mass = (log_mass - log_mass.max()).exp().unsqueeze(1)
     mean_pos = log_pos.softmax(dim=1).nan_to_num(0.0) @ supports[num_neg:]
     mean_neg = log_neg.softmax(dim=1).nan_to_num(0.0) @ supports[:num_neg]
-    drift = mass * (mean_pos - mean_neg)  # Eq. 24, up to the common factor max_i m+_i m-_i
-    return drift / drift.square().mean().clamp_min(_EPS_RMS).sqrt()  # Eq. 25
+    drift = (log_mass - log_common).exp().unsqueeze(1) * (mean_pos - mean_neg)  # Eq. 24 divided by c
+    # Eq. 25 on c * drift: sqrt(max(c^2 ms, eps_v)) = c * sqrt(max(ms, eps_v / c^2)), all in log space.
+    log_mean_square = drift.square().mean().log()
+    log_norm = 0.5 * torch.maximum(log_mean_square, math.log(_EPS_RMS) - 2 * log_common)
+    return drift * (-log_norm).exp()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +206,9 @@ def sample_reward_pairs(
     """Sample M distinct candidate pairs and order each by reward (Eq. 12).
 
     Returns index tensors ``(winners, losers)`` into the K candidates, with
-    ``rewards[winners] > rewards[losers]``. Tied pairs carry no preference and are dropped, so fewer
-    than M pairs may come back; if every reward is equal none do (the preference term is then zero).
+    ``rewards[winners] > rewards[losers]``. Tied pairs carry no preference and are dropped before
+    sampling, so a discrete reward still yields M pairs when that many untied pairs exist; if every
+    reward is equal none come back (the preference term is then zero).
     """
     rewards = torch.as_tensor(rewards).flatten().cpu()
     num_candidates = len(rewards)
@@ -201,13 +217,12 @@ def sample_reward_pairs(
     if not 1 <= num_pairs <= max_pairs(num_candidates):
         raise ValueError(f"num_pairs must be in [1, {max_pairs(num_candidates)}] for K={num_candidates}, got {num_pairs}")
     first, second = torch.triu_indices(num_candidates, num_candidates, offset=1)
+    untied = rewards[first] != rewards[second]
+    first, second = first[untied], second[untied]
     chosen = torch.randperm(len(first), generator=generator)[:num_pairs]
     first, second = first[chosen], second[chosen]
     first_wins = rewards[first] > rewards[second]
-    winners = torch.where(first_wins, first, second)
-    losers = torch.where(first_wins, second, first)
-    untied = rewards[first] != rewards[second]
-    return winners[untied], losers[untied]
+    return torch.where(first_wins, first, second), torch.where(first_wins, second, first)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,15 +234,16 @@ def sample_reward_pairs(
 class DriftConfig:
     """Hyper-parameters of the DrPO field (Eqs. 15-16, Appendix A)."""
 
-    radii: tuple[float, ...] = (0.02, 0.05, 0.2)
+    radii: tuple[float, ...] = (0.1, 0.2, 0.5)
     kernel: str = "rbf"
     ref_weight: float = 0.2  # lambda, Eq. 15
     velocity_scale: float = 1.0  # eta, Eq. 16
     pair_weight: float = 1.0  # w_j of the preference supports (authors: 3000)
     self_negatives: bool = False  # add sg(Z) as self-masked negatives of V_pref (authors' code)
-    # Mask z_i against its own copy in V_ref's negatives sg(Z) (authors' code; Appendix A is silent).
-    # Unmasked, the copy at distance 0 dominates Eq. 22 and V_ref_i becomes a unit-RMS pull of every
-    # sample onto its own reference image, which freezes the generator at lambda = 0.2 (README).
+    # Leave-one-out reference drift: z_i does not see its own copy in sg(Z) nor its paired base
+    # sample r_i in R (Eq. 14 wants independent sample sets; Appendix A is silent; the authors' code
+    # masks the self copy). Unmasked, the copy at distance 0 dominates Eq. 22 and V_ref_i becomes a
+    # unit-RMS pull of every sample onto its own reference, which freezes the generator (README).
     mask_self: bool = True
 
     def __post_init__(self):
@@ -259,7 +275,8 @@ def preference_field(z: torch.Tensor, winners, losers, config: DriftConfig) -> t
 def reference_field(z: torch.Tensor, z_ref: torch.Tensor, config: DriftConfig) -> torch.Tensor:
     """V_ref = DriftField(Z, R, sg(Z)): attraction to the base model's samples (Eq. 14)."""
     queries = z.detach()
-    return drift_field(queries, z_ref.detach(), queries, config.radii, kernel=config.kernel, mask_self=config.mask_self)
+    return drift_field(queries, z_ref.detach(), queries, config.radii, kernel=config.kernel,
+                       mask_self=config.mask_self, mask_paired_positive=config.mask_self)
 
 
 def loss_coordinate_scale(z: torch.Tensor, z_ref: torch.Tensor, winners, losers, config: DriftConfig) -> torch.Tensor:
@@ -440,7 +457,12 @@ class ViTMAEFeatures(FeatureMap):
         self.register_buffer("std", torch.tensor(self.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def enable_gradient_checkpointing(self) -> None:
+        """transformers only checkpoints in train mode; ViT-MAE's dropouts are 0, so that changes nothing else."""
+        config = self.model.config
+        if config.hidden_dropout_prob or config.attention_probs_dropout_prob:
+            raise ValueError("gradient checkpointing of the MAE needs a config without dropout")
         self.model.gradient_checkpointing_enable()
+        self.model.train()
 
     def forward(self, latents: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
         size = self.model.config.image_size
@@ -630,7 +652,7 @@ def score_candidates(reward_fn: RewardFn, images: torch.Tensor, prompts: list[st
         raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(images)} images")
     if not torch.isfinite(scores).all():
         raise RewardError(f"reward {name!r} returned non-finite scores: {scores.tolist()}")
-    return scores.float()
+    return scores  # float64: a float32 cast would create artificial ties
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,7 +692,8 @@ def add_training_args(parser, default_resolution: int = 512, default_feature_ext
     add("--num_pairs", type=int, default=12, help="M reward-ordered pairs per prompt (paper: 12).")
     add("--ref_weight", type=float, default=0.2, help="lambda: weight of the reference drift (Eq. 15).")
     add("--velocity_scale", type=float, default=1.0, help="eta: target step z + eta V (Eq. 16).")
-    add("--drift_radii", default="0.02,0.05,0.2", help="Comma-separated kernel radii rho (Appendix A).")
+    add("--drift_radii", default="0.1,0.2,0.5",
+        help="Comma-separated kernel radii rho (Appendix A; the authors' code: 0.02,0.05,0.2 with an affinity floor).")
     add("--drift_kernel", default="rbf", choices=DRIFT_KERNELS)
     add("--pair_weight", type=float, default=1.0, help="Support weight of A+/A- (authors' code: 3000).")
     add("--self_negatives", action="store_true", help="Add sg(Z) as self-masked negatives (authors' code).")
@@ -728,6 +751,9 @@ def check_args(args) -> None:
         raise ValueError(f"Unknown feature extractor {args.feature_extractor!r}; choose one of {', '.join(FEATURE_MAPS)}.")
     drift_config_from_args(args)  # validates kernel and radii
     check_reward_spec(args.reward, args.reward_weights)  # unknown names list the choices; files must exist
+    for flag in ("checkpointing_steps", "max_train_steps", "gradient_accumulation_steps", "train_batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.prompts_file is None and args.dataset_name is None:
         raise ValueError("give prompts with --prompts_file or --dataset_name")
     if args.resume_from_checkpoint not in (None, "latest"):
@@ -1018,7 +1044,10 @@ def maybe_resume(accelerator, args) -> int:
         return 0
     accelerator.print(f"Resuming from {path}")
     accelerator.load_state(path)
-    return int(os.path.basename(os.path.normpath(path)).split("-")[1])
+    match = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    if match is None:
+        raise ValueError(f"--resume_from_checkpoint must name a checkpoint-N folder, got {path}")
+    return int(match.group(1))
 
 
 def init_trackers(accelerator, args) -> None:
@@ -1035,6 +1064,13 @@ def step_logs(accelerator, step_stats: list[dict], lr_scheduler, seconds: float)
     logs = dict(zip(keys, averaged))
     logs.update(lr=lr_scheduler.get_last_lr()[0], step_time=seconds)
     return logs
+
+
+def check_finite_loss(accelerator, loss: torch.Tensor, step: int) -> None:
+    """Stop (on every rank together) before a NaN/inf loss reaches the optimiser and the LoRA."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1).to(accelerator.device)
+    if accelerator.gather(finite).min() < 1:
+        raise FloatingPointError(f"non-finite DrPO loss at step {step}; the last checkpoint is intact")
 
 
 HISTORY_FILE = "reward_history.jsonl"
@@ -1079,14 +1115,15 @@ def log_images(accelerator, name: str, image, step: int) -> None:
             tracker.log({name: wandb.Image(image)}, step=step)
 
 
-def before_after_images(pipe, prompts: list[str], seeds: list[int], resolution: int, accelerator):
+def before_after_images(pipe, prompts: list[str], seeds: list[int], resolution: int):
     """One-step samples of the base model (LoRA disabled) and of the current LoRA, same seeds."""
     from pipelines.one_step import generate_images
 
-    with accelerator.autocast():
-        with lora_disabled(pipe.unet):
-            base = generate_images(pipe, prompts, seeds, resolution)
-        tuned = generate_images(pipe, prompts, seeds, resolution)
+    # No autocast: the pipeline runs each module in its own dtype (an fp32-kept SDXL VAE stays fp32),
+    # and peft casts the LoRA branch itself.
+    with lora_disabled(pipe.unet):
+        base = generate_images(pipe, prompts, seeds, resolution)
+    tuned = generate_images(pipe, prompts, seeds, resolution)
     return base, tuned
 
 
@@ -1095,7 +1132,7 @@ def log_validation(accelerator, pipe, prompts: list[str], args, step: int) -> No
     if not accelerator.is_main_process:
         return
     seeds = list(range(VALIDATION_SEED, VALIDATION_SEED + args.num_validation_seeds))
-    base, tuned = before_after_images(pipe, prompts, seeds, args.resolution, accelerator)
+    base, tuned = before_after_images(pipe, prompts, seeds, args.resolution)
     grid = image_grid(interleave_rows(base, tuned, len(seeds)))
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
     grid.save(os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))

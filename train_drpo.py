@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import AutoPipelineForText2Image, EulerAncestralDiscreteScheduler
+from diffusers import AutoPipelineForText2Image
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
@@ -73,7 +73,7 @@ class DrPOContext:
     accelerator: Accelerator
     pipe: object  # the stock pipeline: its UNet with LoRA is g_theta, with LoRA disabled g_ref
     unet: torch.nn.Module  # pipe.unet as prepared by accelerate (DDP-wrapped when distributed)
-    scheduler: EulerAncestralDiscreteScheduler  # private copy for the differentiable one-step sampler
+    scheduler: object  # private copy of the pipeline's scheduler for the differentiable one-step sampler
     feature_map: drpo_utils.FeatureMap  # phi
     reward_fn: drpo_utils.RewardFn  # R, only ranks
     config: drpo_utils.DriftConfig  # lambda, eta, radii, kernel
@@ -108,7 +108,8 @@ def drpo_step(ctx: DrPOContext, prompt: str, rng: torch.Generator):
     winners, losers = drpo_utils.sample_reward_pairs(rewards, args.num_pairs, rng)
     # 8-12: V = V_pref + lambda V_ref, target sg(z + eta V), regression
     loss, stats = drpo_utils.drpo_loss(features, ref_features, winners.to(device), losers.to(device), ctx.config)
-    stats.update(loss=loss.item(), reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+    shown = getattr(ctx.reward_fn, "last_raw", rewards)  # a mixture ranks by z-scores but shows raw values
+    stats.update(loss=loss.item(), reward_mean=shown.mean().item(), reward_std=shown.std().item(),
                  num_pairs=len(winners))
     stats.update({f"reward/{name}": value for name, value in getattr(ctx.reward_fn, "last_components", {}).items()})
     return loss, stats
@@ -132,6 +133,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
         cast_training_params(pipe.unet, dtype=torch.float32)
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+        pipe.vae.enable_gradient_checkpointing()  # image feature maps backpropagate through the decoder
         feature_map.enable_gradient_checkpointing()
 
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
@@ -150,7 +152,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
 
     ctx = DrPOContext(
         args=args, accelerator=accelerator, pipe=pipe, unet=unet,
-        scheduler=EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config),
+        scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
         feature_map=feature_map.to(accelerator.device, weight_dtype),
         reward_fn=reward_fn, config=drpo_utils.drift_config_from_args(args), encode_prompts=encode_prompts,
     )
@@ -170,6 +172,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
                     rng = drpo_utils.step_generator(base_seed, global_step, micro_step, index, accelerator.process_index)
                     prompt = prompts[torch.randint(len(prompts), (), generator=rng).item()]
                     prompt_loss, stats = drpo_step(ctx, prompt, rng)
+                    drpo_utils.check_finite_loss(accelerator, prompt_loss, global_step)
                     loss = loss + prompt_loss / args.train_batch_size
                     step_stats.append(stats)
                 accelerator.backward(loss)

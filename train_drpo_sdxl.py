@@ -43,9 +43,9 @@ def load_pipeline(args, weight_dtype):
     if args.pretrained_vae_model_name_or_path is not None:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=weight_dtype)
         return train_drpo.load_pipeline(args, weight_dtype, vae=vae)
-    pipe = train_drpo.load_pipeline(args, weight_dtype)
-    pipe.vae.to(torch.float32)
-    return pipe
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
+                                        dtype=torch.float32)  # loaded in fp32, not rounded through fp16/bf16
+    return train_drpo.load_pipeline(args, weight_dtype, vae=vae)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def parse_seeds(spec: str) -> list[int]:
 def reward_table(pipe, reward_fn, reward_name: str, prompts: list[str], seeds: list[int], resolution=None):
     """Rewards [len(prompts), len(seeds)] and the images they score."""
     images = generate_images(pipe, prompts, seeds, resolution)
-    scores = score_candidates(reward_fn, images, [p for p in prompts for _ in seeds], reward_name)
+    scorer = getattr(reward_fn, "raw", reward_fn)  # a mixture: its weighted raw sum, comparable across models
+    scores = score_candidates(scorer, images, [p for p in prompts for _ in seeds], reward_name)
     return scores.view(len(prompts), len(seeds)).double(), images
 
 

@@ -37,6 +37,8 @@ def make_handler(reward_fn, reward_name: str, token: str | None, max_bytes: int,
     lock = threading.Lock()  # one batch on the reward model at a time
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 60  # seconds a client may take to send its request
+
         def do_POST(self):  # noqa: N802 (http.server API)
             try:
                 self.check_request()
@@ -46,8 +48,10 @@ def make_handler(reward_fn, reward_name: str, token: str | None, max_bytes: int,
                 self.answer(200, {"scores": scores.tolist()})
             except RequestError as error:
                 self.answer(error.status, {"error": str(error)})
-            except RewardError as error:
-                self.answer(500, {"error": str(error)})
+            except RewardError as error:  # the reward's own fault: deterministic, not worth a retry
+                self.answer(422, {"error": str(error)})
+            except Exception as error:  # noqa: BLE001 - answer rather than drop the connection
+                self.answer(500, {"error": f"{type(error).__name__}: {error}"})
 
         def check_request(self):
             if self.path.rstrip("/") != "/score":
@@ -56,7 +60,10 @@ def make_handler(reward_fn, reward_name: str, token: str | None, max_bytes: int,
                 given = self.headers.get("Authorization", "").removeprefix("Bearer ")
                 if not hmac.compare_digest(given.encode(), token.encode()):
                     raise RequestError(401, "missing or wrong token")
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError as error:
+                raise RequestError(400, "bad Content-Length") from error
             if length <= 0 or length > max_bytes:
                 raise RequestError(413, f"request body must be 1..{max_bytes} bytes, got {length}")
 
@@ -95,6 +102,8 @@ def make_handler(reward_fn, reward_name: str, token: str | None, max_bytes: int,
 
 def build_server(reward: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
                  max_request_mb: float = 64.0, max_batch: int = 64, device: str = "cpu") -> ThreadingHTTPServer:
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        raise ValueError(f"serving on {host!r} (beyond loopback) needs a shared --token or ${TOKEN_ENV}")
     reward_fn = load_reward(reward, device=device)
     handler = make_handler(reward_fn, reward, token, int(max_request_mb * 2**20), max_batch)
     return ThreadingHTTPServer((host, port), handler)

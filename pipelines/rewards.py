@@ -8,6 +8,7 @@ tensor [N, 3, H, W] in [0, 1] on the CPU. DrPO only ranks with them, so they alw
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -151,7 +152,9 @@ def standardise_per_prompt(scores: torch.Tensor, prompts: list[str]) -> torch.Te
 class MixtureReward:
     """sum_k w_k * standardise_per_prompt(R_k): scales of the components cannot dominate.
 
-    ``last_components`` keeps each component's raw mean of the last call, for logging.
+    ``last_components`` keeps each component's raw mean of the last call and ``last_raw`` the weighted
+    sum of raw scores, for logging; ``raw`` scores with that sum (for evaluation across models, where
+    per-prompt z-scores would compare nothing).
     """
 
     def __init__(self, components: dict, weights: list[float]):
@@ -159,15 +162,23 @@ class MixtureReward:
             raise ValueError(f"{len(components)} rewards but {len(weights)} --reward_weights")
         self.components, self.weights = components, weights
         self.last_components: dict[str, float] = {}
+        self.last_raw = torch.zeros(0, dtype=torch.float64)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         total = torch.zeros(len(images), dtype=torch.float64)
+        raw = torch.zeros(len(images), dtype=torch.float64)
         for (name, reward), weight in zip(self.components.items(), self.weights):
             scores = score_candidates(reward, images, prompts, name)
             self.last_components[name] = scores.mean().item()
             total += weight * standardise_per_prompt(scores, prompts)
-        return total.float()
+            raw += weight * scores
+        self.last_raw = raw
+        return total
+
+    def raw(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self(images, prompts)
+        return self.last_raw
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,12 +198,18 @@ def encode_png(image: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_png(data: str) -> torch.Tensor:
-    """base64 PNG -> [3, H, W] float32 in [0, 1] (RGB)."""
+MAX_PIXELS = 2048 * 2048
+
+
+def decode_png(data: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """base64 PNG (and only PNG) -> [3, H, W] float32 in [0, 1] (RGB); refuses more than ``max_pixels``."""
     import numpy as np
     from PIL import Image
 
-    image = Image.open(io.BytesIO(base64.b64decode(data, validate=True))).convert("RGB")
+    image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)), formats=["PNG"])
+    if image.width * image.height > max_pixels:
+        raise ValueError(f"image of {image.width}x{image.height} pixels exceeds {max_pixels}")
+    image = image.convert("RGB")
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
 
 
@@ -224,7 +241,7 @@ class RemoteReward:
                 detail = error.read()[:500].decode(errors="replace")
                 if error.code < 500 or attempt == self.retries:
                     raise RewardError(f"reward server {self.url} answered HTTP {error.code}: {detail}") from error
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
                 if attempt == self.retries:
                     raise RewardError(
                         f"reward server {self.url} unreachable or too slow after {self.retries + 1} attempts "

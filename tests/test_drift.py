@@ -95,9 +95,23 @@ def test_repeated_supports_count_repeatedly():
 def test_each_radius_term_has_unit_rms():
     g = torch.Generator().manual_seed(2)
     z, pos, neg = torch.randn(8, 16, generator=g), torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
-    for radius in (0.02, 0.05, 0.2, 1.0):
+    for radius in (0.1, 0.2, 0.5, 1.0):
         v = drift_field(z, pos, neg, [radius])
         assert v.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-5)
+    # At rho = 0.02 the true field is ~1e-14 (m+ m- ~ exp(-1250 D^2)): below sqrt(eps_v) Eq. 25 does
+    # not amplify it to unit RMS, it stays numerically negligible (and finite).
+    tiny = drift_field(z, pos, neg, [0.02])
+    assert torch.isfinite(tiny).all() and tiny.square().mean().sqrt() < 0.1
+
+
+def test_reference_drift_is_zero_when_the_model_equals_the_base():
+    """Leave-one-out V_ref = DriftField(Z, R, sg(Z)) vanishes at theta = theta_ref (Z = R)."""
+    from drpo_utils import reference_field
+
+    z = torch.randn(8, 5, generator=torch.Generator().manual_seed(3))
+    assert reference_field(z, z.clone(), DriftConfig(radii=(0.05, 0.2, 1.0))).abs().max() < 1e-6
+    moved = reference_field(z + 0.3, z, DriftConfig(radii=(0.2, 1.0)))
+    assert (moved.sum(0) < 0).all()  # shifted samples are pulled back toward the base distribution
 
 
 @pytest.mark.parametrize("kernel", ["rbf", "laplacian", "exponential", "cosine"])
@@ -155,6 +169,12 @@ def test_pairs_are_reward_ordered_distinct_and_ties_dropped():
     assert (rewards[winners] > rewards[losers]).all()
     assert len(winners) == max_pairs(6) - 2  # the two tied pairs (0,5) and (1,2) are dropped
     assert len({tuple(sorted(p)) for p in zip(winners.tolist(), losers.tolist())}) == len(winners)
+
+
+def test_binary_rewards_still_give_m_pairs():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])  # 8 untied pairs among 15
+    winners, losers = sample_reward_pairs(rewards, 6, torch.Generator().manual_seed(0))
+    assert len(winners) == 6 and (rewards[winners] == 1).all() and (rewards[losers] == 0).all()
 
 
 def test_all_equal_rewards_give_no_pairs():

@@ -94,7 +94,7 @@ def test_mixture_standardises_per_prompt_and_weights_components():
     assert isinstance(mixture, MixtureReward)
     mixed = mixture(images, ["p"] * 3)
     bright = standardise_per_prompt(images.mean((1, 2, 3)), ["p"] * 3)
-    torch.testing.assert_close(mixed, (2.0 * bright - bright).float())  # darkness = -brightness
+    torch.testing.assert_close(mixed, 2.0 * bright - bright)  # darkness = -brightness
     assert set(mixture.last_components) == {f"{REWARDS}:brightness", f"{REWARDS}:darkness"}
     with pytest.raises(ValueError, match="2 values for 3 rewards"):
         drpo_utils.check_reward_spec("color_match,jpeg_compressibility,clip", [1.0, 2.0])
@@ -130,7 +130,7 @@ def test_remote_reward_scores_like_the_local_one(serve):
     images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     remote = drpo_utils.score_candidates(RemoteReward(url, token="s3cret"), images, ["p"] * 5, url)
     local = quantised(images).mean((1, 2, 3))
-    torch.testing.assert_close(remote, local, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(remote, local.double(), rtol=1e-5, atol=1e-6)
 
 
 def test_server_rejects_missing_or_wrong_tokens(serve, monkeypatch):
@@ -154,7 +154,7 @@ def test_server_caps_batch_and_request_size(serve):
 
 def test_server_reports_a_reward_that_returns_the_wrong_count(serve):
     url = serve(f"{REWARDS}:wrong_count")
-    with pytest.raises(drpo_utils.RewardError, match="HTTP 500.*returned 1 scores for 2 images"):
+    with pytest.raises(drpo_utils.RewardError, match="HTTP 422.*returned 1 scores for 2 images"):
         RemoteReward(url)(torch.rand(2, 3, 8, 8), ["p", "p"])
 
 
