@@ -23,14 +23,14 @@ def recording_score(reward_fn, images, prompts, name):
     return original_score(reward_fn, images, prompts, name)
 
 
-def recording_finish(accelerator, args, pipe, *rest):
+def recording_finish(accelerator, args, pipe, *rest, **kwargs):
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(accelerator.unwrap_model(pipe.unet))
     torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(probe_dir, f"lora_rank{rank}.pt"))
     with open(os.path.join(probe_dir, f"draws_rank{rank}.json"), "w") as handle:
         json.dump(draws, handle)
-    return original_finish(accelerator, args, pipe, *rest)
+    return original_finish(accelerator, args, pipe, *rest, **kwargs)
 
 
 drpo_utils.score_candidates = recording_score
