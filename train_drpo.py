@@ -194,8 +194,10 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
             drpo_utils.log_validation(accelerator, pipe, validation_prompts, args, global_step)
 
     accelerator.wait_for_everyone()
+    del optimizer, lr_scheduler, unet, ctx
+    accelerator.free_memory()  # room for the fresh pipeline of the final check
     drpo_utils.finish_training(accelerator, args, pipe, history, validation_prompts, reward_fn, repo_id,
-                               fresh_pipeline=lambda: load_pipeline(args, torch.float32))
+                               fresh_pipeline=lambda: load_pipeline(args, weight_dtype))
     accelerator.end_training()
 
 

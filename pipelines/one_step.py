@@ -32,15 +32,19 @@ def initial_noise(pipe, seed: int, height: int, width: int, device="cpu", dtype=
 def generate_images(pipe, prompts: list[str], seeds: list[int], resolution: int | None = None) -> torch.Tensor:
     """One image per (prompt, seed), prompt-major: ``num_inference_steps=1, guidance_scale=0``.
 
-    Returns float32 [len(prompts) * len(seeds), 3, H, W] in [0, 1] on the CPU.
+    Returns float32 [len(prompts) * len(seeds), 3, H, W] in [0, 1] on the CPU. The latents come from
+    the pipeline; decoding runs the VAE in its own dtype, so an fp32-kept SDXL VAE next to a bf16/fp16
+    UNet works without autocast (and without running that VAE in fp16).
     """
+    from drpo_utils import decode_latents
+
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     images = []
     for prompt in prompts:
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        out = pipe(
+        latents = pipe(
             [prompt] * len(seeds), num_inference_steps=1, guidance_scale=0.0, generator=generators,
-            height=resolution, width=resolution, output_type="pt",
+            height=resolution, width=resolution, output_type="latent",
         ).images
-        images.append(out.float().cpu())
+        images.append(decode_latents(pipe.vae, latents).cpu())
     return torch.cat(images)

@@ -82,9 +82,10 @@ def test_resume_continues_exactly(tmp_path, script):
 def test_bf16_accumulation_and_gradient_checkpointing_run(tmp_path, script):
     launch(script, *training_args(SCRIPTS[script], tmp_path, "--reward=color_match", "--max_train_steps=2",
                                   "--mixed_precision=bf16", "--gradient_checkpointing",
-                                  "--gradient_accumulation_steps=2", "--train_batch_size=2"))
+                                  "--gradient_accumulation_steps=2", "--train_batch_size=2", "--validation_steps=1"))
     weights = lora_tensors(tmp_path)
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    assert sorted(os.listdir(tmp_path / "validation")) == ["step-000001.png", "step-000002.png"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
