@@ -434,44 +434,51 @@ class ImageFeatures(FeatureMap):
         }
 
 
-class ViTMAEFeatures(FeatureMap):
-    """Pixel-space MAE features (paper: SDXL-Turbo), from ``transformers.ViTMAEModel`` with masking off.
+class ImageTransformerFeatures(FeatureMap):
+    """A frozen ViT on the VAE-decoded image (transformers weights), pooled into four feature tensors.
 
-    The decoded image is resized to the encoder's input size (bicubic, antialiased) and normalised
-    with ImageNet statistics (those of facebook/vit-mae-base); patches keep their order (identity
-    shuffle, mask ratio 0). Returns the CLS token, the mean and std of the patch tokens, and the
-    patch tokens average-pooled to a 2x2 grid: four tensors, one drift each.
+    The image is resized to ``input_size`` (bicubic, antialiased) and normalised with ImageNet
+    statistics; from the last hidden states come the CLS token, the mean and std of the patch tokens,
+    and the patch tokens average-pooled to a 2x2 grid: four tensors, one drift each.
     """
 
     needs_images = True
-    DEFAULT_WEIGHTS = "facebook/vit-mae-base"
+    DEFAULT_WEIGHTS = ""
     IMAGENET_MEAN = (0.485, 0.456, 0.406)
     IMAGENET_STD = (0.229, 0.224, 0.225)
 
     def __init__(self, path: str | None = None):
         super().__init__()
-        from transformers import ViTMAEModel
-
-        self.model = ViTMAEModel.from_pretrained(path or self.DEFAULT_WEIGHTS, mask_ratio=0.0)
+        self.model = self.load(path or self.DEFAULT_WEIGHTS)
         self.register_buffer("mean", torch.tensor(self.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    def load(self, path: str):
+        raise NotImplementedError
+
+    @property
+    def input_size(self) -> int:
+        return self.model.config.image_size
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [N, 1 + patches, width], patches in row-major order."""
+        raise NotImplementedError
+
     def enable_gradient_checkpointing(self) -> None:
-        """transformers only checkpoints in train mode; ViT-MAE's dropouts are 0, so that changes nothing else."""
+        """transformers only checkpoints in train mode; with zero dropout that changes nothing else."""
         config = self.model.config
         if config.hidden_dropout_prob or config.attention_probs_dropout_prob:
-            raise ValueError("gradient checkpointing of the MAE needs a config without dropout")
+            raise ValueError(f"gradient checkpointing of {type(self).__name__} needs a config without dropout")
         self.model.gradient_checkpointing_enable()
         self.model.train()
 
     def forward(self, latents: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = self.model.config.image_size
+        size = self.input_size
         pixels = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         pixels = ((pixels - self.mean) / self.std).to(self.model.dtype)
+        hidden = self.encode(pixels).float()
         grid = size // self.model.config.patch_size
-        keep_order = torch.arange(grid * grid, device=pixels.device, dtype=torch.float32).expand(len(pixels), -1)
-        hidden = self.model(pixel_values=pixels, noise=keep_order).last_hidden_state.float()
-        patches = hidden[:, 1:]
+        patches = hidden[:, 1 : 1 + grid * grid]
         patch_grid = patches.transpose(1, 2).reshape(len(pixels), -1, grid, grid)
         return {
             "cls": hidden[:, 0],
@@ -481,10 +488,45 @@ class ViTMAEFeatures(FeatureMap):
         }
 
 
+class ViTMAEFeatures(ImageTransformerFeatures):
+    """Pixel-space MAE (the paper's map for SDXL-Turbo): ``ViTMAEModel`` with masking off and the
+    identity patch shuffle, at its 224 px input."""
+
+    DEFAULT_WEIGHTS = "facebook/vit-mae-base"
+
+    def load(self, path: str):
+        from transformers import ViTMAEModel
+
+        return ViTMAEModel.from_pretrained(path, mask_ratio=0.0)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = (self.input_size // self.model.config.patch_size) ** 2
+        keep_order = torch.arange(patches, device=pixels.device, dtype=torch.float32).expand(len(pixels), -1)
+        return self.model(pixel_values=pixels, noise=keep_order).last_hidden_state
+
+
+class DINOv2Features(ImageTransformerFeatures):
+    """VAE-decode + DINOv2 (Table 3b "VAE-dec.+DINOv2"): ``Dinov2Model`` at 224 px, as its processor crops."""
+
+    DEFAULT_WEIGHTS = "facebook/dinov2-base"
+
+    def load(self, path: str):
+        from transformers import Dinov2Model
+
+        return Dinov2Model.from_pretrained(path)
+
+    @property
+    def input_size(self) -> int:
+        return 224 // self.model.config.patch_size * self.model.config.patch_size
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).last_hidden_state
+
+
 FEATURE_MAPS: dict[str, Callable[..., FeatureMap]] = {
-    "latent": LatentFeatures, "image": ImageFeatures, "vit_mae": ViTMAEFeatures,
+    "latent": LatentFeatures, "image": ImageFeatures, "vit_mae": ViTMAEFeatures, "dinov2": DINOv2Features,
 }
-WEIGHTED_FEATURE_MAPS = {"vit_mae"}  # take --feature_extractor_path
+WEIGHTED_FEATURE_MAPS = {"vit_mae", "dinov2"}  # take --feature_extractor_path
 
 
 def build_feature_map(name: str, path: str | None = None) -> FeatureMap:

@@ -16,19 +16,32 @@ def tiny_vit_mae(path):
     return str(path)
 
 
+def tiny_dinov2(path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=56,
+                          patch_size=14)
+    Dinov2Model(config).save_pretrained(path)
+    return str(path)
+
+
 def build(name, tmp_path):
-    return build_feature_map(name, tiny_vit_mae(tmp_path / "vit-mae") if name == "vit_mae" else None)
+    weights = {"vit_mae": tiny_vit_mae, "dinov2": tiny_dinov2}
+    return build_feature_map(name, weights[name](tmp_path / name) if name in weights else None)
 
 
 EXPECTED = {
     "latent": {"latent": 4 * 8 * 8},
     "image": {"image_fine": 3 * 16 * 16, "image_coarse": 3 * 4 * 4, "color_moments": 6},
     "vit_mae": {"cls": 32, "patch_mean": 32, "patch_std": 32, "patch_2x2": 4 * 32},
+    "dinov2": {"cls": 32, "patch_mean": 32, "patch_std": 32, "patch_2x2": 4 * 32},
 }
 
 
 @pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
 def test_keys_shapes_gradients_and_no_trainable_parameters(name, tmp_path):
+    """Contract: frozen, eval mode, differentiable w.r.t. its input, a dict of named tensors."""
     feature_map = build(name, tmp_path)
     assert not any(p.requires_grad for p in feature_map.parameters()) and not feature_map.training
     latents = torch.randn(3, 4, 8, 8, requires_grad=True)
@@ -56,7 +69,34 @@ def test_vit_mae_keeps_patch_order_and_disables_masking(tmp_path):
 
 
 def test_unknown_feature_map_and_missing_weights_are_clear(tmp_path):
-    with pytest.raises(ValueError, match="choose one of latent, image, vit_mae"):
+    with pytest.raises(ValueError, match="choose one of latent, image, vit_mae, dinov2"):
         build_feature_map("dino")
     with pytest.raises(OSError, match="needs the weights"):
         build_feature_map("vit_mae", str(tmp_path / "nowhere"))
+
+
+def count_layer_forwards(feature_map, images):
+    """How often the inside of the first transformer layer runs during one forward + backward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layer = next(m for m in feature_map.model.modules() if isinstance(m, GradientCheckpointingLayer))
+    inside = next(iter(layer.children()))  # hooks on the layer itself stay outside the checkpoint
+    calls = []
+    handle = inside.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        out = feature_map(None, images)
+        sum(f.square().sum() for f in out.values()).backward()
+    finally:
+        handle.remove()
+    return len(calls), out
+
+
+@pytest.mark.parametrize("name", ["vit_mae", "dinov2"])
+def test_gradient_checkpointing_recomputes_layers_in_backward(name, tmp_path):
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    plain_calls, plain = count_layer_forwards(build(name, tmp_path / "plain"), images)
+    checkpointed = build(name, tmp_path / "checkpointed")
+    checkpointed.enable_gradient_checkpointing()
+    calls, out = count_layer_forwards(checkpointed, images)
+    assert (plain_calls, calls) == (1, 2)  # recomputed in backward
+    torch.testing.assert_close(out["cls"], plain["cls"])  # the same function
