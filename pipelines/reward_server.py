@@ -120,7 +120,11 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     token = args.token or os.environ.get(TOKEN_ENV) or None
-    server = build_server(args.reward, args.host, args.port, token, args.max_request_mb, args.max_batch, args.device)
+    try:
+        server = build_server(args.reward, args.host, args.port, token, args.max_request_mb, args.max_batch,
+                              args.device)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     print(f"serving reward {args.reward!r} on http://{args.host}:{server.server_port}/score"
           f"{' (token required)' if token else ''}", flush=True)
     try:

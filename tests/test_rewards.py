@@ -233,3 +233,27 @@ def test_aesthetic_predictor_loads_the_published_head_format(tiny_clip, tmp_path
         hidden = hidden @ state[f"layers.{index}.weight"].T + state[f"layers.{index}.bias"]
     torch.testing.assert_close(scores, hidden.squeeze(-1), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(scores, scorer(1 - images, ["ignored"] * 3))
+
+
+def test_server_refuses_to_serve_beyond_loopback_without_a_token(monkeypatch):
+    monkeypatch.delenv("DRPO_REWARD_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="needs a shared --token"):
+        build_server("color_match", host="0.0.0.0", port=0)
+
+
+def test_server_only_decodes_png():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from pipelines.rewards import decode_png
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="JPEG")
+    with pytest.raises(Exception, match="cannot identify|PNG"):
+        decode_png(base64.b64encode(buffer.getvalue()).decode())
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    with pytest.raises(ValueError, match="exceeds"):
+        decode_png(base64.b64encode(buffer.getvalue()).decode(), max_pixels=1000)
