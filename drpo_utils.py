@@ -18,6 +18,7 @@ import math
 import os
 import re
 import shutil
+import urllib.error
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -605,12 +606,6 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
-def urllib_error():
-    import urllib.error
-
-    return urllib.error.URLError
-
-
 def reward_choices() -> list[str]:
     from pipelines.rewards import MODEL_REWARDS
 
@@ -660,7 +655,7 @@ def load_reward(spec: str, device="cpu", weights: Sequence[float] | None = None)
         factory, downloads = model_rewards.MODEL_REWARDS[spec]
         try:
             return factory(device=device)
-        except (OSError, urllib_error()) as error:
+        except (OSError, urllib.error.URLError) as error:
             raise OSError(f"reward {spec!r} needs the weights {downloads}; loading failed: {error}") from error
     if ":" in spec:
         return _custom_reward(spec)
