@@ -953,8 +953,8 @@ def plot_reward_curve(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def image_grid(rows: list[torch.Tensor]) -> "PIL.Image.Image":
-    """Stack rows of images [N, 3, H, W] in [0, 1] into one PIL grid."""
+def image_grid(rows: list[torch.Tensor]):
+    """Stack rows of images [N, 3, H, W] in [0, 1] into one PIL image."""
     from PIL import Image
 
     grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
