@@ -25,6 +25,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from pipelines import latent_mae
+
 # Named colours (RGB in [0, 1]) shared by the tiny models' captions and the ``color_match`` reward.
 COLORS = {
     "red": (0.9, 0.1, 0.1),
@@ -524,10 +526,87 @@ class DINOv2Features(ImageTransformerFeatures):
         return self.model(pixel_values=pixels).last_hidden_state
 
 
+def activation_statistics(name: str, activation: torch.Tensor, patch_sizes=(2, 4)) -> dict[str, torch.Tensor]:
+    """The drifting models' pooled features of one activation [N, C, H, W], in float32.
+
+    ``{name}_mean`` / ``{name}_std``: per-channel mean and std over space, [N, C]; ``{name}_mean_{p}`` /
+    ``{name}_std_{p}``: the same inside each p x p patch, row-major patches flattened to [N, H*W/p^2 * C]
+    (only when p divides H and W). std = sqrt(var + 1e-6), as in the release, so it stays differentiable
+    where an activation is constant.
+    """
+    x = activation.float()
+    n, c, h, w = x.shape
+
+    def mean_and_std(values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        variance = values.var(dim=dim, unbiased=False)
+        return values.mean(dim=dim), (variance + 1e-6).sqrt()
+
+    stats = dict(zip((f"{name}_mean", f"{name}_std"), mean_and_std(x.flatten(2), dim=2)))
+    for size in patch_sizes:
+        if h % size or w % size:
+            continue
+        patches = x.view(n, c, h // size, size, w // size, size).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(n, (h // size) * (w // size), c, size * size)
+        patch_mean, patch_std = mean_and_std(patches, dim=3)
+        stats.update({f"{name}_mean_{size}": patch_mean.flatten(1), f"{name}_std_{size}": patch_std.flatten(1)})
+    return stats
+
+
+class LatentMAEFeatures(FeatureMap):
+    """latent-MAE1 (Table 3b, the paper's SD-Turbo default): the drifting models' latent-MAE encoder on the
+    x0 latent (SD-VAE latents times the scaling factor, as the encoder was trained), multi-layer.
+
+    Sources: every stage output ``layer{s}`` and every second block inside a stage ``layer{s}_blk{b}``;
+    each gives ``activation_statistics`` (mean/std globally and over 2x2 / 4x4 patches), one drift each.
+    """
+
+    DEFAULT_WEIGHTS = latent_mae.DEFAULT_WEIGHTS
+
+    def __init__(self, path: str | None = None):
+        super().__init__()
+        self.encoder = latent_mae.load_latent_mae(path or self.DEFAULT_WEIGHTS)
+        self.sources = self.source_names(self.encoder.config["layers"])
+
+    @staticmethod
+    def source_names(layers) -> list[str]:
+        names = []
+        for stage, depth in enumerate(layers, start=1):
+            names += [f"layer{stage}_blk{block}" for block in range(2, depth, 2)] + [f"layer{stage}"]
+        return names
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.encoder.gradient_checkpointing = True
+
+    def forward(self, latents: torch.Tensor, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        activations = self.encoder(latents.to(self.encoder.conv1.weight.dtype))
+        features = {}
+        for name in self.sources:
+            features.update(activation_statistics(name, activations[name]))
+        return features
+
+
+class LatentMAELastThreeFeatures(LatentMAEFeatures):
+    """latent-MAE2 (Table 3b): the last three stage outputs only."""
+
+    @staticmethod
+    def source_names(layers) -> list[str]:
+        return [f"layer{stage}" for stage in range(len(layers) - 2, len(layers) + 1)]
+
+
+class LatentMAEFinalFeatures(LatentMAEFeatures):
+    """latent-MAE3 (Table 3b): the final stage output only."""
+
+    @staticmethod
+    def source_names(layers) -> list[str]:
+        return [f"layer{len(layers)}"]
+
+
 FEATURE_MAPS: dict[str, Callable[..., FeatureMap]] = {
+    "latent_mae": LatentMAEFeatures, "latent_mae1": LatentMAEFeatures, "latent_mae2": LatentMAELastThreeFeatures,
+    "latent_mae3": LatentMAEFinalFeatures,
     "latent": LatentFeatures, "image": ImageFeatures, "vit_mae": ViTMAEFeatures, "dinov2": DINOv2Features,
 }
-WEIGHTED_FEATURE_MAPS = {"vit_mae", "dinov2"}  # take --feature_extractor_path
+WEIGHTED_FEATURE_MAPS = {"latent_mae", "latent_mae1", "latent_mae2", "latent_mae3", "vit_mae", "dinov2"}
 
 
 def build_feature_map(name: str, path: str | None = None) -> FeatureMap:
@@ -699,7 +778,7 @@ def score_candidates(reward_fn: RewardFn, images: torch.Tensor, prompts: list[st
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 
 
-def add_training_args(parser, default_resolution: int = 512, default_feature_extractor: str = "image"):
+def add_training_args(parser, default_resolution: int = 512, default_feature_extractor: str = "latent_mae"):
     """The diffusers-examples flags plus DrPO's own; both scripts call this, then add their extras."""
     add = parser.add_argument
     # Model and output (diffusers conventions)
@@ -724,7 +803,9 @@ def add_training_args(parser, default_resolution: int = 512, default_feature_ext
     add("--reward_weights", type=lambda v: [float(x) for x in v.split(",")], default=None,
         help="Weights of a mixture's components (default: all 1); components are standardised per prompt.")
     add("--feature_extractor", default=default_feature_extractor, help=f"One of {', '.join(FEATURE_MAPS)}.")
-    add("--feature_extractor_path", default=None, help="Local folder or Hub id of the feature network's weights.")
+    add("--feature_extractor_path", default=None,
+        help="The feature network's weights: a local folder, a Hub id, or for latent_mae a Flax release folder "
+             "(local or 'owner/repo/folder' on the Hub) or a converted .safetensors file. Default: the published weights.")
     add("--num_candidates", type=int, default=24, help="K candidates per prompt (paper: 24).")
     add("--num_pairs", type=int, default=12, help="M reward-ordered pairs per prompt (paper: 12).")
     add("--ref_weight", type=float, default=0.2, help="lambda: weight of the reference drift (Eq. 15).")

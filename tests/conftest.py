@@ -30,3 +30,86 @@ def build_random_pipeline(path: str, prediction_type: str = "epsilon", architect
     pipe.scheduler.register_to_config(prediction_type=prediction_type)
     pipe.save_pretrained(path)
     return path
+
+
+def random_flax_latent_mae(base_channels=8, layers=(3, 4, 6, 3), in_channels=4, seed=0) -> dict:
+    """Random latent-MAE parameters in the release's Flax layout: ``{"params": {"encoder": ..., "fc": ...}}``.
+
+    Names and shapes follow Flax linen: conv ``kernel`` HWIO, GroupNorm ``scale``/``bias``, blocks under
+    ``stages_{s}/layers_{b}``, projections only where a block changes shape (Flax creates parameters
+    lazily), plus a classifier head the converter must ignore.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def conv(size, cin, cout):
+        return {"kernel": rng.normal(0, (size * size * cin) ** -0.5, (size, size, cin, cout)).astype(np.float32)}
+
+    def norm(channels):
+        return {"scale": (1 + 0.1 * rng.normal(size=channels)).astype(np.float32),
+                "bias": (0.1 * rng.normal(size=channels)).astype(np.float32)}
+
+    encoder = {"conv1": conv(3, in_channels, base_channels), "gn1": norm(base_channels)}
+    width = base_channels
+    for stage, depth in enumerate(layers):
+        out = base_channels * 2**stage
+        blocks = {}
+        for index in range(depth):
+            cin = width if index == 0 else out
+            block = {"conv1": conv(3, cin, out), "gn1": norm(out), "conv2": conv(3, out, out), "gn2": norm(out)}
+            if index == 0 and (stage > 0 or cin != out):
+                block.update(proj_conv=conv(1, cin, out), proj_gn=norm(out))
+            blocks[f"layers_{index}"] = block
+        encoder[f"stages_{stage}"] = blocks
+        encoder[f"layer{stage + 1}_norm"] = norm(out)
+        width = out
+    head = {"kernel": rng.normal(size=(width, 10)).astype(np.float32), "bias": np.zeros(10, np.float32)}
+    return {"params": {"encoder": encoder, "fc": head}}
+
+
+def write_flax_release(folder, params: dict, model_config: dict, chunk_bytes: int | None = None):
+    """Write ``ema_params.msgpack`` + ``metadata.json`` as the release does, with our own msgpack writer.
+
+    Format (flax.serialization): a msgpack map tree whose array leaves are extension type 1 holding
+    msgpack ``(shape, dtype name, C-order bytes)``; arrays above the chunk limit (1 GiB in Flax,
+    ``chunk_bytes`` here) become ``{"__msgpack_chunked_array__": True, "shape": {"0": ..}, "chunks": {"0": ..}}``.
+    """
+    import json
+    import pathlib
+
+    import msgpack
+    import numpy as np
+
+    def chunked(array):
+        per_chunk = max(1, chunk_bytes // array.itemsize)
+        flat = array.reshape(-1)
+        chunks = [flat[i : i + per_chunk] for i in range(0, flat.size, per_chunk)]
+        return {"__msgpack_chunked_array__": True, "shape": {str(i): n for i, n in enumerate(array.shape)},
+                "chunks": {str(i): c for i, c in enumerate(chunks)}}
+
+    def prepare(tree):
+        if isinstance(tree, dict):
+            return {key: prepare(value) for key, value in tree.items()}
+        if isinstance(tree, np.ndarray) and chunk_bytes is not None and tree.nbytes > chunk_bytes:
+            return chunked(tree)
+        return tree
+
+    def encode(value):
+        if isinstance(value, np.ndarray):
+            payload = msgpack.packb((value.shape, value.dtype.name, value.tobytes("C")), use_bin_type=True)
+            return msgpack.ExtType(1, payload)
+        raise TypeError(type(value))
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ema_params.msgpack").write_bytes(msgpack.packb(prepare(params), default=encode, strict_types=True))
+    (folder / "metadata.json").write_text(json.dumps({"model_config": model_config}))
+    return str(folder)
+
+
+def tiny_latent_mae(folder, base_channels=8, layers=(3, 4, 6, 3), seed=0) -> str:
+    """A small random latent-MAE release folder (the format ``--feature_extractor_path`` reads)."""
+    config = {"base_channels": base_channels, "layers": list(layers), "in_channels": 4, "patch_size": 2,
+              "input_patch_size": 1, "use_bf16": True, "num_classes": 10}
+    return write_flax_release(folder, random_flax_latent_mae(base_channels, layers, seed=seed), config)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import tiny_latent_mae
 
 from drpo_utils import FEATURE_MAPS, build_feature_map
 
@@ -28,7 +29,26 @@ def tiny_dinov2(path):
 
 def build(name, tmp_path):
     weights = {"vit_mae": tiny_vit_mae, "dinov2": tiny_dinov2}
+    weights.update(dict.fromkeys(["latent_mae", "latent_mae1", "latent_mae2", "latent_mae3"], tiny_latent_mae))
     return build_feature_map(name, weights[name](tmp_path / name) if name in weights else None)
+
+
+def latent_mae_sizes(*sources):
+    """Feature sizes of the tiny latent-MAE (widths 8-64) on an 8x8 latent: stage s is (8 / 2^(s-1))^2 x 8 * 2^(s-1)."""
+    sizes = {}
+    for source in sources:
+        stage = int(source[5])
+        channels, side = 8 * 2 ** (stage - 1), 8 // 2 ** (stage - 1)
+        sizes.update({f"{source}_mean": channels, f"{source}_std": channels})
+        for patch in (2, 4):
+            if side % patch == 0:
+                tokens = (side // patch) ** 2
+                sizes.update({f"{source}_mean_{patch}": tokens * channels, f"{source}_std_{patch}": tokens * channels})
+    return sizes
+
+
+MAE1_SOURCES = ("layer1_blk2", "layer1", "layer2_blk2", "layer2", "layer3_blk2", "layer3_blk4", "layer3",
+                "layer4_blk2", "layer4")
 
 
 EXPECTED = {
@@ -36,6 +56,10 @@ EXPECTED = {
     "image": {"image_fine": 3 * 16 * 16, "image_coarse": 3 * 4 * 4, "color_moments": 6},
     "vit_mae": {"cls": 32, "patch_mean": 32, "patch_std": 32, "patch_2x2": 4 * 32},
     "dinov2": {"cls": 32, "patch_mean": 32, "patch_std": 32, "patch_2x2": 4 * 32},
+    "latent_mae": latent_mae_sizes(*MAE1_SOURCES),
+    "latent_mae1": latent_mae_sizes(*MAE1_SOURCES),
+    "latent_mae2": latent_mae_sizes("layer2", "layer3", "layer4"),
+    "latent_mae3": latent_mae_sizes("layer4"),
 }
 
 
@@ -69,7 +93,7 @@ def test_vit_mae_keeps_patch_order_and_disables_masking(tmp_path):
 
 
 def test_unknown_feature_map_and_missing_weights_are_clear(tmp_path):
-    with pytest.raises(ValueError, match="choose one of latent, image, vit_mae, dinov2"):
+    with pytest.raises(ValueError, match="choose one of latent_mae, latent_mae1, latent_mae2, latent_mae3, latent, image, vit_mae, dinov2"):
         build_feature_map("dino")
     with pytest.raises(OSError, match="needs the weights"):
         build_feature_map("vit_mae", str(tmp_path / "nowhere"))

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PROMPTS, ROOT, TINY_SD, TINY_SDXL
+from conftest import PROMPTS, ROOT, TINY_SD, TINY_SDXL, tiny_latent_mae
 from safetensors.torch import load_file
 
 from pipelines.evaluate import evaluate
@@ -109,3 +109,18 @@ def test_two_cpu_processes_stay_in_sync(tmp_path, script):
     initial = torch.load(probe / "lora_rank0.pt")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in initial.items())  # training moved the LoRA
     assert sorted(d for d in os.listdir(output) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_latent_mae_features_train_end_to_end(tmp_path):
+    """The paper's default feature map from a local Flax release folder, in bf16 with checkpointing."""
+    weights = tiny_latent_mae(tmp_path / "latent_mae")
+    output = tmp_path / "out"
+    launch("train_drpo.py", *training_args(TINY_SD, output, "--reward=color_match", "--max_train_steps=3",
+                                           "--learning_rate=1e-3", "--feature_extractor=latent_mae",
+                                           f"--feature_extractor_path={weights}", "--mixed_precision=bf16",
+                                           "--gradient_checkpointing"))
+    lora = lora_tensors(output)
+    assert all(torch.isfinite(w).all() for w in lora.values())
+    assert any(".lora.up." in k and w.abs().sum() > 0 for k, w in lora.items())  # the drift moved the LoRA (B starts at 0)
+    assert os.path.isfile(os.path.join(weights, "encoder.safetensors"))  # converted once, cached beside it
+    assert "feature map `latent_mae`" in (output / "README.md").read_text()

@@ -47,7 +47,7 @@ def no_model_loading(*args, **kwargs):
         (["--reward=pickscorez"], ValueError, "choose one of color_match, jpeg_compressibility"),
         (["--reward=missing_file.py:score"], FileNotFoundError, "missing_file.py"),
         ([f"--reward={REWARDS}:no_such_function"], ValueError, "no_such_function"),
-        (["--feature_extractor=dino"], ValueError, "choose one of latent, image, vit_mae, dinov2"),
+        (["--feature_extractor=dino"], ValueError, "choose one of latent_mae, latent_mae1, latent_mae2, latent_mae3, latent, image"),
         (["--num_candidates=1"], ValueError, "at least 2"),
         (["--num_candidates=4", "--num_pairs=7"], ValueError, r"\[1, 6\]"),
         (["--drift_radii=0.1,-1"], ValueError, "positive"),
