@@ -19,3 +19,18 @@ def test_step_cost_benchmark_runs_at_tiny_size(tmp_path):
     assert math.isclose(result["step_over_parts"], result["drpo_seconds"] / sum(result["parts"].values()))
     assert result["drpo_peak_mb"] >= 0 and result["draft_peak_mb"] >= 0
     assert (tmp_path / "bench.json").is_file()
+
+
+def test_feature_memory_benchmark_runs_every_mode(tmp_path):
+    from benchmarks.feature_memory import MODES
+    from benchmarks.feature_memory import main as feature_memory
+
+    result = feature_memory(["--device=cpu", "--num_candidates=4", "--num_pairs=3", "--latent_size=16",
+                             "--base_channels=8", f"--output_json={tmp_path / 'memory.json'}"])
+    modes = result["modes"]
+    assert set(modes) == set(MODES) and (tmp_path / "memory.json").is_file()
+    assert modes["drpo"]["latents_grad_norm"] > 0  # the loss reaches the latents through phi
+    assert math.isclose(modes["drpo_checkpointing"]["latents_grad_norm"], modes["drpo"]["latents_grad_norm"],
+                        rel_tol=1e-4)  # checkpointing recomputes the same function
+    assert modes["forward_only"]["latents_grad_norm"] == 0
+    assert all(m["peak_mb"] >= 0 and m["feature_tensors"] == 50 for m in modes.values())
