@@ -798,14 +798,15 @@ def add_training_args(parser, default_resolution: int = 512, default_feature_ext
     add("--prompt_column", default="prompt")
     # DrPO (Algorithm 1, Eqs. 15-16, Appendix A)
     add("--reward", default="color_match",
-        help="A name (color_match, jpeg_compressibility, jpeg_incompressibility, pickscore, clip, aesthetic), "
-             "file.py:function, module:function, a server URL http://host:port/score, or a comma-separated mixture.")
+        help="A name (color_match, jpeg_compressibility, jpeg_incompressibility, pickscore, clip, aesthetic, "
+             "hpsv2, hpsv21), file.py:function, module:function, a server URL http://host:port/score, or a comma-separated mixture.")
     add("--reward_weights", type=lambda v: [float(x) for x in v.split(",")], default=None,
         help="Weights of a mixture's components (default: all 1); components are standardised per prompt.")
     add("--feature_extractor", default=default_feature_extractor, help=f"One of {', '.join(FEATURE_MAPS)}.")
     add("--feature_extractor_path", default=None,
-        help="The feature network's weights: a local folder, a Hub id, or for latent_mae a Flax release folder "
-             "(local or 'owner/repo/folder' on the Hub) or a converted .safetensors file. Default: the published weights.")
+        help="The feature network's weights: a local folder, a Hub id, or for latent_mae a Flax release "
+             "folder (local or 'owner/repo/folder' on the Hub) or a converted .safetensors file. "
+             "Default: the published weights.")
     add("--num_candidates", type=int, default=24, help="K candidates per prompt (paper: 24).")
     add("--num_pairs", type=int, default=12, help="M reward-ordered pairs per prompt (paper: 12).")
     add("--ref_weight", type=float, default=0.2, help="lambda: weight of the reference drift (Eq. 15).")

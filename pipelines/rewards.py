@@ -125,11 +125,73 @@ def aesthetic(device="cpu"):
     return AestheticScore(device=device)
 
 
+HPS_REPO = "xswu/HPSv2"
+
+
+class HPSv2Score:
+    """Human Preference Score v2 / v2.1: an open_clip ViT-H-14 fine-tuned on HPD v2.
+
+    The authors publish the whole CLIP state dict (``{"state_dict": ...}``) in ``xswu/HPSv2``; the
+    architecture comes from open_clip and the weights from that file, as in their ``hpsv2.score``.
+    The score is the cosine of the normalised image and text embeddings (about 0.2-0.35), without
+    the logit scale. Preprocessing: open_clip's eval transform (bicubic short side, centre crop,
+    OpenAI CLIP normalisation), done in torch.
+    """
+
+    def __init__(self, checkpoint: str, architecture: str = "ViT-H-14", device="cpu", batch_size: int = 16):
+        import open_clip
+
+        if architecture.endswith(".json"):  # a local open_clip config (tests, custom variants)
+            open_clip.add_model_config(architecture)
+            architecture = os.path.splitext(os.path.basename(architecture))[0]
+        self.device = torch.device(device)
+        self.model = open_clip.create_model(architecture, pretrained=None)
+        state = torch.load(resolve_file(checkpoint), map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state.get("state_dict", state))
+        self.model = self.model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(architecture)
+        self.image_size = self.model.visual.image_size[0]
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        scores = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = clip_preprocess(images[start : start + self.batch_size].to(self.device), self.image_size)
+            text = self.tokenizer(prompts[start : start + self.batch_size]).to(self.device)
+            image_embeds = F.normalize(self.model.encode_image(pixels), dim=-1)
+            text_embeds = F.normalize(self.model.encode_text(text), dim=-1)
+            scores.append((image_embeds * text_embeds).sum(-1).float().cpu())
+        return torch.cat(scores)
+
+
+def resolve_file(spec: str) -> str:
+    """A local file, or ``owner/repo:filename`` downloaded from the Hub (cached by huggingface_hub)."""
+    if os.path.isfile(spec):
+        return spec
+    repo_id, _, filename = spec.partition(":")
+    if not filename:
+        raise OSError(f"{spec!r} is neither a local file nor a Hub file 'owner/repo:filename'")
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo_id, filename)
+
+
+def hpsv2(device="cpu", checkpoint=f"{HPS_REPO}:HPS_v2_compressed.pt", architecture="ViT-H-14"):
+    return HPSv2Score(checkpoint, architecture, device=device)
+
+
+def hpsv21(device="cpu", checkpoint=f"{HPS_REPO}:HPS_v2.1_compressed.pt", architecture="ViT-H-14"):
+    return HPSv2Score(checkpoint, architecture, device=device)
+
+
 # Named model rewards: name -> (factory, what it downloads)
 MODEL_REWARDS = {
     "pickscore": (pickscore, "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K tokenizer (~4 GB)"),
     "clip": (clip_score, "openai/clip-vit-large-patch14 (~1.7 GB)"),
     "aesthetic": (aesthetic, "openai/clip-vit-large-patch14 (~1.7 GB) + the LAION aesthetic v2 head from GitHub (4 MB)"),
+    "hpsv2": (hpsv2, f"{HPS_REPO}:HPS_v2_compressed.pt (open_clip ViT-H-14, ~3.9 GB)"),
+    "hpsv21": (hpsv21, f"{HPS_REPO}:HPS_v2.1_compressed.pt (open_clip ViT-H-14, ~3.9 GB)"),
 }
 
 

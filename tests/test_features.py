@@ -93,7 +93,8 @@ def test_vit_mae_keeps_patch_order_and_disables_masking(tmp_path):
 
 
 def test_unknown_feature_map_and_missing_weights_are_clear(tmp_path):
-    with pytest.raises(ValueError, match="choose one of latent_mae, latent_mae1, latent_mae2, latent_mae3, latent, image, vit_mae, dinov2"):
+    names = "latent_mae, latent_mae1, latent_mae2, latent_mae3, latent, image, vit_mae, dinov2"
+    with pytest.raises(ValueError, match=f"choose one of {names}"):
         build_feature_map("dino")
     with pytest.raises(OSError, match="needs the weights"):
         build_feature_map("vit_mae", str(tmp_path / "nowhere"))

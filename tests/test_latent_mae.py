@@ -57,7 +57,9 @@ def reference_activations(tree, latents_nchw):
             stride = 2 if stage > 0 and index == 0 else 1
             y = torch.relu(group_norm_nhwc(conv_nhwc(x, p["conv1"]["kernel"], stride, 1), p["gn1"]))
             y = group_norm_nhwc(conv_nhwc(y, p["conv2"]["kernel"], 1, 1), p["gn2"])
-            skip = group_norm_nhwc(conv_nhwc(x, p["proj_conv"]["kernel"], stride, 0), p["proj_gn"]) if "proj_conv" in p else x
+            skip = x
+            if "proj_conv" in p:
+                skip = group_norm_nhwc(conv_nhwc(x, p["proj_conv"]["kernel"], stride, 0), p["proj_gn"])
             x = torch.relu(skip + y)
             out[f"layer{stage + 1}_blk{index + 1}"] = x
         x = group_norm_nhwc(x, enc[f"layer{stage + 1}_norm"])

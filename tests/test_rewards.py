@@ -8,11 +8,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT
 
 import drpo_utils
-from pipelines.rewards import ClipSimilarity, MixtureReward, RemoteReward, clip_preprocess, standardise_per_prompt
 from pipelines.reward_server import build_server
+from pipelines.rewards import (
+    ClipSimilarity,
+    MixtureReward,
+    RemoteReward,
+    clip_preprocess,
+    standardise_per_prompt,
+)
 
 REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
 
@@ -68,7 +75,69 @@ def test_pickscore_is_logit_scale_times_cosine_and_reads_the_image(tiny_clip):
     assert not torch.allclose(picks, pickscore(images, prompts[::-1]))  # prompt changes -> score
 
 
-@pytest.mark.parametrize("name", ["pickscore", "clip", "aesthetic"])
+@pytest.fixture(scope="module")
+def tiny_hps(tmp_path_factory):
+    """A tiny open_clip config + a checkpoint in the HPS v2 release format ``{"state_dict": ...}``."""
+    import open_clip
+
+    path = tmp_path_factory.mktemp("tiny-hps")
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
+                                              "patch_size": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    architecture = path / "tiny-hps-vit.json"
+    architecture.write_text(json.dumps(config))
+    open_clip.add_model_config(str(architecture))
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-hps-vit", pretrained=None)
+    checkpoint = path / "HPS_v2_compressed.pt"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    return str(architecture), str(checkpoint)
+
+
+def test_hpsv2_scores_like_the_authors_pipeline_and_reads_the_image(tiny_hps):
+    """hpsv2.score: open_clip eval transform on a PIL image, encode, normalise, diagonal of image @ text.T."""
+    import open_clip
+    from PIL import Image
+
+    from pipelines.rewards import hpsv2
+
+    architecture, checkpoint = tiny_hps
+    reward = hpsv2(checkpoint=checkpoint, architecture=architecture)
+    images = F.interpolate(torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(2)), size=64,
+                           mode="bilinear")
+    images = (images * 255).round() / 255
+    prompts = ["a large red circle on the left", "a small blue square", "a green triangle at the top"]
+    ours = reward(images, prompts)
+
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-hps-vit", pretrained=None, output_dict=True)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
+    model.eval()
+    tokenizer = open_clip.get_tokenizer("tiny-hps-vit")
+    pils = [Image.fromarray((image * 255).byte().permute(1, 2, 0).numpy()) for image in images]
+    with torch.no_grad():
+        out = model(torch.stack([preprocess(p) for p in pils]), tokenizer(prompts))
+    expected = torch.diagonal(out["image_features"] @ out["text_features"].T)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=2e-3)  # PIL vs torch bicubic only (measured 2e-4)
+    assert ours.max() - ours.min() > 0.02  # the tolerance is far below the spread it must resolve
+    assert not torch.allclose(ours, reward(images.flip(-1), prompts))  # image changes -> score
+    assert not torch.allclose(ours, reward(images, prompts[::-1]))  # prompt changes -> score
+
+
+def test_hpsv21_reads_its_own_checkpoint(tiny_hps, tmp_path):
+    from pipelines.rewards import MODEL_REWARDS, hpsv21
+
+    architecture, checkpoint = tiny_hps
+    assert "HPS_v2.1_compressed.pt" in MODEL_REWARDS["hpsv21"][1]
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    torch.save({"state_dict": state}, tmp_path / "HPS_v2.1_compressed.pt")
+    images, prompts = torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"]
+    v2 = MODEL_REWARDS["hpsv2"][0](checkpoint=checkpoint, architecture=architecture)(images, prompts)
+    v21 = hpsv21(checkpoint=str(tmp_path / "HPS_v2.1_compressed.pt"), architecture=architecture)(images, prompts)
+    assert not torch.allclose(v2, v21)
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clip", "aesthetic", "hpsv2", "hpsv21"])
 def test_named_model_reward_without_network_says_which_weights(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="needs the weights"):
@@ -76,8 +145,9 @@ def test_named_model_reward_without_network_says_which_weights(name, monkeypatch
 
 
 def test_training_with_a_model_reward_fails_at_start_up_not_in_step_one(tmp_path):
-    import train_drpo
     from test_train_inputs import args_for, no_model_loading
+
+    import train_drpo
 
     args = train_drpo.parse_args(args_for(tmp_path, "--reward=pickscore"))
     with pytest.raises(OSError, match="PickScore_v1"):
@@ -200,8 +270,9 @@ def test_client_errors_for_a_server_that_is_down_slow_or_answers_garbage():
 
 
 def test_training_with_a_remote_reward_end_to_end(serve, tmp_path):
-    import train_drpo
     from test_train_inputs import args_for
+
+    import train_drpo
 
     url = serve("color_match")
     args = train_drpo.parse_args(args_for(tmp_path, f"--reward={url}", "--max_train_steps=2"))

@@ -121,6 +121,6 @@ def test_latent_mae_features_train_end_to_end(tmp_path):
                                            "--gradient_checkpointing"))
     lora = lora_tensors(output)
     assert all(torch.isfinite(w).all() for w in lora.values())
-    assert any(".lora.up." in k and w.abs().sum() > 0 for k, w in lora.items())  # the drift moved the LoRA (B starts at 0)
+    assert any(".lora.up." in k and w.abs().sum() > 0 for k, w in lora.items())  # moved (B starts at 0)
     assert os.path.isfile(os.path.join(weights, "encoder.safetensors"))  # converted once, cached beside it
     assert "feature map `latent_mae`" in (output / "README.md").read_text()
