@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import drpo_utils  # noqa: E402
+from benchmarks.harness import publish, run_isolated  # noqa: E402
 from pipelines.latent_mae import LatentMAEEncoder  # noqa: E402
 
 MODES = ("drpo", "drpo_checkpointing", "forward_only")
@@ -101,14 +101,8 @@ def measure(args) -> dict:
 
 
 def run(args) -> dict:
-    results = {}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = [f"--{k}={v}" for k, v in vars(args).items() if not k.startswith("_") and v is not None]
-    for mode in MODES:
-        command = [sys.executable, "-m", "benchmarks.feature_memory", f"--_mode={mode}", *flags]
-        out = subprocess.run(command, capture_output=True, text=True, cwd=root, check=True)
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "modes": results}
+    modes = run_isolated("benchmarks.feature_memory", "_mode", MODES, args)
+    return {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "modes": modes}
 
 
 def report(result: dict) -> str:
@@ -139,11 +133,7 @@ def main(argv=None):
         print(json.dumps(measure(args)))
         return None
     result = run(args)
-    print(report(result))
-    if args.output_json:
-        with open(args.output_json, "w") as handle:
-            json.dump(result, handle, indent=2)
-    return result
+    return publish(result, report(result), args.output_json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import drpo_utils  # noqa: E402
+from benchmarks.harness import publish, run_isolated  # noqa: E402
 from pipelines.one_step import load_one_step_pipeline  # noqa: E402
 
 PROMPT = "a large red circle on the left"
@@ -207,12 +207,7 @@ def measure(args, method: str) -> dict:
 
 def run(args) -> dict:
     """Measure each method in its own subprocess (clean peak memory), then compare."""
-    results = {}
-    for method in ("drpo", "draft"):
-        command = [sys.executable, "-m", "benchmarks.step_cost", "--_method", method, *sys_argv_without_method(args)]
-        out = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))), check=True)
-        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_isolated("benchmarks.step_cost", "_method", ("drpo", "draft"), args)
     drpo, draft = results["drpo"], results["draft"]
     parts_sum = sum(drpo["parts"].values())
     return {
@@ -223,10 +218,6 @@ def run(args) -> dict:
         "memory_ratio": draft["peak_bytes"] / max(drpo["peak_bytes"], 1),
         "parts": drpo["parts"], "parts_sum": parts_sum, "step_over_parts": drpo["seconds"] / parts_sum,
     }
-
-
-def sys_argv_without_method(args) -> list[str]:
-    return [f"--{k}={v}" for k, v in vars(args).items() if not k.startswith("_") and v is not None]
 
 
 def report(result: dict) -> str:
@@ -266,11 +257,7 @@ def main(argv=None):
         print(json.dumps(measure(args, args._method)))
         return
     result = run(args)
-    print(report(result))
-    if args.output_json:
-        with open(args.output_json, "w") as handle:
-            json.dump(result, handle, indent=2)
-    return result
+    return publish(result, report(result), args.output_json)
 
 
 if __name__ == "__main__":

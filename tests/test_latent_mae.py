@@ -189,3 +189,21 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_function(tmp_pat
     assert (plain_calls, calls) == (1, 2)
     torch.testing.assert_close(grad, plain_grad)
 
+
+
+def test_hub_spec_downloads_the_release_folder_and_caches_beside_it(tmp_path, monkeypatch):
+    """``owner/repo/folder`` -> hf_hub_download(owner/repo, file, subfolder=folder) for both files."""
+    import huggingface_hub
+
+    release = tiny_latent_mae(tmp_path / "hub-cache" / "models" / "mae" / "jax" / "mae_latent_256")
+    calls = []
+
+    def fake_download(repo_id, filename, subfolder=None):
+        calls.append((repo_id, filename, subfolder))
+        return os.path.join(release, filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    encoder = load_latent_mae("Goodeat/drifting/models/mae/jax/mae_latent_256")
+    assert calls == [("Goodeat/drifting", name, "models/mae/jax/mae_latent_256")
+                     for name in ("metadata.json", "ema_params.msgpack")]
+    assert encoder.config["layers"] == [3, 4, 6, 3] and os.path.isfile(os.path.join(release, CONVERTED_FILE))
