@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import latent_mae
+
+logger = logging.getLogger(__name__)
 
 # Named colours (RGB in [0, 1]) shared by the tiny models' captions and the ``color_match`` reward.
 COLORS = {
@@ -406,6 +409,9 @@ class FeatureMap(torch.nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the feature network's activations in backward (no-op for weight-free maps)."""
 
+    def check_vae(self, vae) -> None:
+        """Warn when phi was trained for another latent space than this generator's VAE (default: any fits)."""
+
 
 class LatentFeatures(FeatureMap):
     """phi(x) = the raw x0 latent (Table 3b "Latent")."""
@@ -576,6 +582,13 @@ class LatentMAEFeatures(FeatureMap):
 
     def enable_gradient_checkpointing(self) -> None:
         self.encoder.gradient_checkpointing = True
+
+    def check_vae(self, vae) -> None:
+        if vae.config.scaling_factor != latent_mae.SD_VAE_SCALING_FACTOR or vae.config.latent_channels != 4:
+            logger.warning(
+                "the latent-MAE was trained on SD-VAE latents (4 channels, scaling factor %s); this VAE has %s "
+                "channels and scaling factor %s, so its features may mean little (SDXL: use vit_mae)",
+                latent_mae.SD_VAE_SCALING_FACTOR, vae.config.latent_channels, vae.config.scaling_factor)
 
     def forward(self, latents: torch.Tensor, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         activations = self.encoder(latents.to(self.encoder.conv1.weight.dtype))

@@ -125,6 +125,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
 
     weight_dtype = drpo_utils.weight_dtype(accelerator)
     pipe = load_pipeline(args, weight_dtype)
+    feature_map.check_vae(pipe.vae)
     drpo_utils.prepare_frozen_models(pipe, accelerator.device)
     drpo_utils.add_lora(pipe.unet, args)
     if accelerator.mixed_precision != "no":

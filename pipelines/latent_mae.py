@@ -36,6 +36,7 @@ DEFAULT_WEIGHTS = "Goodeat/drifting/models/mae/jax/mae_latent_256"  # the paper'
 FLAX_FILES = ("metadata.json", "ema_params.msgpack")
 CONVERTED_FILE = "encoder.safetensors"
 GROUP_NORM_EPS = 1e-6  # flax.linen.GroupNorm's default epsilon
+SD_VAE_SCALING_FACTOR = 0.18215  # the release's training latents: SD-VAE sample * 0.18215
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:

@@ -207,3 +207,15 @@ def test_hub_spec_downloads_the_release_folder_and_caches_beside_it(tmp_path, mo
     assert calls == [("Goodeat/drifting", name, "models/mae/jax/mae_latent_256")
                      for name in ("metadata.json", "ema_params.msgpack")]
     assert encoder.config["layers"] == [3, 4, 6, 3] and os.path.isfile(os.path.join(release, CONVERTED_FILE))
+
+
+def test_a_vae_with_another_latent_space_gets_a_warning(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    feature_map = build_feature_map("latent_mae", tiny_latent_mae(tmp_path / "release"))
+    sd_vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215, latent_channels=4))
+    sdxl_vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.13025, latent_channels=4))
+    feature_map.check_vae(sd_vae)
+    assert not caplog.records
+    feature_map.check_vae(sdxl_vae)
+    assert "SD-VAE latents" in caplog.text and "0.13025" in caplog.text
