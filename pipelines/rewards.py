@@ -185,6 +185,126 @@ def hpsv21(device="cpu", checkpoint=f"{HPS_REPO}:HPS_v2.1_compressed.pt", archit
     return HPSv2Score(checkpoint, architecture, device=device)
 
 
+def _find_pruneable_heads_and_indices(heads, n_heads: int, head_size: int, already_pruned_heads: set):
+    """Which attention heads to prune and the flat indices of the dimensions that stay (the helper
+    transformers < 4.56 exported and BLIP's ``med.py`` imports; only used when pruning heads)."""
+    heads = set(heads) - already_pruned_heads
+    keep = torch.ones(n_heads, head_size, dtype=torch.bool)
+    for head in heads:
+        keep[head - sum(1 for pruned in already_pruned_heads if pruned < head)] = False
+    return heads, torch.arange(n_heads * head_size)[keep.flatten()]
+
+
+BLIP_TOKENIZER = "bert-base-uncased"  # what BLIP (and so ImageReward) tokenises prompts with
+
+
+def _blip_tokenizer():
+    """BLIP's ``init_tokenizer`` for transformers 5, where ``additional_special_tokens_ids`` is gone:
+    BERT's tokenizer plus the [DEC] and [ENC] tokens (vocabulary 30524, as ``med_config.json`` expects)."""
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer.from_pretrained(BLIP_TOKENIZER)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
+    return tokenizer
+
+
+def _post_init_then_init_weights(model) -> None:
+    """BLIP's BERT calls ``init_weights()`` from ``__init__`` (transformers 4); transformers 5 needs
+    ``post_init()`` instead, which registers the model's static properties (tied weights, parallel
+    plans) and then calls ``init_weights()`` itself."""
+    from transformers import PreTrainedModel
+
+    if hasattr(model, "all_tied_weights_keys"):  # the call from post_init
+        PreTrainedModel.init_weights(model)
+    else:  # the transformers-4 call from __init__
+        model.post_init()
+
+
+def _invert_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """1 = attend, 0 = ignore -> an additive mask broadcast over heads (and queries), in the model's dtype."""
+    extended = mask[:, None, :, :] if mask.dim() == 3 else mask[:, None, None, :]
+    extended = extended.to(model.dtype)
+    return (1.0 - extended) * torch.finfo(model.dtype).min
+
+
+def _get_head_mask(model, head_mask: torch.Tensor | None, num_layers: int):
+    """Per-layer head masks broadcast to [layers, batch, heads, queries, keys] (None: no masking)."""
+    if head_mask is None:
+        return [None] * num_layers
+    if head_mask.dim() == 1:
+        head_mask = head_mask[None, None, :, None, None].expand(num_layers, -1, -1, -1, -1)
+    elif head_mask.dim() == 2:
+        head_mask = head_mask[:, None, :, None, None]
+    return head_mask.to(model.dtype)
+
+
+def import_image_reward():
+    """``import ImageReward`` (package ``image-reward`` 1.5) on transformers 5.
+
+    Its BLIP text encoder imports three helpers from ``transformers.modeling_utils`` that transformers
+    >= 4.56 no longer exports: two live on in ``transformers.pytorch_utils``, the third is
+    ``_find_pruneable_heads_and_indices`` above; its tokenizer set-up reads an attribute transformers 5
+    removed (replaced by ``_blip_tokenizer``); its BERT initialises the transformers-4 way
+    (``_post_init_then_init_weights``) and calls two mask helpers transformers 5 dropped from
+    ``PreTrainedModel`` (``_invert_attention_mask``, ``_get_head_mask``). Its other imports need ``openai-clip`` (which needs
+    ``pkg_resources``, hence setuptools < 81), ``fairscale`` and a timm with the 0.6 module paths
+    (timm 1.x keeps them as aliases). See requirements.txt.
+    """
+    import transformers.modeling_utils as modeling_utils
+    import transformers.pytorch_utils as pytorch_utils
+
+    for name in ("apply_chunking_to_forward", "prune_linear_layer"):
+        if not hasattr(modeling_utils, name):
+            setattr(modeling_utils, name, getattr(pytorch_utils, name))
+    if not hasattr(modeling_utils, "find_pruneable_heads_and_indices"):
+        modeling_utils.find_pruneable_heads_and_indices = _find_pruneable_heads_and_indices
+    import ImageReward
+    from ImageReward.models.BLIP import blip_pretrain, med
+
+    blip_pretrain.init_tokenizer = _blip_tokenizer
+    med.BertPreTrainedModel.init_weights = _post_init_then_init_weights
+    for name, method in (("invert_attention_mask", _invert_attention_mask), ("get_head_mask", _get_head_mask)):
+        if not hasattr(med.BertPreTrainedModel, name):
+            setattr(med.BertPreTrainedModel, name, method)
+    return ImageReward
+
+
+class ImageRewardScore:
+    """ImageReward-v1.0 (``image-reward``): BLIP ViT-L image tokens cross-attended by a BERT text
+    encoder, an MLP on the [CLS] state, standardised by the authors' mean and std.
+
+    Loaded with the package's own ``ImageReward.load`` (checkpoint and ``med_config.json`` from
+    ``THUDM/ImageReward``, tokenizer ``bert-base-uncased``); scored in batches through its
+    ``score_gard`` path on tensors, with its preprocessing (bicubic 224 short side, centre crop, CLIP
+    normalisation) done in torch, and prompts tokenised as ``score`` does (max length 35).
+    """
+
+    def __init__(self, checkpoint: str = "ImageReward-v1.0", med_config: str | None = None, device="cpu",
+                 batch_size: int = 16):
+        image_reward = import_image_reward()
+        self.device = torch.device(device)
+        self.model = image_reward.load(checkpoint, device=self.device, med_config=med_config)
+        self.model = self.model.eval().requires_grad_(False)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        scores = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = clip_preprocess(images[start : start + self.batch_size].to(self.device), 224)
+            text = self.model.blip.tokenizer(prompts[start : start + self.batch_size], padding="max_length",
+                                             truncation=True, max_length=35, return_tensors="pt").to(self.device)
+            rewards = self.model.score_gard(text.input_ids, text.attention_mask, pixels)
+            scores.append(rewards.squeeze(-1).float().cpu())
+        return torch.cat(scores)
+
+
+def imagereward(device="cpu"):
+    return ImageRewardScore(device=device)
+
+
 # Named model rewards: name -> (factory, what it downloads)
 MODEL_REWARDS = {
     "pickscore": (pickscore, "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K tokenizer (~4 GB)"),
@@ -192,6 +312,8 @@ MODEL_REWARDS = {
     "aesthetic": (aesthetic, "openai/clip-vit-large-patch14 (~1.7 GB) + the LAION aesthetic v2 head from GitHub (4 MB)"),
     "hpsv2": (hpsv2, f"{HPS_REPO}:HPS_v2_compressed.pt (open_clip ViT-H-14, ~3.9 GB)"),
     "hpsv21": (hpsv21, f"{HPS_REPO}:HPS_v2.1_compressed.pt (open_clip ViT-H-14, ~3.9 GB)"),
+    "imagereward": (imagereward, "THUDM/ImageReward: ImageReward.pt + med_config.json (~1.8 GB), tokenizer "
+                                 "bert-base-uncased"),
 }
 
 

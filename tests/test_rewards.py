@@ -137,7 +137,70 @@ def test_hpsv21_reads_its_own_checkpoint(tiny_hps, tmp_path):
     assert not torch.allclose(v2, v21)
 
 
-@pytest.mark.parametrize("name", ["pickscore", "clip", "aesthetic", "hpsv2", "hpsv21"])
+@pytest.fixture
+def tiny_image_reward(tmp_path, monkeypatch):
+    """ImageReward's own classes at a small size, saved as its release is (a state dict + med_config.json).
+
+    The test replaces the ``bert-base-uncased`` download with a local BERT vocabulary and shrinks the
+    ViT-L the package hard-codes to a 1-layer, 32-wide ViT of the same class (same key layout).
+    """
+    from transformers import BertTokenizer
+
+    import pipelines.rewards
+    from pipelines.rewards import import_image_reward
+
+    image_reward = import_image_reward()
+    from ImageReward.models.BLIP import blip_pretrain
+    from ImageReward.models.BLIP.vit import VisionTransformer
+
+    words = "a an the red green blue circle square triangle large small on left right top of".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    monkeypatch.setattr(pipelines.rewards, "BLIP_TOKENIZER", str(tmp_path / "bert"))
+
+    def small_vit(vit, image_size, *args):
+        return VisionTransformer(img_size=image_size, patch_size=16, embed_dim=32, depth=1, num_heads=2), 32
+
+    monkeypatch.setattr(blip_pretrain, "create_vit", small_vit)
+    med_config = {"architectures": ["BertModel"], "hidden_act": "gelu", "hidden_size": 768,
+                  "intermediate_size": 64, "num_attention_heads": 12, "num_hidden_layers": 1,
+                  "max_position_embeddings": 64, "vocab_size": len(words) + 7, "type_vocab_size": 2,  # + [DEC], [ENC]
+                  "pad_token_id": 0, "layer_norm_eps": 1e-12, "attention_probs_dropout_prob": 0.1,
+                  "hidden_dropout_prob": 0.1, "initializer_range": 0.02, "model_type": "bert",
+                  "encoder_width": 768, "add_cross_attention": True}
+    (tmp_path / "med_config.json").write_text(json.dumps(med_config))
+    torch.manual_seed(0)
+    model = image_reward.ImageReward(med_config=str(tmp_path / "med_config.json"))
+    for layer in model.mlp.layers:  # the package's MLP init (std 1/769) maps everything to ~0
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+    torch.save(model.state_dict(), tmp_path / "ImageReward.pt")
+    return str(tmp_path / "ImageReward.pt"), str(tmp_path / "med_config.json")
+
+
+def test_imagereward_scores_like_the_package_and_reads_the_image(tiny_image_reward):
+    """Batched tensors through our preprocessing == the package's own ``score(prompt, PIL image)``."""
+    from PIL import Image
+
+    from pipelines.rewards import ImageRewardScore
+
+    checkpoint, med_config = tiny_image_reward
+    reward = ImageRewardScore(checkpoint, med_config)
+    images = F.interpolate(torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(3)), size=64,
+                           mode="bilinear")
+    images = (images * 255).round() / 255
+    prompts = ["a large red circle on the left", "a small blue square", "a green triangle on top"]
+    ours = reward(images, prompts)
+    pils = [Image.fromarray((image * 255).byte().permute(1, 2, 0).numpy()) for image in images]
+    with torch.no_grad():
+        expected = torch.tensor([reward.model.score(p, pil) for p, pil in zip(prompts, pils)], dtype=torch.float32)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=2e-3)  # PIL vs torch bicubic only (measured 1e-4)
+    assert ours.max() - ours.min() > 0.1  # far above the tolerance
+    assert not torch.allclose(ours, reward(images.flip(-1).roll(9, dims=-2), prompts), atol=1e-3)
+    assert not torch.allclose(ours, reward(images, prompts[::-1]), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clip", "aesthetic", "hpsv2", "hpsv21", "imagereward"])
 def test_named_model_reward_without_network_says_which_weights(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="needs the weights"):
