@@ -305,6 +305,13 @@ def imagereward(device="cpu"):
     return ImageRewardScore(device=device)
 
 
+def geneval(device="cpu"):
+    """GenEval task checks (``pipelines/geneval.py``): 1 if the image passes its prompt's check, else 0."""
+    from pipelines.geneval import GenEvalReward
+
+    return GenEvalReward(device=device)
+
+
 # Named model rewards: name -> (factory, what it downloads)
 MODEL_REWARDS = {
     "pickscore": (pickscore, "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K tokenizer (~4 GB)"),
@@ -314,6 +321,8 @@ MODEL_REWARDS = {
     "hpsv21": (hpsv21, f"{HPS_REPO}:HPS_v2.1_compressed.pt (open_clip ViT-H-14, ~3.9 GB)"),
     "imagereward": (imagereward, "THUDM/ImageReward: ImageReward.pt + med_config.json (~1.8 GB), tokenizer "
                                  "bert-base-uncased"),
+    "geneval": (geneval, "facebook/mask2former-swin-small-coco-instance (~280 MB) + openai/clip-vit-large-patch14 "
+                         "(~1.7 GB)"),
 }
 
 

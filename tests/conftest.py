@@ -113,3 +113,25 @@ def tiny_latent_mae(folder, base_channels=8, layers=(3, 4, 6, 3), seed=0) -> str
     config = {"base_channels": base_channels, "layers": list(layers), "in_channels": 4, "patch_size": 2,
               "input_patch_size": 1, "use_bf16": True, "num_classes": 10}
     return write_flax_release(folder, random_flax_latent_mae(base_channels, layers, seed=seed), config)
+
+
+def build_tiny_clip(path) -> str:
+    """A tiny CLIPModel + tokenizer saved with save_pretrained: the layout PickScore_v1 / CLIP-L use."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from pipelines.build_tiny_models import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1, projection_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=16),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, build_tiny_clip
 
 import drpo_utils
 from pipelines.reward_server import build_server
@@ -26,25 +26,7 @@ REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A tiny CLIPModel + tokenizer saved with save_pretrained: the layout PickScore_v1 / CLIP-L use."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from pipelines.build_tiny_models import build_tokenizer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-clip")
-    tokenizer = build_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1, projection_dim=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, projection_dim=16),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def test_clip_preprocess_matches_the_clip_image_processor():
