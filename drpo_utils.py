@@ -812,7 +812,7 @@ def add_training_args(parser, default_resolution: int = 512, default_feature_ext
     # DrPO (Algorithm 1, Eqs. 15-16, Appendix A)
     add("--reward", default="color_match",
         help="A name (color_match, jpeg_compressibility, jpeg_incompressibility, pickscore, clip, aesthetic, "
-             "hpsv2, hpsv21, imagereward, geneval), file.py:function, module:function, a server URL "
+             "hpsv2, hpsv21, imagereward, hpsv3, geneval), file.py:function, module:function, a server URL "
              "http://host:port/score, or a comma-separated mixture.")
     add("--reward_weights", type=lambda v: [float(x) for x in v.split(",")], default=None,
         help="Weights of a mixture's components (default: all 1); components are standardised per prompt.")

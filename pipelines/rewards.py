@@ -305,6 +305,44 @@ def imagereward(device="cpu"):
     return ImageRewardScore(device=device)
 
 
+HPSV3_ENVIRONMENT = (
+    "reward 'hpsv3' needs the `hpsv3` package, which pins transformers==4.45.2 and so cannot share this "
+    "environment (transformers 5). Serve it from its own: `python -m venv hpsv3-env && hpsv3-env/bin/pip install "
+    "hpsv3 msgpack`, then `hpsv3-env/bin/python pipelines/reward_server.py --reward hpsv3 --port 8000`, and train "
+    "with --reward http://127.0.0.1:8000/score"
+)
+
+
+class HPSv3Score:
+    """HPSv3 (the paper's large VLM reward): Qwen2-VL-7B with a reward head (``MizzenAI/HPSv3``), through
+    the authors' ``hpsv3.HPSv3RewardInferencer``; the score is the predicted mean mu (logit 0; logit 1
+    is its uncertainty). Images go to it as PIL images, which it resizes with its Qwen2-VL processor."""
+
+    def __init__(self, device="cpu", checkpoint: str | None = None, config: str | None = None, batch_size: int = 8):
+        try:
+            from hpsv3 import HPSv3RewardInferencer
+        except ImportError as error:
+            raise ImportError(HPSV3_ENVIRONMENT) from error
+        self.inferencer = HPSv3RewardInferencer(config_path=config, checkpoint_path=checkpoint, device=str(device))
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from PIL import Image
+
+        scores = []
+        for start in range(0, len(images), self.batch_size):
+            batch = (images[start : start + self.batch_size] * 255).round().byte().permute(0, 2, 3, 1).numpy()
+            logits = self.inferencer.reward([Image.fromarray(pixels) for pixels in batch],
+                                            prompts[start : start + self.batch_size])
+            scores.append(logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+
+def hpsv3(device="cpu"):
+    return HPSv3Score(device=device)
+
+
 def geneval(device="cpu"):
     """GenEval task checks (``pipelines/geneval.py``): 1 if the image passes its prompt's check, else 0."""
     from pipelines.geneval import GenEvalReward
@@ -321,6 +359,7 @@ MODEL_REWARDS = {
     "hpsv21": (hpsv21, f"{HPS_REPO}:HPS_v2.1_compressed.pt (open_clip ViT-H-14, ~3.9 GB)"),
     "imagereward": (imagereward, "THUDM/ImageReward: ImageReward.pt + med_config.json (~1.8 GB), tokenizer "
                                  "bert-base-uncased"),
+    "hpsv3": (hpsv3, "MizzenAI/HPSv3:HPSv3.safetensors + Qwen/Qwen2-VL-7B-Instruct (~16 GB), and the hpsv3 package"),
     "geneval": (geneval, "facebook/mask2former-swin-small-coco-instance (~280 MB) + openai/clip-vit-large-patch14 "
                          "(~1.7 GB)"),
 }

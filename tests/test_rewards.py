@@ -373,3 +373,39 @@ def test_server_only_decodes_png():
     Image.new("RGB", (64, 64)).save(buffer, format="PNG")
     with pytest.raises(ValueError, match="exceeds"):
         decode_png(base64.b64encode(buffer.getvalue()).decode(), max_pixels=1000)
+
+
+def test_hpsv3_outside_its_environment_says_how_to_serve_it():
+    with pytest.raises(ImportError, match="pins transformers==4.45.2.*reward_server.py --reward hpsv3"):
+        drpo_utils.load_reward("hpsv3")
+
+
+def test_hpsv3_adapter_feeds_the_inferencer_pil_images_and_keeps_mu(monkeypatch):
+    """Against the package's API (``HPSv3RewardInferencer(config_path, checkpoint_path, device).reward(
+    images, prompts) -> [N, 2]`` logits, mu first), with a stand-in for the 7B model."""
+    import sys
+    import types
+
+    from PIL import Image
+
+    from pipelines.rewards import HPSv3Score
+
+    calls = []
+
+    class Inferencer:
+        def __init__(self, config_path=None, checkpoint_path=None, device="cuda"):
+            calls.append(("init", config_path, checkpoint_path, device))
+
+        def reward(self, image_paths, prompts):
+            assert all(isinstance(image, Image.Image) and image.mode == "RGB" for image in image_paths)
+            calls.append(("reward", len(image_paths), list(prompts)))
+            means = torch.tensor([float(image.getpixel((0, 0))[0]) for image in image_paths])
+            return torch.stack([means, torch.full_like(means, 7.0)], dim=1)  # [mu, sigma]
+
+    monkeypatch.setitem(sys.modules, "hpsv3", types.SimpleNamespace(HPSv3RewardInferencer=Inferencer))
+    reward = HPSv3Score(device="cpu", batch_size=2)
+    images = torch.zeros(3, 3, 8, 8)
+    images[:, 0, 0, 0] = torch.tensor([0.0, 0.5, 1.0])  # red value of the first pixel: 0, 128, 255
+    scores = reward(images, ["a", "b", "c"])
+    torch.testing.assert_close(scores, torch.tensor([0.0, 128.0, 255.0]))  # mu, not sigma
+    assert calls == [("init", None, None, "cpu"), ("reward", 2, ["a", "b"]), ("reward", 1, ["c"])]
