@@ -85,7 +85,8 @@ def parse_prompt(prompt: str, classes) -> dict:
     raise RewardError(
         f"geneval: {prompt!r} is not a GenEval prompt; expected 'a photo of a <object>', "
         "'... a <object> and a <object>', '... <number> <objects>', '... a <colour> <object>', "
-        "'... a <object> <left of|right of|above|below> a <object>' or '... a <colour> <object> and a <colour> <object>'"
+        "'... a <object> <left of|right of|above|below> a <object>' or "
+        "'... a <colour> <object> and a <colour> <object>'"
     )
 
 

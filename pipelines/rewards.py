@@ -248,9 +248,9 @@ def import_image_reward():
     ``_find_pruneable_heads_and_indices`` above; its tokenizer set-up reads an attribute transformers 5
     removed (replaced by ``_blip_tokenizer``); its BERT initialises the transformers-4 way
     (``_post_init_then_init_weights``) and calls two mask helpers transformers 5 dropped from
-    ``PreTrainedModel`` (``_invert_attention_mask``, ``_get_head_mask``). Its other imports need ``openai-clip`` (which needs
-    ``pkg_resources``, hence setuptools < 81), ``fairscale`` and a timm with the 0.6 module paths
-    (timm 1.x keeps them as aliases). See requirements.txt.
+    ``PreTrainedModel`` (``_invert_attention_mask``, ``_get_head_mask``). Its other imports need
+    ``openai-clip`` (which needs ``pkg_resources``, hence setuptools < 81), ``fairscale`` and a timm with
+    the 0.6 module paths (timm 1.x keeps them as aliases). See requirements.txt.
     """
     import transformers.modeling_utils as modeling_utils
     import transformers.pytorch_utils as pytorch_utils
@@ -354,7 +354,8 @@ def geneval(device="cpu"):
 MODEL_REWARDS = {
     "pickscore": (pickscore, "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K tokenizer (~4 GB)"),
     "clip": (clip_score, "openai/clip-vit-large-patch14 (~1.7 GB)"),
-    "aesthetic": (aesthetic, "openai/clip-vit-large-patch14 (~1.7 GB) + the LAION aesthetic v2 head from GitHub (4 MB)"),
+    "aesthetic": (aesthetic, "openai/clip-vit-large-patch14 (~1.7 GB) + the LAION aesthetic v2 head from GitHub "
+                             "(4 MB)"),
     "hpsv2": (hpsv2, f"{HPS_REPO}:HPS_v2_compressed.pt (open_clip ViT-H-14, ~3.9 GB)"),
     "hpsv21": (hpsv21, f"{HPS_REPO}:HPS_v2.1_compressed.pt (open_clip ViT-H-14, ~3.9 GB)"),
     "imagereward": (imagereward, "THUDM/ImageReward: ImageReward.pt + med_config.json (~1.8 GB), tokenizer "

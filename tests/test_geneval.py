@@ -5,7 +5,15 @@ import torch
 from conftest import build_tiny_clip
 
 from drpo_utils import RewardError, load_reward
-from pipelines.geneval import COLORS, CROP_BACKGROUND, GenEvalReward, check, mask_box, parse_prompt, relative_position
+from pipelines.geneval import (
+    COLORS,
+    CROP_BACKGROUND,
+    GenEvalReward,
+    check,
+    mask_box,
+    parse_prompt,
+    relative_position,
+)
 
 CLASSES = ["person", "dog", "bus", "wine glass", "apple", "teddy bear", "computer mouse", "elephant"]
 
@@ -83,8 +91,12 @@ def test_mask_box_is_right_and_bottom_exclusive():
 @pytest.fixture(scope="module")
 def tiny_geneval(tmp_path_factory):
     """A tiny Mask2Former (Swin backbone) + its image processor, and a tiny CLIP, saved as on the Hub."""
-    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
-                              SwinConfig)
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     detector = tmp_path_factory.mktemp("tiny-mask2former")
     labels = dict(enumerate(["person", "dog", "mouse", "wine glass", "bus"]))
