@@ -169,12 +169,16 @@ class GenEvalReward:
         self._colour_classifiers: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def detect(self, image: torch.Tensor, threshold: float) -> dict[str, list]:
-        """class -> [(box, mask), ...] above ``threshold``, most confident first, at most max_objects each."""
-        inputs = self.processor(images=[image], do_rescale=False, return_tensors="pt").to(self.device)
-        outputs = self.detector(**inputs)
-        result = self.processor.post_process_instance_segmentation(
-            outputs, threshold=threshold, target_sizes=[tuple(image.shape[-2:])], return_binary_maps=True)[0]
+    def detect(self, images: torch.Tensor, thresholds: list[float]) -> list[dict[str, list]]:
+        """Per image: class -> [(box, mask), ...] scoring above its threshold, most confident first, at
+        most ``max_objects`` per class. One detector pass for the batch."""
+        inputs = self.processor(images=list(images), do_rescale=False, return_tensors="pt").to(self.device)
+        results = self.processor.post_process_instance_segmentation(
+            self.detector(**inputs), threshold=min(thresholds), target_sizes=[tuple(images.shape[-2:])] * len(images),
+            return_binary_maps=True)
+        return [self._objects(result, threshold) for result, threshold in zip(results, thresholds)]
+
+    def _objects(self, result: dict, threshold: float) -> dict[str, list]:
         found: dict[str, list] = {}
         segments = sorted(enumerate(result["segments_info"]), key=lambda item: -item[1]["score"])
         for index, info in segments:
@@ -217,13 +221,13 @@ class GenEvalReward:
             clause["class"] = self.classes[clause["class"]]
         return metadata
 
-    def score(self, image: torch.Tensor, prompt: str) -> tuple[bool, list[str]]:
-        metadata = self.metadata(prompt)
-        threshold = self.counting_threshold if metadata["tag"] == "counting" else self.threshold
-        detections = self.detect(image, threshold)
-        return check(metadata, detections, lambda objects, name: self.colours(image, objects, name))
+    def verdicts(self, images: torch.Tensor, prompts: list[str]) -> list[tuple[bool, list[str]]]:
+        """(passed, reasons) per image; every prompt is parsed before any model runs."""
+        metadata = [self.metadata(prompt) for prompt in prompts]
+        thresholds = [self.counting_threshold if m["tag"] == "counting" else self.threshold for m in metadata]
+        detections = self.detect(images, thresholds)
+        return [check(m, found, lambda objects, name, image=image: self.colours(image, objects, name))
+                for m, found, image in zip(metadata, detections, images)]
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        for prompt in dict.fromkeys(prompts):  # every prompt must be a GenEval prompt, before any model runs
-            self.metadata(prompt)
-        return torch.tensor([float(self.score(image, prompt)[0]) for image, prompt in zip(images, prompts)])
+        return torch.tensor([float(passed) for passed, _ in self.verdicts(images, prompts)])

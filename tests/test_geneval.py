@@ -116,8 +116,9 @@ def test_reward_runs_the_detector_and_scores_zero_or_one(tiny_geneval):
     detector, clip = tiny_geneval
     reward = GenEvalReward(detector, clip, threshold=0.0)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    found = reward.detect(images[0], threshold=0.0)
+    found, other = reward.detect(images, thresholds=[0.0, 0.99])
     assert found and set(found) <= {"person", "dog", "mouse", "wine glass", "bus"}
+    assert not other  # a random tiny detector scores nothing above 0.99
     for name, objs in found.items():
         for (x0, y0, x1, y1), mask in objs:
             assert mask.shape == (64, 64) and mask[y0:y1, x0:x1].any() and not mask[:y0].any()
@@ -129,13 +130,21 @@ def test_reward_verdicts_follow_the_detections(tiny_geneval, monkeypatch):
     detector, clip = tiny_geneval
     reward = GenEvalReward(detector, clip)
     box_left, box_right = (0, 0, 20, 20), (40, 0, 60, 20)
-    scenes = iter([{"dog": objects(box_left)}, {"bus": objects(box_left)},
-                   {"person": objects(box_left), "dog": objects(box_right)},
-                   {"person": objects(box_right), "dog": objects(box_left)}])
-    monkeypatch.setattr(reward, "detect", lambda image, threshold: next(scenes))
+    scenes = [{"dog": objects(box_left)}, {"bus": objects(box_left)},
+              {"person": objects(box_left), "dog": objects(box_right)},
+              {"person": objects(box_right), "dog": objects(box_left)},
+              {"dog": objects(box_left, box_right, (20, 40, 40, 60))}]
+    seen = []
+
+    def detect(images, thresholds):
+        seen.append(thresholds)
+        return scenes
+
+    monkeypatch.setattr(reward, "detect", detect)
     prompts = ["a photo of a dog", "a photo of a dog", "a photo of a dog right of a person",
-               "a photo of a dog right of a person"]
-    assert reward(torch.zeros(4, 3, 64, 64), prompts).tolist() == [1.0, 0.0, 1.0, 0.0]
+               "a photo of a dog right of a person", "a photo of two dogs"]
+    assert reward(torch.zeros(5, 3, 64, 64), prompts).tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]  # 3 dogs for "two"
+    assert seen == [[0.3, 0.3, 0.3, 0.3, 0.9]]  # one batched pass; counting prompts use the 0.9 threshold
 
 
 def test_colour_crops_paste_the_mask_on_grey_and_classify_among_ten(tiny_geneval):
