@@ -109,9 +109,10 @@ def relative_position(box_a, box_b, margin: float = 0.1) -> set[str]:
     return {name for name, holds in relations.items() if holds}
 
 
-def check(metadata: dict, detections: dict, colours_of) -> tuple[bool, list[str]]:
+def check(metadata: dict, detections: dict, colours_of, margin: float = 0.1) -> tuple[bool, list[str]]:
     """GenEval's verdict for one image: ``detections`` maps class -> objects (box, mask), most
-    confident first; ``colours_of(objects, name)`` names each object's colour."""
+    confident first; ``colours_of(objects, name)`` names each object's colour; ``margin`` is the
+    position rule's (``relative_position``)."""
     reasons, matched = [], []
     for clause in metadata.get("include", []):
         name, count = clause["class"], clause["count"]
@@ -128,7 +129,7 @@ def check(metadata: dict, detections: dict, colours_of) -> tuple[bool, list[str]
             relation, target = clause["position"]
             targets = matched[target]
             ok = targets is not None and all(
-                relation in relative_position(obj[0], other[0]) for obj in found for other in targets)
+                relation in relative_position(obj[0], other[0], margin) for obj in found for other in targets)
             if not ok:
                 reasons.append(f"expected {name} {relation} {metadata['include'][target]['class']}")
         matched.append(found if ok else None)
@@ -216,18 +217,23 @@ class GenEvalReward:
         return [COLORS[i] for i in (embeds @ self.colour_classifier(name).T).argmax(-1).tolist()]
 
     def metadata(self, prompt: str) -> dict:
-        metadata = parse_prompt(prompt, self.classes)
-        for clause in metadata.get("include", []) + metadata.get("exclude", []):
-            clause["class"] = self.classes[clause["class"]]
-        return metadata
+        """The prompt's task, in GenEval's object names (which the colour templates use too)."""
+        return parse_prompt(prompt, self.classes)
+
+    def by_geneval_name(self, found: dict[str, list]) -> dict[str, list]:
+        """Detections keyed by GenEval's names ("tv remote") instead of the detector's labels ("remote")."""
+        return {name: found[label] for name, label in self.classes.items() if label in found}
 
     def verdicts(self, images: torch.Tensor, prompts: list[str]) -> list[tuple[bool, list[str]]]:
         """(passed, reasons) per image; every prompt is parsed before any model runs."""
         metadata = [self.metadata(prompt) for prompt in prompts]
         thresholds = [self.counting_threshold if m["tag"] == "counting" else self.threshold for m in metadata]
         detections = self.detect(images, thresholds)
-        return [check(m, found, lambda objects, name, image=image: self.colours(image, objects, name))
-                for m, found, image in zip(metadata, detections, images)]
+        verdicts = []
+        for task, found, image in zip(metadata, detections, images):
+            colours_of = lambda objects, name, image=image: self.colours(image, objects, name)  # noqa: E731
+            verdicts.append(check(task, self.by_geneval_name(found), colours_of, self.position_margin))
+        return verdicts
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return torch.tensor([float(passed) for passed, _ in self.verdicts(images, prompts)])

@@ -32,10 +32,25 @@ def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     resized = F.interpolate(images, size=(max(size, int(height * scale)), max(size, int(width * scale))),
                             mode="bicubic", antialias=True, align_corners=False)
     top, left = (resized.shape[-2] - size) // 2, (resized.shape[-1] - size) // 2
-    cropped = resized[..., top : top + size, left : left + size]
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
-    return (cropped - mean) / std
+    return clip_normalise(resized[..., top : top + size, left : left + size])
+
+
+def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def clip_preprocess_longest(images: torch.Tensor, size: int) -> torch.Tensor:
+    """open_clip's ``resize_mode="longest"`` eval transform (HPS v2's ResizeMaxSize) in torch: bicubic resize
+    of the long side to ``size``, zero padding centred to a square, then CLIP normalisation."""
+    height, width = images.shape[-2:]
+    scale = size / max(height, width)
+    new_height, new_width = round(height * scale), round(width * scale)
+    resized = F.interpolate(images, size=(new_height, new_width), mode="bicubic", antialias=True, align_corners=False)
+    pad_height, pad_width = size - new_height, size - new_width
+    padded = F.pad(resized, (pad_width // 2, pad_width - pad_width // 2, pad_height // 2, pad_height - pad_height // 2))
+    return clip_normalise(padded)
 
 
 class ClipSimilarity:
@@ -134,8 +149,8 @@ class HPSv2Score:
     The authors publish the whole CLIP state dict (``{"state_dict": ...}``) in ``xswu/HPSv2``; the
     architecture comes from open_clip and the weights from that file, as in their ``hpsv2.score``.
     The score is the cosine of the normalised image and text embeddings (about 0.2-0.35), without
-    the logit scale. Preprocessing: open_clip's eval transform (bicubic short side, centre crop,
-    OpenAI CLIP normalisation), done in torch.
+    the logit scale. Preprocessing: HPS v2's eval transform (long side resized to 224, zero-padded to
+    a square, OpenAI CLIP normalisation), done in torch; for square images the same as a centre crop.
     """
 
     def __init__(self, checkpoint: str, architecture: str = "ViT-H-14", device="cpu", batch_size: int = 16):
@@ -157,7 +172,8 @@ class HPSv2Score:
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         scores = []
         for start in range(0, len(images), self.batch_size):
-            pixels = clip_preprocess(images[start : start + self.batch_size].to(self.device), self.image_size)
+            batch = images[start : start + self.batch_size].to(self.device)
+            pixels = clip_preprocess_longest(batch, self.image_size)
             text = self.tokenizer(prompts[start : start + self.batch_size]).to(self.device)
             image_embeds = F.normalize(self.model.encode_image(pixels), dim=-1)
             text_embeds = F.normalize(self.model.encode_text(text), dim=-1)

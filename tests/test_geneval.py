@@ -176,3 +176,23 @@ def test_named_geneval_without_network_says_which_weights(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="needs the weights .*mask2former-swin-small-coco-instance"):
         load_reward("geneval")
+
+
+def test_colours_are_asked_with_genevals_names_and_the_margin_is_used(tiny_geneval, monkeypatch):
+    """GenEval's "tv remote" is COCO's "remote": detections are looked up by label, CLIP is asked about a
+    "tv remote"; ``position_margin`` reaches the position rule."""
+    detector, clip = tiny_geneval
+    reward = GenEvalReward(detector, clip)
+    reward.classes["tv remote"] = "bus"  # the tiny detector's label set has no "remote": stand one in
+    asked = []
+    monkeypatch.setattr(reward, "detect", lambda images, thresholds: [{"bus": objects((0, 0, 8, 8))}])
+    monkeypatch.setattr(reward, "colours", lambda image, objs, name: asked.append(name) or ["yellow"])
+    assert reward(torch.zeros(1, 3, 64, 64), ["a photo of a yellow tv remote"]).tolist() == [1.0]
+    assert asked == ["tv remote"]
+
+    scene = [{"person": objects((0, 0, 10, 10)), "dog": objects((14, 0, 24, 10))}]  # centres 14 apart, sizes 20
+    monkeypatch.setattr(reward, "detect", lambda images, thresholds: scene)
+    prompt = ["a photo of a dog right of a person"]
+    assert reward(torch.zeros(1, 3, 64, 64), prompt).tolist() == [1.0]  # 14 - 0.1 * 20 > 0
+    reward.position_margin = 0.8  # 14 - 0.8 * 20 < 0: no relation
+    assert reward(torch.zeros(1, 3, 64, 64), prompt).tolist() == [0.0]

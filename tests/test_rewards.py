@@ -77,7 +77,8 @@ def tiny_hps(tmp_path_factory):
 
 
 def test_hpsv2_scores_like_the_authors_pipeline_and_reads_the_image(tiny_hps):
-    """hpsv2.score: open_clip eval transform on a PIL image, encode, normalise, diagonal of image @ text.T."""
+    """hpsv2.score: its eval transform (long side to the input size, zero padding: open_clip's "longest"
+    mode) on a PIL image, encode, normalise, diagonal of image @ text.T — on non-square images."""
     import open_clip
     from PIL import Image
 
@@ -85,13 +86,15 @@ def test_hpsv2_scores_like_the_authors_pipeline_and_reads_the_image(tiny_hps):
 
     architecture, checkpoint = tiny_hps
     reward = hpsv2(checkpoint=checkpoint, architecture=architecture)
-    images = F.interpolate(torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(2)), size=64,
+    images = F.interpolate(torch.rand(3, 3, 6, 8, generator=torch.Generator().manual_seed(2)), size=(48, 64),
                            mode="bilinear")
     images = (images * 255).round() / 255
     prompts = ["a large red circle on the left", "a small blue square", "a green triangle at the top"]
     ours = reward(images, prompts)
 
-    model, _, preprocess = open_clip.create_model_and_transforms("tiny-hps-vit", pretrained=None, output_dict=True)
+    model = open_clip.create_model("tiny-hps-vit", pretrained=None, output_dict=True)
+    preprocess = open_clip.image_transform(32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
+                                           std=open_clip.OPENAI_DATASET_STD, resize_mode="longest", fill_color=0)
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
     model.eval()
     tokenizer = open_clip.get_tokenizer("tiny-hps-vit")
