@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import msgpack
@@ -205,11 +206,21 @@ def encoder_from_config(model_config: dict) -> LatentMAEEncoder:
                             int(model_config.get("in_channels", 4)))
 
 
-def _load_converted(path: Path) -> LatentMAEEncoder:
+def _file_metadata(path: Path) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+        return handle.metadata() or {}
+
+
+def _source_fingerprint(folder: Path) -> str:
+    """What the cached conversion was made from: the msgpack's size and mtime, and metadata.json."""
+    params = (folder / "ema_params.msgpack").stat()
+    return json.dumps([params.st_size, params.st_mtime_ns, (folder / "metadata.json").read_text()])
+
+
+def _load_converted(path: Path) -> LatentMAEEncoder:
+    metadata = _file_metadata(path)
     if "model_config" not in metadata:
         raise ValueError(f"{path} has no 'model_config' metadata; convert a Flax release folder with load_latent_mae")
     encoder = encoder_from_config(json.loads(metadata["model_config"]))
@@ -218,17 +229,29 @@ def _load_converted(path: Path) -> LatentMAEEncoder:
 
 
 def _convert_folder(folder: Path) -> LatentMAEEncoder:
-    """Convert a Flax release folder, caching ``encoder.safetensors`` beside it (atomically)."""
-    cached = folder / CONVERTED_FILE
-    if cached.is_file() and cached.stat().st_mtime >= (folder / "ema_params.msgpack").stat().st_mtime:
+    """Convert a Flax release folder, caching ``encoder.safetensors`` beside it.
+
+    The cache is reused only if it was made from the same files (``_source_fingerprint``). It is
+    written to a temporary file of its own and renamed into place, so processes converting at the
+    same time (one per GPU on a first run) never see or leave a half-written file.
+    """
+    cached, source = folder / CONVERTED_FILE, _source_fingerprint(folder)
+    if cached.is_file() and _file_metadata(cached).get("source") == source:
         return _load_converted(cached)
     model_config = json.loads((folder / "metadata.json").read_text())["model_config"]
     encoder = encoder_from_config(model_config)
     encoder.load_state_dict(convert_flax_params(read_flax_msgpack(folder / "ema_params.msgpack")))
     try:
-        partial = folder / f"{CONVERTED_FILE}.tmp"
-        save_file(encoder.state_dict(), str(partial), metadata={"model_config": json.dumps(model_config)})
-        os.replace(partial, cached)
+        handle, partial = tempfile.mkstemp(dir=folder, prefix=f".{CONVERTED_FILE}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(encoder.state_dict(), partial, metadata={"model_config": json.dumps(model_config),
+                                                               "source": source})
+            os.chmod(partial, 0o644)  # mkstemp makes it private; the download beside it is world-readable
+            os.replace(partial, cached)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
     except OSError as error:
         logger.warning("could not cache the converted latent-MAE next to %s (%s); it is converted on every load",
                        folder, error)

@@ -114,7 +114,7 @@ def test_conversion_is_cached_next_to_the_download_and_round_trips(tmp_path):
     folder = tiny_latent_mae(tmp_path / "release")
     first = load_latent_mae(folder)
     cached = os.path.join(folder, CONVERTED_FILE)
-    assert os.path.isfile(cached) and not os.path.exists(cached + ".tmp")
+    assert sorted(os.listdir(folder)) == sorted([CONVERTED_FILE, "ema_params.msgpack", "metadata.json"])  # no temp
     from_file = load_latent_mae(cached)
     os.remove(os.path.join(folder, "ema_params.msgpack"))  # a folder with only the converted file loads too
     from_folder = load_latent_mae(folder)
@@ -219,3 +219,15 @@ def test_a_vae_with_another_latent_space_gets_a_warning(tmp_path, caplog):
     assert not caplog.records
     feature_map.check_vae(sdxl_vae)
     assert "SD-VAE latents" in caplog.text and "0.13025" in caplog.text
+
+
+def test_a_changed_release_is_converted_again(tmp_path):
+    folder = tiny_latent_mae(tmp_path / "release", seed=0)
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        first = load_latent_mae(folder)(latents)["layer4"]
+        tiny_latent_mae(tmp_path / "release", seed=1)  # new weights, same shapes: the cache is stale
+        second = load_latent_mae(folder)(latents)["layer4"]
+        fresh = load_latent_mae(os.path.join(folder, CONVERTED_FILE))(latents)["layer4"]
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, fresh, rtol=0, atol=0)  # and the cache now holds the new weights
