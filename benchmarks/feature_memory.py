@@ -7,8 +7,9 @@ through phi into the generator), the K reference features R of the frozen base m
 preference supports A+/A- (rows of sg(Z)). Only the queries need activations kept for backward, so
 ``drpo_step`` runs phi once with gradient (the queries; the supports are rows of their detached
 copy) and once under ``no_grad`` (the reference). Each mode runs in a fresh subprocess and reports
-its peak memory above what was in use before the first pass (weights and inputs): resident memory
-on the CPU (Linux), allocated memory on a GPU:
+its peak memory above what was in use before the measured pass (weights; after one tiny warm-up pass
+through the same path, so one-time imports and kernel set-up are not counted): resident memory on the
+CPU (Linux), allocated memory on a GPU:
 
 - ``drpo``: the loss as trained;
 - ``drpo_checkpointing``: the same with ``--gradient_checkpointing`` for the feature network;
@@ -80,23 +81,29 @@ def measure(args) -> dict:
         feature_map = random_latent_mae(folder, args.base_channels, args.feature_extractor).to(device)
     if args._mode == "drpo_checkpointing":
         feature_map.enable_gradient_checkpointing()
-    k, size = args.num_candidates, args.latent_size
+    one_loss(feature_map, args._mode, 2, 8, 1, device)  # warm-up: one-time imports and kernel set-up
+    before = reset_peak(device)
+    result = one_loss(feature_map, args._mode, args.num_candidates, args.latent_size, args.num_pairs, device)
+    return {"mode": args._mode, "peak_mb": (peak_bytes(device) - before) / 2**20, **result}
+
+
+def one_loss(feature_map, mode: str, k: int, size: int, num_pairs: int, device) -> dict:
+    """Reference features under no_grad, query features (with gradient unless forward_only), DrPO loss, backward."""
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(k, 4, size, size, generator=generator).to(device).requires_grad_(True)
     ref_latents = torch.randn(k, 4, size, size, generator=generator).to(device)
-    winners, losers = drpo_utils.sample_reward_pairs(torch.arange(float(k)), args.num_pairs, generator)
-    config = drpo_utils.DriftConfig()
-    before, start = reset_peak(device), time.perf_counter()
+    winners, losers = drpo_utils.sample_reward_pairs(torch.arange(float(k)), num_pairs, generator)
+    start = time.perf_counter()
     with torch.no_grad():
         ref_features = feature_map(ref_latents)
-    with torch.set_grad_enabled(args._mode != "forward_only"):
+    with torch.set_grad_enabled(mode != "forward_only"):
         features = feature_map(latents)
-        loss, _ = drpo_utils.drpo_loss(features, ref_features, winners.to(device), losers.to(device), config)
+        loss, _ = drpo_utils.drpo_loss(features, ref_features, winners.to(device), losers.to(device),
+                                       drpo_utils.DriftConfig())
     if loss.requires_grad:
         loss.backward()
-    seconds = time.perf_counter() - start
-    return {"mode": args._mode, "peak_mb": (peak_bytes(device) - before) / 2**20, "seconds": seconds,
-            "feature_tensors": len(features), "feature_dims": sum(f[0].numel() for f in features.values()),
+    return {"seconds": time.perf_counter() - start, "feature_tensors": len(features),
+            "feature_dims": sum(f[0].numel() for f in features.values()),
             "latents_grad_norm": 0.0 if latents.grad is None else latents.grad.norm().item()}
 
 

@@ -21,7 +21,9 @@ def run_isolated(module: str, option: str, variants, args) -> dict[str, dict]:
     results = {}
     for variant in variants:
         command = [sys.executable, "-m", module, f"--{option}={variant}", *public_flags(args)]
-        out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True)
+        out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
 
