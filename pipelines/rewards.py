@@ -287,22 +287,33 @@ def import_image_reward():
     return ImageReward
 
 
+IMAGE_REWARD_REPO = "THUDM/ImageReward"
+
+
 class ImageRewardScore:
     """ImageReward-v1.0 (``image-reward``): BLIP ViT-L image tokens cross-attended by a BERT text
     encoder, an MLP on the [CLS] state, standardised by the authors' mean and std.
 
-    Loaded with the package's own ``ImageReward.load`` (checkpoint and ``med_config.json`` from
-    ``THUDM/ImageReward``, tokenizer ``bert-base-uncased``); scored in batches through its
-    ``score_gard`` path on tensors, with its preprocessing (bicubic 224 short side, centre crop, CLIP
-    normalisation) done in torch, and prompts tokenised as ``score`` does (max length 35).
+    The package's ``ImageReward`` model built from ``med_config.json`` and loaded with its checkpoint
+    (both from ``THUDM/ImageReward`` unless given as local files; tokenizer ``bert-base-uncased``), as
+    ``ImageReward.load`` does, except that a checkpoint leaving any parameter unset is an error (the
+    package loads with ``strict=False`` silently). Scored in batches through its ``score_gard`` path on
+    tensors, with its preprocessing (bicubic 224 short side, centre crop, CLIP normalisation) done in
+    torch, and prompts tokenised as ``score`` does (max length 35).
     """
 
-    def __init__(self, checkpoint: str = "ImageReward-v1.0", med_config: str | None = None, device="cpu",
-                 batch_size: int = 16):
+    def __init__(self, checkpoint: str = f"{IMAGE_REWARD_REPO}:ImageReward.pt",
+                 med_config: str = f"{IMAGE_REWARD_REPO}:med_config.json", device="cpu", batch_size: int = 16):
         image_reward = import_image_reward()
         self.device = torch.device(device)
-        self.model = image_reward.load(checkpoint, device=self.device, med_config=med_config)
-        self.model = self.model.eval().requires_grad_(False)
+        self.model = image_reward.ImageReward(med_config=resolve_file(med_config), device=self.device)
+        state = torch.load(resolve_file(checkpoint), map_location="cpu", weights_only=True)
+        missing = set(self.model.load_state_dict(state, strict=False).missing_keys)
+        unset = sorted(missing & {name for name, _ in self.model.named_parameters()})
+        if unset:
+            raise RuntimeError(f"ImageReward checkpoint {checkpoint!r} leaves {len(unset)} parameters unset: "
+                               f"{', '.join(unset[:5])}{' ...' if len(unset) > 5 else ''}")
+        self.model = self.model.to(self.device).eval().requires_grad_(False)
         self.batch_size = batch_size
 
     @torch.no_grad()

@@ -412,3 +412,13 @@ def test_hpsv3_adapter_feeds_the_inferencer_pil_images_and_keeps_mu(monkeypatch)
     scores = reward(images, ["a", "b", "c"])
     torch.testing.assert_close(scores, torch.tensor([0.0, 128.0, 255.0]))  # mu, not sigma
     assert calls == [("init", None, None, "cpu"), ("reward", 2, ["a", "b"]), ("reward", 1, ["c"])]
+
+
+def test_imagereward_checkpoint_missing_parameters_is_an_error(tiny_image_reward, tmp_path):
+    from pipelines.rewards import ImageRewardScore
+
+    checkpoint, med_config = tiny_image_reward
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({k: v for k, v in state.items() if not k.startswith("mlp.")}, tmp_path / "partial.pt")
+    with pytest.raises(RuntimeError, match="leaves 10 parameters unset: mlp.layers.0.bias"):
+        ImageRewardScore(str(tmp_path / "partial.pt"), med_config)
