@@ -619,7 +619,7 @@ FEATURE_MAPS: dict[str, Callable[..., FeatureMap]] = {
     "latent_mae3": LatentMAEFinalFeatures,
     "latent": LatentFeatures, "image": ImageFeatures, "vit_mae": ViTMAEFeatures, "dinov2": DINOv2Features,
 }
-WEIGHTED_FEATURE_MAPS = {"latent_mae", "latent_mae1", "latent_mae2", "latent_mae3", "vit_mae", "dinov2"}
+WEIGHTED_FEATURE_MAPS = {name for name, cls in FEATURE_MAPS.items() if getattr(cls, "DEFAULT_WEIGHTS", "")}  # take a path
 
 
 def build_feature_map(name: str, path: str | None = None) -> FeatureMap:
