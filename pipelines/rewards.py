@@ -53,7 +53,23 @@ def clip_preprocess_longest(images: torch.Tensor, size: int) -> torch.Tensor:
     return clip_normalise(padded)
 
 
-class ClipSimilarity:
+class BatchedReward:
+    """A model reward scored ``batch_size`` images at a time under no_grad; subclasses define
+    ``score_batch(images, prompts)`` for one batch of CPU images and return its scores."""
+
+    batch_size = 16
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        size = self.batch_size
+        return torch.cat([self.score_batch(images[start : start + size], prompts[start : start + size]).float().cpu()
+                          for start in range(0, len(images), size)])
+
+    def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ClipSimilarity(BatchedReward):
     """Text-image similarity of a ``transformers.CLIPModel`` (weights as their authors publish them).
 
     ``scale="logit"`` gives ``logit_scale.exp() * cos`` (PickScore), ``scale="cosine"`` the cosine.
@@ -69,19 +85,15 @@ class ClipSimilarity:
         self.scale, self.batch_size = scale, batch_size
         self.image_size = self.model.config.vision_config.image_size
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start : start + self.batch_size].to(self.device)
-            text = self.tokenizer(prompts[start : start + self.batch_size], padding=True, truncation=True,
-                                  max_length=self.tokenizer.model_max_length, return_tensors="pt").to(self.device)
-            image_embeds = self.model.get_image_features(pixel_values=clip_preprocess(batch, self.image_size))
-            text_embeds = self.model.get_text_features(**text)
-            cosine = F.cosine_similarity(image_embeds.pooler_output, text_embeds.pooler_output, dim=-1)
-            factor = self.model.logit_scale.exp() if self.scale == "logit" else 1.0
-            scores.append((factor * cosine).float().cpu())
-        return torch.cat(scores)
+    def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        text = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.tokenizer.model_max_length,
+                              return_tensors="pt").to(self.device)
+        pixels = clip_preprocess(images.to(self.device), self.image_size)
+        image_embeds = self.model.get_image_features(pixel_values=pixels)
+        text_embeds = self.model.get_text_features(**text)
+        cosine = F.cosine_similarity(image_embeds.pooler_output, text_embeds.pooler_output, dim=-1)
+        factor = self.model.logit_scale.exp() if self.scale == "logit" else 1.0
+        return factor * cosine
 
 
 def pickscore(device="cpu", model="yuvalkirstain/PickScore_v1", tokenizer="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
@@ -99,7 +111,7 @@ AESTHETIC_HEAD_URL = (
 )
 
 
-class AestheticScore:
+class AestheticScore(BatchedReward):
     """LAION aesthetic predictor v2: an MLP on the L2-normalised CLIP ViT-L/14 image embedding.
 
     The head (768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between the first four layers) is the
@@ -126,14 +138,10 @@ class AestheticScore:
         self.head = self.head.to(self.device).eval().requires_grad_(False)
         self.image_size, self.batch_size = self.vision.config.image_size, batch_size
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        scores = []
-        for batch in images.split(self.batch_size):
-            pixels = clip_preprocess(batch.to(self.device), self.image_size)
-            embeds = F.normalize(self.vision(pixel_values=pixels).image_embeds, dim=-1)
-            scores.append(self.head(embeds).squeeze(-1).float().cpu())
-        return torch.cat(scores)
+    def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(self.device), self.image_size)
+        embeds = F.normalize(self.vision(pixel_values=pixels).image_embeds, dim=-1)
+        return self.head(embeds).squeeze(-1)
 
 
 def aesthetic(device="cpu"):
@@ -143,7 +151,7 @@ def aesthetic(device="cpu"):
 HPS_REPO = "xswu/HPSv2"
 
 
-class HPSv2Score:
+class HPSv2Score(BatchedReward):
     """Human Preference Score v2 / v2.1: an open_clip ViT-H-14 fine-tuned on HPD v2.
 
     The authors publish the whole CLIP state dict (``{"state_dict": ...}``) in ``xswu/HPSv2``; the
@@ -168,17 +176,11 @@ class HPSv2Score:
         self.image_size = self.model.visual.image_size[0]
         self.batch_size = batch_size
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start : start + self.batch_size].to(self.device)
-            pixels = clip_preprocess_longest(batch, self.image_size)
-            text = self.tokenizer(prompts[start : start + self.batch_size]).to(self.device)
-            image_embeds = F.normalize(self.model.encode_image(pixels), dim=-1)
-            text_embeds = F.normalize(self.model.encode_text(text), dim=-1)
-            scores.append((image_embeds * text_embeds).sum(-1).float().cpu())
-        return torch.cat(scores)
+    def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = clip_preprocess_longest(images.to(self.device), self.image_size)
+        image_embeds = F.normalize(self.model.encode_image(pixels), dim=-1)
+        text_embeds = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device)), dim=-1)
+        return (image_embeds * text_embeds).sum(-1)
 
 
 def resolve_file(spec: str) -> str:
@@ -290,7 +292,7 @@ def import_image_reward():
 IMAGE_REWARD_REPO = "THUDM/ImageReward"
 
 
-class ImageRewardScore:
+class ImageRewardScore(BatchedReward):
     """ImageReward-v1.0 (``image-reward``): BLIP ViT-L image tokens cross-attended by a BERT text
     encoder, an MLP on the [CLS] state, standardised by the authors' mean and std.
 
@@ -316,16 +318,11 @@ class ImageRewardScore:
         self.model = self.model.to(self.device).eval().requires_grad_(False)
         self.batch_size = batch_size
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = clip_preprocess(images[start : start + self.batch_size].to(self.device), 224)
-            text = self.model.blip.tokenizer(prompts[start : start + self.batch_size], padding="max_length",
-                                             truncation=True, max_length=35, return_tensors="pt").to(self.device)
-            rewards = self.model.score_gard(text.input_ids, text.attention_mask, pixels)
-            scores.append(rewards.squeeze(-1).float().cpu())
-        return torch.cat(scores)
+    def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(self.device), 224)
+        text = self.model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
+                                         return_tensors="pt").to(self.device)
+        return self.model.score_gard(text.input_ids, text.attention_mask, pixels).squeeze(-1)
 
 
 def imagereward(device="cpu"):
@@ -340,7 +337,7 @@ HPSV3_ENVIRONMENT = (
 )
 
 
-class HPSv3Score:
+class HPSv3Score(BatchedReward):
     """HPSv3 (the paper's large VLM reward): Qwen2-VL-7B with a reward head (``MizzenAI/HPSv3``), through
     the authors' ``hpsv3.HPSv3RewardInferencer``; the score is the predicted mean mu (logit 0; logit 1
     is its uncertainty). Images go to it as PIL images, which it resizes with its Qwen2-VL processor."""
@@ -353,17 +350,11 @@ class HPSv3Score:
         self.inferencer = HPSv3RewardInferencer(config_path=config, checkpoint_path=checkpoint, device=str(device))
         self.batch_size = batch_size
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         from PIL import Image
 
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            batch = (images[start : start + self.batch_size] * 255).round().byte().permute(0, 2, 3, 1).numpy()
-            logits = self.inferencer.reward([Image.fromarray(pixels) for pixels in batch],
-                                            prompts[start : start + self.batch_size])
-            scores.append(logits[:, 0].float().cpu())
-        return torch.cat(scores)
+        pixels = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        return self.inferencer.reward([Image.fromarray(image) for image in pixels], prompts)[:, 0]
 
 
 def hpsv3(device="cpu"):
