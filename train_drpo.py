@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,21 +29,159 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 import drpo_utils
+from pipelines import features, memory, rewards, training
+from pipelines.prompts import load_prompts
 
 logger = get_logger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------
-# What SD-Turbo needs (train_drpo_sdxl.py overrides exactly these)
+# Flags (diffusers-examples names; train_drpo_sdxl.py extends this parser)
 # ------------------------------------------------------------------------------------------------
 
 
+def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
+                 default_feature_extractor: str = "latent_mae") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model and output")
+    model.add_argument("--pretrained_model_name_or_path", required=True,
+                       help="Hub id or local folder of the one-step model.")
+    model.add_argument("--revision", default=None, help="Hub revision of the model.")
+    model.add_argument("--variant", default=None, help='Weights variant, e.g. "fp16".')
+    model.add_argument("--output_dir", default="drpo-output",
+                       help="Where the LoRA, checkpoints, samples and logs go.")
+    model.add_argument("--seed", type=int, default=None,
+                       help="Seed for LoRA init, prompt/noise draws and pairs (a run is reproducible with it).")
+    model.add_argument("--resolution", type=int, default=None,
+                       help="Image size; default: the model's own (UNet sample_size x VAE scale factor; SD-Turbo 512).")
+    model.add_argument("--rank", type=int, default=16, help="LoRA rank (paper: 16).")
+    model.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: equal to --rank).")
+    model.add_argument("--lora_target_modules", default=training.LORA_TARGET_MODULES,
+                       help="Comma-separated module names that get LoRA.")
+
+    prompts = parser.add_argument_group("prompts")
+    prompts.add_argument("--prompts_file", default=None,
+                         help="A .txt file (one prompt per line) or .jsonl with the --prompt_column key.")
+    prompts.add_argument("--dataset_name", default=None, help="A datasets name or local folder holding prompts.")
+    prompts.add_argument("--dataset_split", default="train", help="Split of --dataset_name.")
+    prompts.add_argument("--prompt_column", default="prompt", help="Column (or .jsonl key) holding the prompt.")
+
+    drpo = parser.add_argument_group("DrPO (Algorithm 1, Eqs. 15-16, Appendix A)")
+    drpo.add_argument("--reward", default="color_match", help=rewards.reward_help())
+    drpo.add_argument("--reward_weights", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                      help="Weights of a mixture's components (default: all 1); components are standardised "
+                           "per prompt.")
+    drpo.add_argument("--feature_extractor", default=default_feature_extractor,
+                      help=f"phi, one of {', '.join(features.FEATURE_MAPS)} (see the README's Feature maps).")
+    drpo.add_argument("--feature_extractor_path", default=None,
+                      help="The feature network's weights: a local folder, a Hub id, or for latent_mae a Flax release "
+                           "folder (local or 'owner/repo/folder' on the Hub) or a converted .safetensors file. "
+                           "Default: the published weights.")
+    drpo.add_argument("--num_candidates", type=int, default=24, help="K candidates per prompt (paper: 24).")
+    drpo.add_argument("--num_pairs", type=int, default=12, help="M reward-ordered pairs per prompt (paper: 12).")
+    drpo.add_argument("--ref_weight", type=float, default=0.2, help="lambda: weight of the reference drift (Eq. 15).")
+    drpo.add_argument("--velocity_scale", type=float, default=1.0, help="eta: target step z + eta V (Eq. 16).")
+    drpo.add_argument("--drift_radii", default="0.1,0.2,0.5",
+                      help="Comma-separated kernel radii rho (Appendix A; the authors' code: 0.02,0.05,0.2 with an "
+                           "affinity floor).")
+    drpo.add_argument("--drift_kernel", default="rbf", choices=drpo_utils.DRIFT_KERNELS,
+                      help="rbf (Eq. 21), laplacian, exponential (alias of laplacian), cosine.")
+    drpo.add_argument("--pair_weight", type=float, default=1.0, help="Support weight of A+/A- (authors' code: 3000).")
+    drpo.add_argument("--self_negatives", action="store_true",
+                      help="Add sg(Z) as self-masked negatives of the preference drift (authors' code).")
+    drpo.add_argument("--mask_self", action=argparse.BooleanOptionalAction, default=True,
+                      help="Leave-one-out reference drift: mask each sample's own copy in sg(Z) and its paired base "
+                           "sample in R. --no-mask_self gives the literal, unmasked Eq. 22.")
+
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--train_batch_size", type=int, default=1,
+                              help="Prompts per process per micro-step (K candidates each).")
+    optimisation.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                              help="Micro-steps per optimisation step (paper: 8).")
+    optimisation.add_argument("--gradient_checkpointing", action="store_true",
+                              help="Trade UNet (and feature network, VAE decoder) compute for memory.")
+    optimisation.add_argument("--max_train_steps", type=int, default=1000, help="Optimisation steps.")
+    optimisation.add_argument("--learning_rate", type=float, default=1e-4,
+                              help="AdamW learning rate (paper: 1e-4; 3e-5 for HPSv3).")
+    optimisation.add_argument("--lr_scheduler", default="constant",
+                              help="diffusers scheduler name: constant, linear, cosine, constant_with_warmup, ...")
+    optimisation.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the scheduler.")
+    optimisation.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    optimisation.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    optimisation.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    optimisation.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    optimisation.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping.")
+    optimisation.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                              help="Frozen weights in that dtype, LoRA in fp32 (fp16 needs a GPU). "
+                                   "Default: accelerate's configuration.")
+    optimisation.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+
+    run = parser.add_argument_group("checkpoints, logging, validation, Hub")
+    run.add_argument("--checkpointing_steps", type=int, default=500,
+                     help="Save checkpoint-N every N steps (and at the end).")
+    run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    run.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a path / name like checkpoint-500.')
+    run.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    run.add_argument("--logging_dir", default="logs", help="Tracker logs, under --output_dir.")
+    run.add_argument("--validation_prompts", default=None,
+                     help="'|'-separated prompts for sample grids (default: the first 4 prompts).")
+    run.add_argument("--validation_steps", type=int, default=100, help="Base-vs-LoRA grid every N steps (0: never).")
+    run.add_argument("--num_validation_seeds", type=int, default=4,
+                     help="Seeds per validation prompt (held-out 10000+).")
+    run.add_argument("--push_to_hub", action="store_true",
+                     help="Create the repo at start (fails early without credentials), upload LoRA + model card "
+                          "at the end.")
+    run.add_argument("--hub_model_id", default=None, help="Repo name on the Hub (default: the output folder name).")
+    run.add_argument("--hub_token", default=None, help="Token (default: the stored login / HF_TOKEN).")
+    return parser
+
+
+def check_args(args) -> None:
+    """Fail on bad input before any model is loaded."""
+    if args.num_candidates < 2:
+        raise ValueError(f"--num_candidates (K) must be at least 2, got {args.num_candidates}")
+    if not 1 <= args.num_pairs <= drpo_utils.max_pairs(args.num_candidates):
+        raise ValueError(
+            f"--num_pairs (M) must be in [1, {drpo_utils.max_pairs(args.num_candidates)}] = [1, K(K-1)/2] for "
+            f"K={args.num_candidates}, got {args.num_pairs}"
+        )
+    if args.feature_extractor not in features.FEATURE_MAPS:
+        raise ValueError(f"Unknown feature extractor {args.feature_extractor!r}; "
+                         f"choose one of {', '.join(features.FEATURE_MAPS)}.")
+    drift_config(args)  # validates kernel and radii
+    rewards.check_reward_spec(args.reward, args.reward_weights)  # unknown names list the choices; files must exist
+    for flag in ("checkpointing_steps", "max_train_steps", "gradient_accumulation_steps", "train_batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.prompts_file is None and args.dataset_name is None:
+        raise ValueError("give prompts with --prompts_file or --dataset_name")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = training.resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: {path} does not exist")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed_precision fp16 needs a GPU; on the CPU use --mixed_precision bf16 or no")
+    if args.push_to_hub and training.hub_token(args) is None:
+        raise ValueError("--push_to_hub needs Hub credentials: run `hf auth login`, set HF_TOKEN, or pass --hub_token")
+
+
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="DrPO for SD-Turbo-family one-step models.")
-    drpo_utils.add_training_args(parser, default_resolution=512)
-    args = parser.parse_args(input_args)
-    drpo_utils.check_args(args)
+    args = build_parser().parse_args(input_args)
+    check_args(args)
     return args
+
+
+def drift_config(args) -> drpo_utils.DriftConfig:
+    return drpo_utils.DriftConfig(
+        radii=tuple(float(r) for r in str(args.drift_radii).split(",")), kernel=args.drift_kernel,
+        ref_weight=args.ref_weight, velocity_scale=args.velocity_scale, pair_weight=args.pair_weight,
+        self_negatives=args.self_negatives, mask_self=args.mask_self,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# What SD-Turbo needs (train_drpo_sdxl.py overrides exactly these)
+# ------------------------------------------------------------------------------------------------
 
 
 def load_pipeline(args, weight_dtype, **components):
@@ -72,8 +211,8 @@ class DrPOContext:
     pipe: object  # the stock pipeline: its UNet with LoRA is g_theta, with LoRA disabled g_ref
     unet: torch.nn.Module  # pipe.unet as prepared by accelerate (DDP-wrapped when distributed)
     scheduler: object  # private copy of the pipeline's scheduler for the differentiable one-step sampler
-    feature_map: drpo_utils.FeatureMap  # phi
-    reward_fn: drpo_utils.RewardFn  # R, only ranks
+    feature_map: features.FeatureMap  # phi
+    reward_fn: Callable  # R, only ranks
     config: drpo_utils.DriftConfig  # lambda, eta, radii, kernel
     encode_prompts: Callable  # prompt -> condition c (SD or SDXL)
 
@@ -95,39 +234,41 @@ def drpo_step(ctx: DrPOContext, prompt: str, rng: torch.Generator):
         # 5: features Z = phi(x_i) (differentiable) and R = phi(x_i^ref) (frozen)
         feature_map = ctx.feature_map
         images = drpo_utils.decode_latents(pipe.vae, latents) if feature_map.needs_images else None
-        features = feature_map(latents, images)
+        z = feature_map(latents, images)
         with torch.no_grad():
             ref_images = drpo_utils.decode_latents(pipe.vae, ref_latents) if feature_map.needs_images else None
-            ref_features = feature_map(ref_latents, ref_images)
+            z_ref = feature_map(ref_latents, ref_images)
             if images is None:
                 images = drpo_utils.decode_latents(pipe.vae, latents)
     # 6-7: rank with the reward (no gradient, CPU images) and form A+ / A-
-    rewards = drpo_utils.score_candidates(ctx.reward_fn, images, [prompt] * k, args.reward)
-    winners, losers = drpo_utils.sample_reward_pairs(rewards, args.num_pairs, rng)
+    scores = rewards.score_candidates(ctx.reward_fn, images, [prompt] * k, args.reward)
+    winners, losers = drpo_utils.sample_reward_pairs(scores.ranking, args.num_pairs, rng)
     # 8-12: V = V_pref + lambda V_ref, target sg(z + eta V), regression
-    loss, stats = drpo_utils.drpo_loss(features, ref_features, winners.to(device), losers.to(device), ctx.config)
-    shown = getattr(ctx.reward_fn, "last_raw", rewards)  # a mixture ranks by z-scores but shows raw values
-    stats.update(loss=loss.item(), reward_mean=shown.mean().item(), reward_std=shown.std().item(),
+    loss, stats = drpo_utils.drpo_loss(z, z_ref, winners.to(device), losers.to(device), ctx.config)
+    stats.update(loss=loss.item(), reward_mean=scores.reported.mean().item(), reward_std=scores.reported.std().item(),
                  num_pairs=len(winners))
-    stats.update({f"reward/{name}": value for name, value in getattr(ctx.reward_fn, "last_components", {}).items()})
+    stats.update({f"reward/{name}": value.mean().item() for name, value in scores.components.items()})
     return loss, stats
 
 
 def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
-    accelerator = drpo_utils.setup_accelerator(args)
-    prompts = drpo_utils.load_prompts(args)
-    reward_fn = drpo_utils.load_reward(args.reward, accelerator.device, args.reward_weights)
-    feature_map = drpo_utils.build_feature_map(args.feature_extractor, args.feature_extractor_path)
-    repo_id = drpo_utils.create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
+    accelerator = training.setup_accelerator(args)
+    prompts = load_prompts(args.prompts_file, args.dataset_name, args.dataset_split, args.prompt_column)
+    unet_config, vae_config = memory.model_configs(args)
+    args.resolution = memory.resolve_resolution(args, unet_config, vae_config)
+    reward_fn = rewards.load_reward(args.reward, accelerator.device, args.reward_weights)
+    feature_map = features.build_feature_map(args.feature_extractor, args.feature_extractor_path)
+    repo_id = training.create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     if args.seed is not None:
         set_seed(args.seed)
     base_seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31, ()).item())
 
-    weight_dtype = drpo_utils.weight_dtype(accelerator)
+    weight_dtype = training.weight_dtype(accelerator)
+    memory.check_step_memory(args, unet_config, vae_config, accelerator.device, feature_map.needs_images, weight_dtype)
     pipe = load_pipeline(args, weight_dtype)
     feature_map.check_vae(pipe.vae)
-    drpo_utils.prepare_frozen_models(pipe, accelerator.device)
-    drpo_utils.add_lora(pipe.unet, args)
+    training.prepare_frozen_models(pipe, accelerator.device)
+    training.add_lora(pipe.unet, args)
     if accelerator.mixed_precision != "no":
         cast_training_params(pipe.unet, dtype=torch.float32)
     if args.gradient_checkpointing:
@@ -145,19 +286,19 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
-    drpo_utils.register_lora_checkpoint_hooks(accelerator, unet, type(pipe))
-    global_step = drpo_utils.maybe_resume(accelerator, args)
-    drpo_utils.init_trackers(accelerator, args)
+    training.register_lora_checkpoint_hooks(accelerator, unet, type(pipe))
+    global_step = training.maybe_resume(accelerator, args)
+    training.init_trackers(accelerator, args)
 
     ctx = DrPOContext(
         args=args, accelerator=accelerator, pipe=pipe, unet=unet,
         scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
         feature_map=feature_map.to(accelerator.device, weight_dtype),
-        reward_fn=reward_fn, config=drpo_utils.drift_config_from_args(args), encode_prompts=encode_prompts,
+        reward_fn=reward_fn, config=drift_config(args), encode_prompts=encode_prompts,
     )
-    validation_prompts = drpo_utils.validation_prompts(args, prompts)
-    history = drpo_utils.load_history(args.output_dir, global_step)
-    logger.info(f"DrPO: {len(prompts)} prompts, K={args.num_candidates}, M={args.num_pairs}, "
+    validation_prompts = training.validation_prompts(args, prompts)
+    history = training.load_history(args.output_dir, global_step)
+    logger.info(f"DrPO: {len(prompts)} prompts, K={args.num_candidates}, M={args.num_pairs}, {args.resolution} px, "
                 f"{args.max_train_steps} steps, resuming at {global_step}")
 
     progress = tqdm(range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
@@ -168,10 +309,10 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
             with accelerator.accumulate(unet):
                 loss = 0.0
                 for index in range(args.train_batch_size):
-                    rng = drpo_utils.step_generator(base_seed, global_step, micro_step, index, accelerator.process_index)
+                    rng = training.step_generator(base_seed, global_step, micro_step, index, accelerator.process_index)
                     prompt = prompts[torch.randint(len(prompts), (), generator=rng).item()]
                     prompt_loss, stats = drpo_step(ctx, prompt, rng)
-                    drpo_utils.check_finite_loss(accelerator, prompt_loss, global_step)
+                    training.check_finite_loss(accelerator, prompt_loss, global_step)
                     loss = loss + prompt_loss / args.train_batch_size
                     step_stats.append(stats)
                 accelerator.backward(loss)
@@ -181,22 +322,22 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
                 lr_scheduler.step()
                 optimizer.zero_grad()
         global_step += 1
-        logs = drpo_utils.step_logs(accelerator, step_stats, lr_scheduler, time.time() - start)
+        logs = training.step_logs(accelerator, step_stats, lr_scheduler, time.time() - start)
         history.append({"step": global_step, **logs})
         accelerator.log(logs, step=global_step)
         progress.set_postfix(loss=f"{logs['loss']:.3g}", reward=f"{logs['reward_mean']:.4g}")
 
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            drpo_utils.save_history(accelerator, args.output_dir, history)
-            drpo_utils.save_checkpoint(accelerator, args, global_step)
+            training.save_history(accelerator, args.output_dir, history)
+            training.save_checkpoint(accelerator, args, global_step)
         if args.validation_steps and global_step % args.validation_steps == 0:
-            drpo_utils.log_validation(accelerator, pipe, validation_prompts, args, global_step)
+            training.log_validation(accelerator, pipe, validation_prompts, args, global_step)
 
     accelerator.wait_for_everyone()
     del optimizer, lr_scheduler, unet, ctx
     accelerator.free_memory()  # room for the fresh pipeline of the final check
-    drpo_utils.finish_training(accelerator, args, pipe, history, validation_prompts, reward_fn, repo_id,
-                               fresh_pipeline=lambda: load_pipeline(args, weight_dtype))
+    training.finish_training(accelerator, args, pipe, history, validation_prompts, reward_fn, repo_id,
+                             fresh_pipeline=lambda: load_pipeline(args, weight_dtype))
     accelerator.end_training()
 
 

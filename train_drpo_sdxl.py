@@ -13,7 +13,6 @@ kept in fp32 unless an fp16-safe VAE is given with --pretrained_vae_model_name_o
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import torch
@@ -25,16 +24,19 @@ import train_drpo
 encode_prompts = drpo_utils.encode_prompts_sdxl  # condition c: both encoders + pooled text + time ids
 
 
-def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="DrPO for SDXL-Turbo-family one-step models.")
+def build_parser():
     # Pixel-space MAE features: the paper's choice for SDXL (the latent-MAE speaks SD-VAE latents only).
-    drpo_utils.add_training_args(parser, default_resolution=512, default_feature_extractor="vit_mae")
+    parser = train_drpo.build_parser("DrPO for SDXL-Turbo-family one-step models.", default_feature_extractor="vit_mae")
     parser.add_argument(
         "--pretrained_vae_model_name_or_path", default=None,
         help="An fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix); without it the SDXL VAE stays in fp32.",
     )
-    args = parser.parse_args(input_args)
-    drpo_utils.check_args(args)
+    return parser
+
+
+def parse_args(input_args=None):
+    args = build_parser().parse_args(input_args)
+    train_drpo.check_args(args)
     return args
 
 

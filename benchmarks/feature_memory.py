@@ -24,22 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import drpo_utils  # noqa: E402
-from benchmarks.harness import publish, run_isolated  # noqa: E402
-from pipelines.latent_mae import LatentMAEEncoder  # noqa: E402
+import drpo_utils
+from benchmarks.harness import publish, run_isolated
+from pipelines import features
+from pipelines.latent_mae import LatentMAEEncoder
 
 MODES = ("drpo", "drpo_checkpointing", "forward_only")
 
 
-def random_latent_mae(folder: str, base_channels: int, feature_extractor: str) -> drpo_utils.FeatureMap:
+def random_latent_mae(folder: str, base_channels: int, feature_extractor: str) -> features.FeatureMap:
     """A latent-MAE feature map with random weights, loaded through the converted-weights path."""
     from safetensors.torch import save_file
 
@@ -47,7 +45,7 @@ def random_latent_mae(folder: str, base_channels: int, feature_extractor: str) -
     encoder = LatentMAEEncoder(base_channels)
     path = os.path.join(folder, "encoder.safetensors")
     save_file(encoder.state_dict(), path, metadata={"model_config": json.dumps(encoder.config)})
-    return drpo_utils.build_feature_map(feature_extractor, path)
+    return features.build_feature_map(feature_extractor, path)
 
 
 def _status_bytes(field: str) -> int:

@@ -18,18 +18,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import drpo_utils  # noqa: E402
-from benchmarks.harness import publish, run_isolated  # noqa: E402
-from pipelines.one_step import load_one_step_pipeline  # noqa: E402
+import drpo_utils
+from benchmarks.harness import publish, run_isolated
+from pipelines import features, training
+from pipelines.inference import load_one_step_pipeline
 
 PROMPT = "a large red circle on the left"
 
@@ -79,9 +76,9 @@ class Bench:
         self.device = torch.device(args.device)
         torch.manual_seed(0)
         self.pipe = load_one_step_pipeline(args.model, device=self.device)
-        drpo_utils.prepare_frozen_models(self.pipe, self.device)
-        lora_args = argparse.Namespace(rank=16, lora_alpha=None, lora_target_modules=drpo_utils.LORA_TARGET_MODULES)
-        drpo_utils.add_lora(self.pipe.unet, lora_args)
+        training.prepare_frozen_models(self.pipe, self.device)
+        lora_args = argparse.Namespace(rank=16, lora_alpha=None, lora_target_modules=training.LORA_TARGET_MODULES)
+        training.add_lora(self.pipe.unet, lora_args)
         self.params = [p for p in self.pipe.unet.parameters() if p.requires_grad]
         self.reward_model = RandomRewardModel(args.reward_width, args.reward_depth, args.reward_resolution)
         self.reward_model = self.reward_model.to(self.device).eval().requires_grad_(False)
@@ -90,7 +87,7 @@ class Bench:
         self.ctx = train_drpo.DrPOContext(
             args=self.step_args, accelerator=Accelerator(cpu=self.device.type == "cpu"), pipe=self.pipe,
             unet=self.pipe.unet, scheduler=copy.deepcopy(self.pipe.scheduler),
-            feature_map=drpo_utils.build_feature_map(args.feature_extractor).to(self.device),
+            feature_map=features.build_feature_map(args.feature_extractor).to(self.device),
             reward_fn=self.reward_fn, config=drpo_utils.DriftConfig(), encode_prompts=train_drpo.encode_prompts,
         )
         self.drpo_step_fn = train_drpo.drpo_step
@@ -104,7 +101,7 @@ class Bench:
         return torch.Generator().manual_seed(0)
 
     def reward_fn(self, images, prompts):
-        """Contract 4 reward: CPU images in, N floats out (moved to the reward's device)."""
+        """A reward as the protocol says: CPU images in, N floats out (scored on the reward model's device)."""
         return self.reward_model(images.to(self.device)).cpu()
 
     # -- the pieces -----------------------------------------------------------------------------

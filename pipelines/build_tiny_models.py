@@ -36,7 +36,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from drpo_utils import COLORS, encode_prompts_sd, encode_prompts_sdxl, one_step_latents
+from drpo_utils import encode_prompts_sd, encode_prompts_sdxl, one_step_latents
+from pipelines.rewards.rules import COLORS
 
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.13, "large": 0.22}

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from drpo_utils import load_reward, score_candidates  # noqa: E402
-from pipelines.one_step import generate_images, load_one_step_pipeline  # noqa: E402
+from pipelines.inference import generate_images, load_lora, load_one_step_pipeline
+from pipelines.prompts import load_prompts
+from pipelines.rewards import load_reward, score_candidates
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -30,12 +27,13 @@ def parse_seeds(spec: str) -> list[int]:
     return [int(x) for x in spec.split(",")]
 
 
-def reward_table(pipe, reward_fn, reward_name: str, prompts: list[str], seeds: list[int], resolution=None):
-    """Rewards [len(prompts), len(seeds)] and the images they score."""
-    images = generate_images(pipe, prompts, seeds, resolution)
-    scorer = getattr(reward_fn, "raw", reward_fn)  # a mixture: its weighted raw sum, comparable across models
-    scores = score_candidates(scorer, images, [p for p in prompts for _ in seeds], reward_name)
-    return scores.view(len(prompts), len(seeds)).double(), images
+def reward_table(pipe, reward_fn, reward_name: str, prompts: list[str], seeds: list[int], resolution=None,
+                 progress: bool = False, description: str = "generating"):
+    """Rewards [len(prompts), len(seeds)] and the images they score (a mixture: its reported raw sum,
+    comparable across models)."""
+    images = generate_images(pipe, prompts, seeds, resolution, progress=progress, description=description)
+    scores = score_candidates(reward_fn, images, [p for p in prompts for _ in seeds], reward_name).reported
+    return scores.view(len(prompts), len(seeds)), images
 
 
 def summarize(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float]:
@@ -60,12 +58,13 @@ def summarize(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float]:
     }
 
 
-def evaluate(model: str, lora: str, reward: str, prompts: list[str], seeds: list[int], resolution=None):
+def evaluate(model: str, lora: str, reward: str, prompts: list[str], seeds: list[int], resolution=None,
+             progress: bool = False):
     reward_fn = load_reward(reward)
     pipe = load_one_step_pipeline(model)
-    base, base_images = reward_table(pipe, reward_fn, reward, prompts, seeds, resolution)
-    pipe.load_lora_weights(lora)
-    tuned, tuned_images = reward_table(pipe, reward_fn, reward, prompts, seeds, resolution)
+    base, base_images = reward_table(pipe, reward_fn, reward, prompts, seeds, resolution, progress, "base")
+    load_lora(pipe, lora)
+    tuned, tuned_images = reward_table(pipe, reward_fn, reward, prompts, seeds, resolution, progress, "LoRA")
     return summarize(base, tuned), base_images, tuned_images
 
 
@@ -79,12 +78,9 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--output_json", default=None)
     args = parser.parse_args(argv)
-    with open(args.prompts_file, encoding="utf-8") as handle:
-        prompts = [line.strip() for line in handle if line.strip()]
-    if not prompts:
-        raise SystemExit(f"no prompts in {args.prompts_file}")
+    prompts = load_prompts(args.prompts_file)
     result, _, _ = evaluate(args.pretrained_model_name_or_path, args.lora, args.reward, prompts,
-                            parse_seeds(args.seeds), args.resolution)
+                            parse_seeds(args.seeds), args.resolution, progress=True)
     for key, value in result.items():
         print(f"{key:>12}: {value:.4f}" if isinstance(value, float) else f"{key:>12}: {value}")
     if args.output_json:

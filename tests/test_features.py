@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_latent_mae
 
-from drpo_utils import FEATURE_MAPS, build_feature_map
+from pipelines.features import FEATURE_MAPS, build_feature_map
 
 
 def tiny_vit_mae(path):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import build_tiny_clip
 
-from drpo_utils import RewardError, load_reward
-from pipelines.geneval import (
+from pipelines.rewards import RewardError, load_reward
+from pipelines.rewards.geneval import (
     COLORS,
     CROP_BACKGROUND,
     GenEvalReward,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import ROOT, random_flax_latent_mae, tiny_latent_mae, write_flax_release
 from safetensors.torch import load_file
 
-from drpo_utils import activation_statistics, build_feature_map
+from pipelines.features import activation_statistics, build_feature_map
 from pipelines.latent_mae import CONVERTED_FILE, load_latent_mae, read_flax_msgpack
 
 FLAX_FIXTURE = os.path.join(ROOT, "tests", "data", "flax_latent_mae")  # written by flax itself

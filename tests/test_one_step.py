@@ -8,7 +8,7 @@ from conftest import PROMPTS, build_random_pipeline
 from diffusers import AutoPipelineForText2Image
 
 from drpo_utils import encode_prompts_sd, encode_prompts_sdxl, one_step_latents
-from pipelines.one_step import generate_images, initial_noise
+from pipelines.inference import generate_images, initial_noise
 
 
 def pipeline_latents(pipe, prompt, seed, resolution):

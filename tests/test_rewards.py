@@ -11,15 +11,12 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, build_tiny_clip
 
-import drpo_utils
-from pipelines.reward_server import build_server
-from pipelines.rewards import (
-    ClipSimilarity,
-    MixtureReward,
-    RemoteReward,
-    clip_preprocess,
-    standardise_per_prompt,
-)
+import pipelines.rewards as rewards
+from pipelines.rewards import REWARDS as REGISTRY
+from pipelines.rewards import MixtureReward, RemoteReward
+from pipelines.rewards.mixture import standardise_per_prompt
+from pipelines.rewards.models import ClipSimilarity, clip_preprocess
+from pipelines.rewards.server import build_server
 
 REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
 
@@ -82,7 +79,7 @@ def test_hpsv2_scores_like_the_authors_pipeline_and_reads_the_image(tiny_hps):
     import open_clip
     from PIL import Image
 
-    from pipelines.rewards import hpsv2
+    from pipelines.rewards.models import hpsv2
 
     architecture, checkpoint = tiny_hps
     reward = hpsv2(checkpoint=checkpoint, architecture=architecture)
@@ -109,15 +106,15 @@ def test_hpsv2_scores_like_the_authors_pipeline_and_reads_the_image(tiny_hps):
 
 
 def test_hpsv21_reads_its_own_checkpoint(tiny_hps, tmp_path):
-    from pipelines.rewards import MODEL_REWARDS, hpsv21
+    from pipelines.rewards.models import hpsv21
 
     architecture, checkpoint = tiny_hps
-    assert "HPS_v2.1_compressed.pt" in MODEL_REWARDS["hpsv21"][1]
+    assert "HPS_v2.1_compressed.pt" in REGISTRY["hpsv21"].downloads
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
     torch.save({"state_dict": state}, tmp_path / "HPS_v2.1_compressed.pt")
     images, prompts = torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"]
-    v2 = MODEL_REWARDS["hpsv2"][0](checkpoint=checkpoint, architecture=architecture)(images, prompts)
+    v2 = REGISTRY["hpsv2"].load(checkpoint=checkpoint, architecture=architecture)(images, prompts)
     v21 = hpsv21(checkpoint=str(tmp_path / "HPS_v2.1_compressed.pt"), architecture=architecture)(images, prompts)
     assert not torch.allclose(v2, v21)
 
@@ -131,8 +128,8 @@ def tiny_image_reward(tmp_path, monkeypatch):
     """
     from transformers import BertTokenizer
 
-    import pipelines.rewards
-    from pipelines.rewards import import_image_reward
+    import pipelines.rewards.models
+    from pipelines.rewards.models import import_image_reward
 
     image_reward = import_image_reward()
     from ImageReward.models.BLIP import blip_pretrain
@@ -141,7 +138,7 @@ def tiny_image_reward(tmp_path, monkeypatch):
     words = "a an the red green blue circle square triangle large small on left right top of".split()
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
     BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "bert")
-    monkeypatch.setattr(pipelines.rewards, "BLIP_TOKENIZER", str(tmp_path / "bert"))
+    monkeypatch.setattr(pipelines.rewards.models, "BLIP_TOKENIZER", str(tmp_path / "bert"))
 
     def small_vit(vit, image_size, *args):
         return VisionTransformer(img_size=image_size, patch_size=16, embed_dim=32, depth=1, num_heads=2), 32
@@ -167,7 +164,7 @@ def test_imagereward_scores_like_the_package_and_reads_the_image(tiny_image_rewa
     """Batched tensors through our preprocessing == the package's own ``score(prompt, PIL image)``."""
     from PIL import Image
 
-    from pipelines.rewards import ImageRewardScore
+    from pipelines.rewards.models import ImageRewardScore
 
     checkpoint, med_config = tiny_image_reward
     reward = ImageRewardScore(checkpoint, med_config)
@@ -189,7 +186,7 @@ def test_imagereward_scores_like_the_package_and_reads_the_image(tiny_image_rewa
 def test_named_model_reward_without_network_says_which_weights(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="needs the weights"):
-        drpo_utils.load_reward(name)
+        rewards.load_reward(name)
 
 
 def test_training_with_a_model_reward_fails_at_start_up_not_in_step_one(tmp_path):
@@ -208,14 +205,17 @@ def test_mixture_standardises_per_prompt_and_weights_components():
     torch.testing.assert_close(z, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64))
     images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     images[0] = 1.0  # brightest
-    mixture = drpo_utils.load_reward(f"{REWARDS}:brightness,{REWARDS}:darkness", weights=[2.0, 1.0])
+    mixture = rewards.load_reward(f"{REWARDS}:brightness,{REWARDS}:darkness", weights=[2.0, 1.0])
     assert isinstance(mixture, MixtureReward)
     mixed = mixture(images, ["p"] * 3)
     bright = standardise_per_prompt(images.mean((1, 2, 3)), ["p"] * 3)
     torch.testing.assert_close(mixed, 2.0 * bright - bright)  # darkness = -brightness
-    assert set(mixture.last_components) == {f"{REWARDS}:brightness", f"{REWARDS}:darkness"}
+    details = rewards.score_candidates(mixture, images, ["p"] * 3, "mixture")
+    assert set(details.components) == {f"{REWARDS}:brightness", f"{REWARDS}:darkness"}
+    torch.testing.assert_close(details.ranking, mixed)
+    torch.testing.assert_close(details.reported, (2.0 * images.mean((1, 2, 3)) - images.mean((1, 2, 3))).double())
     with pytest.raises(ValueError, match="2 values for 3 rewards"):
-        drpo_utils.check_reward_spec("color_match,jpeg_compressibility,clip", [1.0, 2.0])
+        rewards.check_reward_spec("color_match,jpeg_compressibility,clip", [1.0, 2.0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def quantised(images):
 def test_remote_reward_scores_like_the_local_one(serve):
     url = serve(f"{REWARDS}:brightness", token="s3cret")
     images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    remote = drpo_utils.score_candidates(RemoteReward(url, token="s3cret"), images, ["p"] * 5, url)
+    remote = rewards.score_candidates(RemoteReward(url, token="s3cret"), images, ["p"] * 5, url).ranking
     local = quantised(images).mean((1, 2, 3))
     torch.testing.assert_close(remote, local.double(), rtol=1e-5, atol=1e-6)
 
@@ -256,7 +256,7 @@ def test_server_rejects_missing_or_wrong_tokens(serve, monkeypatch):
     url = serve(f"{REWARDS}:brightness", token="s3cret")
     images = torch.rand(2, 3, 8, 8)
     for token in (None, "wrong"):
-        with pytest.raises(drpo_utils.RewardError, match="HTTP 401"):
+        with pytest.raises(rewards.RewardError, match="HTTP 401"):
             RemoteReward(url, token=token)(images, ["p", "p"])
     monkeypatch.setenv("DRPO_REWARD_TOKEN", "s3cret")  # the client reads the shared token from the environment
     assert len(RemoteReward(url)(images, ["p", "p"])) == 2
@@ -264,15 +264,15 @@ def test_server_rejects_missing_or_wrong_tokens(serve, monkeypatch):
 
 def test_server_caps_batch_and_request_size(serve):
     url = serve(f"{REWARDS}:brightness", max_batch=3, max_request_mb=0.01)
-    with pytest.raises(drpo_utils.RewardError, match="HTTP 413.*1..3 images"):
+    with pytest.raises(rewards.RewardError, match="HTTP 413.*1..3 images"):
         RemoteReward(url)(torch.rand(4, 3, 4, 4), ["p"] * 4)
-    with pytest.raises(drpo_utils.RewardError, match="HTTP 413.*bytes"):
+    with pytest.raises(rewards.RewardError, match="HTTP 413.*bytes"):
         RemoteReward(url)(torch.rand(2, 3, 128, 128), ["p"] * 2)  # noisy PNGs > 10 kB
 
 
 def test_server_reports_a_reward_that_returns_the_wrong_count(serve):
     url = serve(f"{REWARDS}:wrong_count")
-    with pytest.raises(drpo_utils.RewardError, match="HTTP 422.*returned 1 scores for 2 images"):
+    with pytest.raises(rewards.RewardError, match="HTTP 422.*returned 1 scores for 2 images"):
         RemoteReward(url)(torch.rand(2, 3, 8, 8), ["p", "p"])
 
 
@@ -282,7 +282,7 @@ def test_client_errors_for_a_server_that_is_down_slow_or_answers_garbage():
     port = probe.server_port
     probe.server_close()  # nothing listens there any more
     start = time.time()
-    with pytest.raises(drpo_utils.RewardError, match="unreachable or too slow after 2 attempts"):
+    with pytest.raises(rewards.RewardError, match="unreachable or too slow after 2 attempts"):
         RemoteReward(f"http://127.0.0.1:{port}/score", retries=1, backoff=0.01)(images, prompts)
     assert time.time() - start < 10
 
@@ -306,12 +306,12 @@ def test_client_errors_for_a_server_that_is_down_slow_or_answers_garbage():
     threading.Thread(target=fake.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{fake.server_port}"
     try:
-        with pytest.raises(drpo_utils.RewardError, match="too slow"):
+        with pytest.raises(rewards.RewardError, match="too slow"):
             RemoteReward(base + "/slow", timeout=0.3, retries=0)(images, prompts)
-        with pytest.raises(drpo_utils.RewardError, match="list of numbers"):
+        with pytest.raises(rewards.RewardError, match="list of numbers"):
             RemoteReward(base + "/words")(images, prompts)
-        with pytest.raises(drpo_utils.RewardError, match="returned 1 scores for 2 images"):
-            drpo_utils.score_candidates(RemoteReward(base + "/count"), images, prompts, base + "/count")
+        with pytest.raises(rewards.RewardError, match="returned 1 scores for 2 images"):
+            rewards.score_candidates(RemoteReward(base + "/count"), images, prompts, base + "/count")
     finally:
         fake.shutdown()
         fake.server_close()
@@ -332,7 +332,7 @@ def test_training_with_a_remote_reward_end_to_end(serve, tmp_path):
 
 def test_aesthetic_predictor_loads_the_published_head_format(tiny_clip, tmp_path):
     """A CLIP vision tower + the authors' MLP head file (keys layers.0 ... layers.7)."""
-    from pipelines.rewards import AestheticScore
+    from pipelines.rewards.models import AestheticScore
 
     torch.manual_seed(0)
     widths = [(16, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
@@ -366,7 +366,7 @@ def test_server_only_decodes_png():
 
     from PIL import Image
 
-    from pipelines.rewards import decode_png
+    from pipelines.rewards.remote import decode_png
 
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="JPEG")
@@ -379,8 +379,8 @@ def test_server_only_decodes_png():
 
 
 def test_hpsv3_outside_its_environment_says_how_to_serve_it():
-    with pytest.raises(ImportError, match="pins transformers==4.45.2.*reward_server.py --reward hpsv3"):
-        drpo_utils.load_reward("hpsv3")
+    with pytest.raises(ImportError, match="pins transformers==4.45.2.*pipelines.rewards.server --reward hpsv3"):
+        rewards.load_reward("hpsv3")
 
 
 def test_hpsv3_adapter_feeds_the_inferencer_pil_images_and_keeps_mu(monkeypatch):
@@ -391,7 +391,7 @@ def test_hpsv3_adapter_feeds_the_inferencer_pil_images_and_keeps_mu(monkeypatch)
 
     from PIL import Image
 
-    from pipelines.rewards import HPSv3Score
+    from pipelines.rewards.models import HPSv3Score
 
     calls = []
 
@@ -415,7 +415,7 @@ def test_hpsv3_adapter_feeds_the_inferencer_pil_images_and_keeps_mu(monkeypatch)
 
 
 def test_imagereward_checkpoint_missing_parameters_is_an_error(tiny_image_reward, tmp_path):
-    from pipelines.rewards import ImageRewardScore
+    from pipelines.rewards.models import ImageRewardScore
 
     checkpoint, med_config = tiny_image_reward
     state = torch.load(checkpoint, weights_only=True)

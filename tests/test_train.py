@@ -97,7 +97,7 @@ def test_two_cpu_processes_stay_in_sync(tmp_path, script):
                 os.path.join(ROOT, "tests", "data", "ddp_probe.py"), str(probe)]
     launch(script, *training_args(SCRIPTS[script], output, "--reward=color_match", "--max_train_steps=3",
                                   "--checkpointing_steps=2", "--learning_rate=1e-3"),
-           launcher=torchrun, env={"ACCELERATE_USE_CPU": "true"})
+           launcher=torchrun, env={"ACCELERATE_USE_CPU": "true", "PYTHONPATH": ROOT})
     import json
 
     draws = [json.loads((probe / f"draws_rank{r}.json").read_text()) for r in (0, 1)]

@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 import drpo_utils
 import train_drpo
 import train_drpo_sdxl
+from pipelines import training
+from pipelines.rewards import RewardError
 
 SCRIPTS = {"sd": (train_drpo, TINY_SD), "sdxl": (train_drpo_sdxl, TINY_SDXL)}
 
@@ -92,7 +94,7 @@ def test_push_without_credentials_fails_before_training(tmp_path, monkeypatch, s
                                               ("not_a_number", "non-finite")])
 def test_bad_reward_output_stops_at_the_first_call(tmp_path, function, message):
     args = train_drpo.parse_args(args_for(tmp_path, f"--reward={REWARDS}:{function}"))
-    with pytest.raises(drpo_utils.RewardError, match=message):
+    with pytest.raises(RewardError, match=message):
         train_drpo.main(args)
 
 
@@ -125,7 +127,16 @@ def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypat
     assert {"pytorch_lora_weights.safetensors", "README.md", "samples_before_after.png"} <= set(files)
     assert "checkpoint-*" in ignore
     card = (tmp_path / "README.md").read_text()
-    assert "base_model:" in card and "samples_before_after.png" in card and "load_lora_weights" in card
+    assert "samples_before_after.png" in card and "load_lora_weights" in card
+    assert "base_model:" not in card  # a local folder is no Hub id (the Hub would reject it)
+
+
+def test_model_card_base_model_is_a_hub_id_or_nothing(tmp_path):
+    assert training.hub_base_model("stabilityai/sd-turbo") == "stabilityai/sd-turbo"
+    snapshot = tmp_path / "hub" / "models--stabilityai--sdxl-turbo" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert training.hub_base_model(str(snapshot)) == "stabilityai/sdxl-turbo"
+    assert training.hub_base_model(TINY_SD) is None
 
 
 @pytest.mark.parametrize("architecture,pipeline_cls,encode", [
@@ -139,20 +150,20 @@ def test_saved_lora_loads_into_a_stock_pipeline_with_the_right_scale(tmp_path, a
     assert isinstance(pipe, pipeline_cls)
     pipe.set_progress_bar_config(disable=True)
     args = train_drpo.parse_args(args_for(tmp_path, "--rank=4", "--lora_alpha=8"))
-    drpo_utils.add_lora(pipe.unet, args)
+    training.add_lora(pipe.unet, args)
     torch.manual_seed(0)
     for name, param in pipe.unet.named_parameters():
         if "lora_B" in name:
             param.data.normal_(std=0.05)
     prompt, seed = "a small red circle on the left", 7
-    from pipelines.one_step import initial_noise
+    from pipelines.inference import initial_noise
 
     condition = encode(pipe, [prompt], "cpu", 64)
     with torch.no_grad():
         trained = drpo_utils.one_step_latents(pipe.unet, copy.deepcopy(pipe.scheduler), initial_noise(pipe, seed, 64, 64),
                                               condition)
     lora_dir = tmp_path / "lora"
-    drpo_utils.save_lora(str(lora_dir), pipe.unet, pipeline_cls)
+    training.save_lora(str(lora_dir), pipe.unet, pipeline_cls)
     with safe_open(str(lora_dir / "pytorch_lora_weights.safetensors"), "pt") as handle:
         metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
     assert metadata["unet.lora_alpha"] == 8 and metadata["unet.r"] == 4
@@ -177,7 +188,7 @@ def test_sdxl_defaults_to_pixel_mae_and_trains_with_local_weights(tmp_path):
     from test_features import tiny_vit_mae
 
     defaults = train_drpo_sdxl.parse_args(["--pretrained_model_name_or_path=x", f"--prompts_file={PROMPTS}"])
-    assert defaults.feature_extractor == "vit_mae" and defaults.resolution == 512
+    assert defaults.feature_extractor == "vit_mae" and defaults.resolution is None  # None: the model's own
     weights = tiny_vit_mae(tmp_path / "vit-mae")
     args = train_drpo_sdxl.parse_args(args_for(tmp_path / "out", "--feature_extractor=vit_mae",
                                                f"--feature_extractor_path={weights}", "--gradient_checkpointing",

@@ -1,4 +1,7 @@
-"""Run a training script under torchrun and record, per rank, the prompts/noises drawn and the final LoRA."""
+"""Run a training script under torchrun and record, per rank, the prompts/noises drawn and the final LoRA.
+
+Needs the repository root on PYTHONPATH (the test sets it).
+"""
 
 import json
 import os
@@ -7,15 +10,13 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-import drpo_utils  # noqa: E402
+from pipelines import rewards, training
 
 probe_dir, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 rank = int(os.environ["RANK"])
 draws = []
-original_score = drpo_utils.score_candidates
-original_finish = drpo_utils.finish_training
+original_score = rewards.score_candidates
+original_finish = training.finish_training
 
 
 def recording_score(reward_fn, images, prompts, name):
@@ -33,7 +34,7 @@ def recording_finish(accelerator, args, pipe, *rest, **kwargs):
     return original_finish(accelerator, args, pipe, *rest, **kwargs)
 
 
-drpo_utils.score_candidates = recording_score
-drpo_utils.finish_training = recording_finish
+rewards.score_candidates = recording_score
+training.finish_training = recording_finish
 sys.argv = [script, *argv]
 runpy.run_path(script, run_name="__main__")

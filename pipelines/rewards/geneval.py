@@ -29,8 +29,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from drpo_utils import RewardError
-from pipelines.rewards import clip_preprocess
+from pipelines.rewards.models import clip_preprocess
+from pipelines.rewards.protocol import RewardError
 
 DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 CLIP = "openai/clip-vit-large-patch14"
@@ -151,7 +151,7 @@ def mask_box(mask: torch.Tensor) -> list[float]:
 
 
 class GenEvalReward:
-    """1.0 if the image passes the prompt's GenEval check, else 0.0 (Contract 4 reward)."""
+    """1.0 if the image passes the prompt's GenEval check, else 0.0 (a reward in the sense of ``pipelines/rewards/protocol.py``)."""
 
     def __init__(self, detector: str = DETECTOR, clip: str = CLIP, device="cpu", threshold: float = 0.3,
                  counting_threshold: float = 0.9, max_objects: int = 16, position_margin: float = 0.1):
@@ -237,3 +237,8 @@ class GenEvalReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return torch.tensor([float(passed) for passed, _ in self.verdicts(images, prompts)])
+
+
+def geneval(device="cpu") -> GenEvalReward:
+    """The ``geneval`` reward with the evaluator's detector and CLIP model."""
+    return GenEvalReward(device=device)

@@ -1,6 +1,6 @@
 """Serve any DrPO reward over HTTP, so a large reward can run on other GPUs or in its own environment.
 
-    python pipelines/reward_server.py --reward pickscore --port 8000 --token s3cret
+    python -m pipelines.rewards.server --reward pickscore --port 8000 --token s3cret
     accelerate launch train_drpo.py ... --reward http://127.0.0.1:8000/score   # DRPO_REWARD_TOKEN=s3cret
 
 POST /score with ``{"prompts": [...], "images": [base64 PNG, ...]}`` answers ``{"scores": [...]}``.
@@ -15,16 +15,13 @@ import argparse
 import hmac
 import json
 import os
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from drpo_utils import RewardError, load_reward, score_candidates  # noqa: E402
-from pipelines.rewards import TOKEN_ENV, decode_png  # noqa: E402
+from pipelines.rewards import RewardError, load_reward, score_candidates
+from pipelines.rewards.remote import TOKEN_ENV, decode_png
 
 
 class RequestError(Exception):
@@ -44,7 +41,7 @@ def make_handler(reward_fn, reward_name: str, token: str | None, max_bytes: int,
                 self.check_request()
                 prompts, images = self.read_batch()
                 with lock:
-                    scores = score_candidates(reward_fn, images, prompts, reward_name)
+                    scores = score_candidates(reward_fn, images, prompts, reward_name).ranking
                 self.answer(200, {"scores": scores.tolist()})
             except RequestError as error:
                 self.answer(error.status, {"error": str(error)})

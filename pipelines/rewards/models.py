@@ -1,25 +1,17 @@
-"""Rewards that are models or services: PickScore, CLIP score, mixtures, and remote rewards over HTTP.
+"""Rewards that are models: PickScore, CLIP score, LAION aesthetic, HPS v2 / v2.1, ImageReward, HPSv3.
 
-Every reward follows Contract 4: ``reward(images, prompts) -> N scores`` with ``images`` a float32
-tensor [N, 3, H, W] in [0, 1] on the CPU. DrPO only ranks with them, so they always run under
-``torch.no_grad()``; model rewards move the images to their own device and preprocess in torch.
+Each follows the reward protocol (``pipelines/rewards/protocol.py``): CPU images in [0, 1] and prompts
+in, one score per image out. They move the images to their own device and preprocess in torch,
+matching their authors' PIL pipelines (tested). Weights come from the Hub on first use, or from local
+folders/files saved in the same formats.
 """
 
 from __future__ import annotations
 
-import base64
-import http.client
-import io
-import json
 import os
-import time
-import urllib.error
-import urllib.request
 
 import torch
 import torch.nn.functional as F
-
-from drpo_utils import RewardError, score_candidates
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -332,8 +324,8 @@ def imagereward(device="cpu"):
 HPSV3_ENVIRONMENT = (
     "reward 'hpsv3' needs the `hpsv3` package, which pins transformers==4.45.2 and so cannot share this "
     "environment (transformers 5). Serve it from its own: `python -m venv hpsv3-env && hpsv3-env/bin/pip install "
-    "hpsv3 msgpack`, then `hpsv3-env/bin/python pipelines/reward_server.py --reward hpsv3 --port 8000`, and train "
-    "with --reward http://127.0.0.1:8000/score"
+    "hpsv3 msgpack`, then, from this repository's root, `hpsv3-env/bin/python -m pipelines.rewards.server "
+    "--reward hpsv3 --port 8000`, and train with --reward http://127.0.0.1:8000/score"
 )
 
 
@@ -359,150 +351,3 @@ class HPSv3Score(BatchedReward):
 
 def hpsv3(device="cpu"):
     return HPSv3Score(device=device)
-
-
-def geneval(device="cpu"):
-    """GenEval task checks (``pipelines/geneval.py``): 1 if the image passes its prompt's check, else 0."""
-    from pipelines.geneval import GenEvalReward
-
-    return GenEvalReward(device=device)
-
-
-# Named model rewards: name -> (factory, what it downloads)
-MODEL_REWARDS = {
-    "pickscore": (pickscore, "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K tokenizer (~4 GB)"),
-    "clip": (clip_score, "openai/clip-vit-large-patch14 (~1.7 GB)"),
-    "aesthetic": (aesthetic, "openai/clip-vit-large-patch14 (~1.7 GB) + the LAION aesthetic v2 head from GitHub "
-                             "(4 MB)"),
-    "hpsv2": (hpsv2, f"{HPS_REPO}:HPS_v2_compressed.pt (open_clip ViT-H-14, ~3.9 GB)"),
-    "hpsv21": (hpsv21, f"{HPS_REPO}:HPS_v2.1_compressed.pt (open_clip ViT-H-14, ~3.9 GB)"),
-    "imagereward": (imagereward, "THUDM/ImageReward: ImageReward.pt + med_config.json (~1.8 GB), tokenizer "
-                                 "bert-base-uncased"),
-    "hpsv3": (hpsv3, "MizzenAI/HPSv3:HPSv3.safetensors + Qwen/Qwen2-VL-7B-Instruct (~16 GB), and the hpsv3 package"),
-    "geneval": (geneval, "facebook/mask2former-swin-small-coco-instance (~280 MB) + openai/clip-vit-large-patch14 "
-                         "(~1.7 GB)"),
-}
-
-
-# ------------------------------------------------------------------------------------------------
-# Mixtures
-# ------------------------------------------------------------------------------------------------
-
-
-def standardise_per_prompt(scores: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """z-score the scores within each group of identical prompts (a constant group becomes 0)."""
-    out = torch.zeros_like(scores, dtype=torch.float64)
-    for prompt in dict.fromkeys(prompts):
-        index = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
-        group = scores[index].double()
-        spread = group.std() if len(group) > 1 else torch.tensor(0.0, dtype=torch.float64)
-        out[index] = (group - group.mean()) / spread if spread > 0 else 0.0
-    return out
-
-
-class MixtureReward:
-    """sum_k w_k * standardise_per_prompt(R_k): scales of the components cannot dominate.
-
-    ``last_components`` keeps each component's raw mean of the last call and ``last_raw`` the weighted
-    sum of raw scores, for logging; ``raw`` scores with that sum (for evaluation across models, where
-    per-prompt z-scores would compare nothing).
-    """
-
-    def __init__(self, components: dict, weights: list[float]):
-        if len(weights) != len(components):
-            raise ValueError(f"{len(components)} rewards but {len(weights)} --reward_weights")
-        self.components, self.weights = components, weights
-        self.last_components: dict[str, float] = {}
-        self.last_raw = torch.zeros(0, dtype=torch.float64)
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        total = torch.zeros(len(images), dtype=torch.float64)
-        raw = torch.zeros(len(images), dtype=torch.float64)
-        for (name, reward), weight in zip(self.components.items(), self.weights):
-            scores = score_candidates(reward, images, prompts, name)
-            self.last_components[name] = scores.mean().item()
-            total += weight * standardise_per_prompt(scores, prompts)
-            raw += weight * scores
-        self.last_raw = raw
-        return total
-
-    def raw(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        self(images, prompts)
-        return self.last_raw
-
-
-# ------------------------------------------------------------------------------------------------
-# Remote rewards: a JSON POST of PNG images and prompts, answered by {"scores": [...]}
-# ------------------------------------------------------------------------------------------------
-
-TOKEN_ENV = "DRPO_REWARD_TOKEN"
-
-
-def encode_png(image: torch.Tensor) -> str:
-    """[3, H, W] in [0, 1] -> base64 PNG (8-bit, lossless at that depth)."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-MAX_PIXELS = 2048 * 2048
-
-
-def decode_png(data: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """base64 PNG (and only PNG) -> [3, H, W] float32 in [0, 1] (RGB); refuses more than ``max_pixels``."""
-    import numpy as np
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)), formats=["PNG"])
-    if image.width * image.height > max_pixels:
-        raise ValueError(f"image of {image.width}x{image.height} pixels exceeds {max_pixels}")
-    image = image.convert("RGB")
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
-
-
-class RemoteReward:
-    """A reward served over HTTP (e.g. ``python pipelines/reward_server.py --reward pickscore``).
-
-    Sends ``{"prompts": [...], "images": [base64 PNG, ...]}``; expects ``{"scores": [N numbers]}``.
-    Each request has a timeout; connection failures and 5xx answers are retried a bounded number of
-    times with backoff; anything else fails at once with a message naming the URL.
-    """
-
-    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, retries: int = 2,
-                 backoff: float = 1.0):
-        self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
-        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
-        body = json.dumps({"prompts": list(prompts), "images": [encode_png(image) for image in images]}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        for attempt in range(self.retries + 1):
-            try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    answer = json.loads(response.read())
-                break
-            except urllib.error.HTTPError as error:
-                detail = error.read()[:500].decode(errors="replace")
-                if error.code < 500 or attempt == self.retries:
-                    raise RewardError(f"reward server {self.url} answered HTTP {error.code}: {detail}") from error
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
-                if attempt == self.retries:
-                    raise RewardError(
-                        f"reward server {self.url} unreachable or too slow after {self.retries + 1} attempts "
-                        f"(timeout {self.timeout}s): {error}"
-                    ) from error
-            except json.JSONDecodeError as error:
-                raise RewardError(f"reward server {self.url} did not answer JSON: {error}") from error
-            time.sleep(self.backoff * 2**attempt)
-        scores = answer.get("scores") if isinstance(answer, dict) else None
-        if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool)
-                                                   for s in scores):
-            raise RewardError(f"reward server {self.url} did not return a list of numbers: {str(answer)[:200]}")
-        return scores

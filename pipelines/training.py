@@ -1,0 +1,455 @@
+"""Run plumbing shared by ``train_drpo.py`` and ``train_drpo_sdxl.py``: the accelerator, the LoRA,
+checkpoints and exact resume, per-step logs and history, validation grids, the final check, the
+model card and the Hub. Nothing here is the method (that is ``drpo_utils.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from drpo_utils import lora_disabled
+from pipelines.evaluate import reward_table, summarize
+from pipelines.inference import generate_images, load_lora
+
+LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
+HISTORY_FILE = "reward_history.jsonl"
+VALIDATION_SEED = 10_000  # held-out: training noises come from step_generator
+
+
+# ---------------------------------------------------------------------------------------------
+# Accelerator and models
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_accelerator(args):
+    """Accelerator with trackers, mixed precision and gradient accumulation from the flags."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if args.report_to == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ImportError("--report_to wandb needs `pip install wandb`")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+    )
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """dtype of the frozen weights: fp16 / bf16 under mixed precision (LoRA stays fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def prepare_frozen_models(pipe, device) -> None:
+    """Freeze every pipeline module (eval mode) and move the pipeline to ``device``."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
+    pipe.to(device)
+
+
+def add_lora(unet, args) -> None:
+    """Attach the trainable LoRA adapter ("default") to the frozen UNet (paper: rank 16, attention)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
+            target_modules=[m.strip() for m in args.lora_target_modules.split(",")],
+        )
+    )
+
+
+def save_lora(directory: str, unet, pipeline_cls) -> None:
+    """``pytorch_lora_weights.safetensors`` (keys ``unet.*``) with the adapter metadata (alpha, rank)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    pipeline_cls.save_lora_weights(
+        directory, unet_lora_layers=state_dict, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
+    )
+
+
+def load_lora_into_adapter(directory: str, unet, pipeline_cls) -> None:
+    """Load saved LoRA weights into the *existing* "default" adapter (never a new ``default_1``)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state_dict = pipeline_cls.lora_state_dict(directory)[0]
+    unet_state = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"checkpoint LoRA does not match the model: {result.unexpected_keys[:5]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and exact resume
+# ---------------------------------------------------------------------------------------------
+
+
+def register_lora_checkpoint_hooks(accelerator, unet, pipeline_cls) -> None:
+    """Make ``accelerator.save_state`` store only the LoRA (loadable by ``load_lora_weights``)."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_lora(output_dir, accelerator.unwrap_model(unet), pipeline_cls)
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        load_lora_into_adapter(input_dir, accelerator.unwrap_model(unet), pipeline_cls)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def resolve_checkpoint_path(output_dir: str, name: str) -> str:
+    return name if os.path.isabs(name) or os.path.dirname(name) else os.path.join(output_dir, name)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints ``checkpoint-N`` in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    return sorted(names, key=lambda d: int(d.split("-")[1]))
+
+
+def find_resume_checkpoint(args) -> str | None:
+    """The checkpoint to resume from: ``latest`` may find none (fresh start), a named one must exist."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        return os.path.join(args.output_dir, checkpoints[-1]) if checkpoints else None
+    return resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
+
+
+def save_checkpoint(accelerator, args, global_step: int) -> None:
+    """Atomically write ``checkpoint-N`` (state + LoRA), then prune to ``--checkpoints_total_limit``.
+
+    The state is written to ``checkpoint-N.tmp`` and renamed, so an interrupted save never leaves a
+    half-written checkpoint; older checkpoints are removed only after the new one exists.
+    """
+    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    staging = final + ".tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        if args.checkpoints_total_limit is not None:
+            for old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(os.path.join(args.output_dir, old))
+    accelerator.wait_for_everyone()
+
+
+def maybe_resume(accelerator, args) -> int:
+    """Load the checkpoint named by --resume_from_checkpoint (LoRA, optimiser, scheduler, RNG); return its step."""
+    path = find_resume_checkpoint(args)
+    if path is None:
+        if args.resume_from_checkpoint:
+            accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
+        return 0
+    match = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    if match is None:
+        raise ValueError(f"--resume_from_checkpoint must name a checkpoint-N folder, got {path}")
+    accelerator.print(f"Resuming from {path}")
+    accelerator.load_state(path)
+    return int(match.group(1))
+
+
+def step_generator(base_seed: int, step: int, micro_step: int, index: int, rank: int) -> torch.Generator:
+    """RNG for one prompt of one micro-step: prompt draw, noises and pairs.
+
+    Derived from (seed, step, micro-step, index, rank) alone, so ranks draw different prompts and
+    noises, and a resumed run replays exactly the draws of an uninterrupted one.
+    """
+    digest = hashlib.sha256(f"{base_seed}/{step}/{micro_step}/{index}/{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs and history
+# ---------------------------------------------------------------------------------------------
+
+
+def init_trackers(accelerator, args) -> None:
+    if accelerator.is_main_process and args.report_to != "none":
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("drpo", config=config)
+
+
+def step_logs(accelerator, step_stats: list[dict], lr_scheduler, seconds: float) -> dict[str, float]:
+    """Average the per-prompt stats of one optimisation step over micro-steps and processes."""
+    keys = sorted(step_stats[0])
+    local = torch.tensor([[s[k] for k in keys] for s in step_stats], dtype=torch.float64).mean(0)
+    averaged = accelerator.gather(local.to(accelerator.device)[None]).mean(0).tolist()
+    logs = dict(zip(keys, averaged))
+    logs.update(lr=lr_scheduler.get_last_lr()[0], step_time=seconds)
+    return logs
+
+
+def check_finite_loss(accelerator, loss: torch.Tensor, step: int) -> None:
+    """Stop (on every rank together) before a NaN/inf loss reaches the optimiser and the LoRA."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1).to(accelerator.device)
+    if accelerator.gather(finite).min() < 1:
+        raise FloatingPointError(f"non-finite loss at step {step}; the last checkpoint is intact")
+
+
+def load_history(output_dir: str, up_to_step: int) -> list[dict]:
+    """Per-step logs of an earlier run (for the reward curve of a resumed run)."""
+    path = os.path.join(output_dir, HISTORY_FILE)
+    if up_to_step == 0 or not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        return [row for row in map(json.loads, handle) if row["step"] <= up_to_step]
+
+
+def save_history(accelerator, output_dir: str, history: list[dict]) -> None:
+    if accelerator.is_main_process:
+        staging = os.path.join(output_dir, HISTORY_FILE + ".tmp")
+        with open(staging, "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in history)
+        os.replace(staging, os.path.join(output_dir, HISTORY_FILE))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: reward curve, labelled base-vs-LoRA grids
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_reward_curve(history: list[dict], path: str) -> None:
+    """reward_curve.png: candidate reward mean (+- std across candidates) per optimisation step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    mean = torch.tensor([h["reward_mean"] for h in history])
+    std = torch.tensor([h["reward_std"] for h in history])
+    window = max(1, len(history) // 20)
+    smooth = torch.nn.functional.avg_pool1d(mean.view(1, 1, -1), window, 1, padding=0).flatten()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.15, label="candidate spread (std)")
+    ax.plot(steps, mean, alpha=0.4, label="candidate mean")
+    ax.plot(steps[window - 1:], smooth, linewidth=2, label=f"moving mean ({window})")
+    ax.set(xlabel="optimisation step", ylabel="reward", title="DrPO: reward of the K candidates")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def to_pil(images: torch.Tensor):
+    """[N, 3, H, W] in [0, 1] -> one PIL image, the N images side by side."""
+    from PIL import Image
+
+    row = torch.cat(list(images), dim=2)
+    return Image.fromarray((row.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def labelled_grid(prompts: list[str], rows: dict[str, torch.Tensor], per_prompt: int):
+    """Per prompt: a caption line with the prompt, then one labelled row per entry of ``rows``
+    (e.g. ``{"base": ..., "LoRA": ...}``, each [len(prompts) * per_prompt, 3, H, W], prompt-major)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    first = next(iter(rows.values()))
+    height, width = first.shape[-2:]
+    font = ImageFont.load_default(size=max(10, min(16, height // 5)))
+    label_width, caption_height = 8 * max(len(label) for label in rows) + 12, font.size + 8
+    grid = Image.new("RGB", (label_width + per_prompt * width, len(prompts) * (caption_height + len(rows) * height)),
+                     "white")
+    draw, top = ImageDraw.Draw(grid), 0
+    for index, prompt in enumerate(prompts):
+        draw.text((4, top + 3), prompt, fill="black", font=font)
+        top += caption_height
+        for label, images in rows.items():
+            draw.text((4, top + height // 2 - font.size // 2), label, fill="black", font=font)
+            grid.paste(to_pil(images[index * per_prompt : (index + 1) * per_prompt]), (label_width, top))
+            top += height
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation during training
+# ---------------------------------------------------------------------------------------------
+
+
+def validation_prompts(args, prompts: list[str]) -> list[str]:
+    if args.validation_prompts:
+        return [p.strip() for p in args.validation_prompts.split("|") if p.strip()]
+    return list(dict.fromkeys(prompts))[:4]
+
+
+def validation_seeds(args) -> list[int]:
+    return list(range(VALIDATION_SEED, VALIDATION_SEED + args.num_validation_seeds))
+
+
+def log_images(accelerator, name: str, image, step: int) -> None:
+    """Send a PIL image to every active tracker (tensorboard / wandb)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Image(image)}, step=step)
+
+
+def log_validation(accelerator, pipe, prompts: list[str], args, step: int) -> None:
+    """Validation grid: per prompt, the base model's row above the LoRA's row, same held-out seeds.
+
+    No autocast: the pipeline runs each module in its own dtype (an fp32-kept SDXL VAE stays fp32),
+    and peft casts the LoRA branch itself.
+    """
+    if not accelerator.is_main_process:
+        return
+    seeds = validation_seeds(args)
+    with lora_disabled(pipe.unet):
+        base = generate_images(pipe, prompts, seeds, args.resolution)
+    tuned = generate_images(pipe, prompts, seeds, args.resolution)
+    grid = labelled_grid(prompts, {"base": base, "LoRA": tuned}, len(seeds))
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    grid.save(os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
+    log_images(accelerator, "validation/base_vs_lora", grid, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card and the Hub
+# ---------------------------------------------------------------------------------------------
+
+
+def hub_token(args) -> str | None:
+    from huggingface_hub import get_token
+
+    return args.hub_token or get_token()
+
+
+def hub_base_model(name_or_path: str) -> str | None:
+    """The base model's Hub id for the card's ``base_model``: the id itself, the repo of a Hub cache
+    snapshot folder, or None for a model that only exists on this disk."""
+    if not os.path.exists(name_or_path):
+        return name_or_path
+    match = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", os.path.abspath(name_or_path))
+    return f"{match.group(1)}/{match.group(2)}" if match else None
+
+
+def write_model_card(args, output_dir: str, sample_file: str | None, metrics: dict) -> None:
+    """``README.md`` model card (huggingface_hub.ModelCard) with the samples and the DrPO setup."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    base_model = hub_base_model(args.pretrained_model_name_or_path)
+    samples = (f"![base vs LoRA]({sample_file})\n\nPer prompt (named above its rows): the base model, then the "
+               f"same seeds with this LoRA.\n" if sample_file else "")
+    lines = "\n".join(f"- {k}: {v}" for k, v in metrics.items())
+    card_data = ModelCardData(base_model=base_model, library_name="diffusers", license="other",
+                              tags=["text-to-image", "diffusers", "lora", "drpo", "one-step"])
+    content = f"""---
+{card_data.to_yaml()}
+---
+
+# DrPO LoRA for {base_model or args.pretrained_model_name_or_path}
+
+LoRA weights trained with Drifting Preference Optimization (arXiv 2606.02521): reward `{args.reward}`,
+feature map `{args.feature_extractor}`, K = {args.num_candidates}, M = {args.num_pairs},
+lambda = {args.ref_weight}, eta = {args.velocity_scale}, radii {args.drift_radii}, kernel {args.drift_kernel},
+{args.max_train_steps} steps at learning rate {args.learning_rate}, rank {args.rank}.
+
+{samples}
+{lines}
+
+```python
+from diffusers import AutoPipelineForText2Image
+
+pipe = AutoPipelineForText2Image.from_pretrained("{base_model or args.pretrained_model_name_or_path}")
+pipe.load_lora_weights("{repo_id}")
+image = pipe("a prompt", num_inference_steps=1, guidance_scale=0.0).images[0]
+```
+"""
+    ModelCard(content).save(os.path.join(output_dir, "README.md"))
+
+
+def create_hub_repo(args) -> str:
+    """Create (or reuse) the Hub repository at start-up, so auth problems fail before training."""
+    from huggingface_hub import create_repo
+
+    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    return create_repo(name, exist_ok=True, token=hub_token(args)).repo_id
+
+
+def push_to_hub(args, repo_id: str) -> None:
+    from huggingface_hub import upload_folder
+
+    upload_folder(
+        repo_id=repo_id, folder_path=args.output_dir, commit_message="DrPO LoRA",
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp"], token=hub_token(args),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of a run
+# ---------------------------------------------------------------------------------------------
+
+
+def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_id, fresh_pipeline) -> dict:
+    """Save the LoRA, reload it into a fresh stock pipeline, score it, plot, write the card, push.
+
+    ``fresh_pipeline()`` loads the base model again exactly as the script does (e.g. SDXL's VAE).
+    """
+    if not accelerator.is_main_process:
+        return {}
+    save_lora(args.output_dir, accelerator.unwrap_model(pipe.unet), type(pipe))
+    save_history(accelerator, args.output_dir, history)
+    if history:
+        plot_reward_curve(history, os.path.join(args.output_dir, "reward_curve.png"))
+
+    # Final check on a fresh pipeline: exactly what a user gets from load_lora_weights.
+    fresh = fresh_pipeline().to(accelerator.device)
+    seeds = validation_seeds(args)
+    base, base_images = reward_table(fresh, reward_fn, args.reward, prompts, seeds, args.resolution)
+    load_lora(fresh, args.output_dir)
+    tuned, tuned_images = reward_table(fresh, reward_fn, args.reward, prompts, seeds, args.resolution)
+    metrics = summarize(base, tuned)
+    with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    labelled_grid(prompts, {"base": base_images, "LoRA": tuned_images}, len(seeds)).save(
+        os.path.join(args.output_dir, "samples_before_after.png"))
+    accelerator.print(
+        f"held-out {args.reward}: base {metrics['base_mean']:.4f} -> LoRA {metrics['lora_mean']:.4f} "
+        f"(effect size {metrics['effect_size']:.2f}, paired z {metrics['z_paired']:.1f})"
+    )
+    write_model_card(args, args.output_dir, "samples_before_after.png", {
+        f"held-out {args.reward} (base -> LoRA)": f"{metrics['base_mean']:.4f} -> {metrics['lora_mean']:.4f}",
+        "effect size (change / across-seed std)": f"{metrics['effect_size']:.2f}",
+    })
+    if repo_id is not None:
+        push_to_hub(args, repo_id)
+    return metrics
