@@ -13,6 +13,7 @@ z + eta * V (Algorithm 1). The reward only ranks, so any reward works; inference
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -217,29 +218,50 @@ class DrPOContext:
     encode_prompts: Callable  # prompt -> condition c (SD or SDXL)
 
 
+def prompt_condition(ctx: DrPOContext, prompt: str, count: int) -> dict:
+    """Condition c, encoded once and shared by ``count`` candidates."""
+    condition = ctx.encode_prompts(ctx.pipe, [prompt], ctx.accelerator.device, ctx.args.resolution)
+    return {name: value.expand(count, *value.shape[1:]) for name, value in condition.items()}
+
+
+def candidate_noise(ctx: DrPOContext, count: int, rng: torch.Generator) -> torch.Tensor:
+    """Initial noises eps_1..count at the training resolution's latent size."""
+    size = ctx.args.resolution // ctx.pipe.vae_scale_factor
+    shape = (count, ctx.pipe.unet.config.in_channels, size, size)
+    return torch.randn(shape, generator=rng).to(ctx.accelerator.device)
+
+
+def current_samples(ctx: DrPOContext, condition: dict, noise: torch.Tensor):
+    """x_i = g_theta(eps_i, c) and Z = phi(x_i), differentiable (Algorithm 1, lines 4-5).
+
+    Returns the latents, their decoded images (None unless phi reads images) and the features.
+    """
+    latents = drpo_utils.one_step_latents(ctx.unet, ctx.scheduler, noise, condition)
+    images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
+    return latents, images, ctx.feature_map(latents, images)
+
+
+@torch.no_grad()
+def reference_features(ctx: DrPOContext, condition: dict, noise: torch.Tensor):
+    """R = phi(g_ref(eps_i, c)): the frozen base model (the same UNet, LoRA disabled), same noises."""
+    with drpo_utils.lora_disabled(ctx.pipe.unet):
+        latents = drpo_utils.one_step_latents(ctx.pipe.unet, ctx.scheduler, noise, condition)
+    images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
+    return ctx.feature_map(latents, images)
+
+
 def drpo_step(ctx: DrPOContext, prompt: str, rng: torch.Generator):
     """Lines 3-12 of Algorithm 1 for one prompt; returns the loss and what to log."""
-    args, pipe, device = ctx.args, ctx.pipe, ctx.accelerator.device
-    k = args.num_candidates
-    # 3: condition c (encoded once, shared by the K candidates) and noises eps_1..K
-    condition = ctx.encode_prompts(pipe, [prompt], device, args.resolution)
-    condition = {name: value.expand(k, *value.shape[1:]) for name, value in condition.items()}
-    latent_size = args.resolution // pipe.vae_scale_factor
-    noise = torch.randn((k, pipe.unet.config.in_channels, latent_size, latent_size), generator=rng).to(device)
-    # 4: current samples x_i = g_theta(eps_i, c) and reference samples x_i^ref = g_ref(eps_i, c)
+    args, device, k = ctx.args, ctx.accelerator.device, ctx.args.num_candidates
+    # 3: condition c and noises eps_1..K
+    condition, noise = prompt_condition(ctx, prompt, k), candidate_noise(ctx, k, rng)
     with ctx.accelerator.autocast():
-        latents = drpo_utils.one_step_latents(ctx.unet, ctx.scheduler, noise, condition)
-        with torch.no_grad(), drpo_utils.lora_disabled(pipe.unet):
-            ref_latents = drpo_utils.one_step_latents(pipe.unet, ctx.scheduler, noise, condition)
-        # 5: features Z = phi(x_i) (differentiable) and R = phi(x_i^ref) (frozen)
-        feature_map = ctx.feature_map
-        images = drpo_utils.decode_latents(pipe.vae, latents) if feature_map.needs_images else None
-        z = feature_map(latents, images)
+        # 4-5: current samples and their features Z (differentiable); reference features R (frozen)
+        latents, images, z = current_samples(ctx, condition, noise)
+        z_ref = reference_features(ctx, condition, noise)
+    if images is None:
         with torch.no_grad():
-            ref_images = drpo_utils.decode_latents(pipe.vae, ref_latents) if feature_map.needs_images else None
-            z_ref = feature_map(ref_latents, ref_images)
-            if images is None:
-                images = drpo_utils.decode_latents(pipe.vae, latents)
+            images = drpo_utils.decode_latents(ctx.pipe.vae, latents)
     # 6-7: rank with the reward (no gradient, CPU images) and form A+ / A-
     scores = rewards.score_candidates(ctx.reward_fn, images, [prompt] * k, args.reward)
     winners, losers = drpo_utils.sample_reward_pairs(scores.ranking, args.num_pairs, rng)
@@ -249,6 +271,16 @@ def drpo_step(ctx: DrPOContext, prompt: str, rng: torch.Generator):
                  num_pairs=len(winners))
     stats.update({f"reward/{name}": value.mean().item() for name, value in scores.components.items()})
     return loss, stats
+
+
+def activation_bytes_per_candidate(ctx: DrPOContext, prompt: str) -> int:
+    """What one candidate keeps alive for backward: one differentiable sample of ``prompt``, measured."""
+    condition = prompt_condition(ctx, prompt, 1)
+    noise = torch.zeros(1, ctx.pipe.unet.config.in_channels, ctx.args.resolution // ctx.pipe.vae_scale_factor,
+                        ctx.args.resolution // ctx.pipe.vae_scale_factor, device=ctx.accelerator.device)
+    probe = dataclasses.replace(ctx, unet=ctx.pipe.unet)  # the unwrapped UNet: no DDP bookkeeping for a probe
+    with ctx.accelerator.autocast():
+        return memory.saved_activation_bytes(lambda: current_samples(probe, condition, noise))
 
 
 def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
@@ -264,7 +296,6 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     base_seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31, ()).item())
 
     weight_dtype = training.weight_dtype(accelerator)
-    memory.check_step_memory(args, unet_config, vae_config, accelerator.device, feature_map.needs_images, weight_dtype)
     pipe = load_pipeline(args, weight_dtype)
     feature_map.check_vae(pipe.vae)
     training.prepare_frozen_models(pipe, accelerator.device)
@@ -297,6 +328,8 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
         reward_fn=reward_fn, config=drift_config(args), encode_prompts=encode_prompts,
     )
     validation_prompts = training.validation_prompts(args, prompts)
+    memory.check_step_memory(args, activation_bytes_per_candidate(ctx, prompts[0]), accelerator.device,
+                             memory.own_resolution(unet_config, vae_config))
     history = training.load_history(args.output_dir, global_step)
     logger.info(f"DrPO: {len(prompts)} prompts, K={args.num_candidates}, M={args.num_pairs}, {args.resolution} px, "
                 f"{args.max_train_steps} steps, resuming at {global_step}")

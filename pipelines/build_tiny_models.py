@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from drpo_utils import encode_prompts_sd, encode_prompts_sdxl, one_step_latents
@@ -223,8 +223,8 @@ def train_vae(vae: AutoencoderKL, steps: int, batch_size: int, generator: torch.
     """Reconstruction + tiny KL; the first 60% of steps on random 32 px crops, the rest at 64 px."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    start = time.time()
-    for step in range(steps):
+    progress = tqdm(range(steps), desc="tiny VAE", unit="step")
+    for step in progress:
         images = render(*random_batch(batch_size, generator)) * 2 - 1
         if step < 0.6 * steps:
             top, left = torch.randint(0, RESOLUTION - 32 + 1, (2,), generator=generator).tolist()
@@ -236,8 +236,8 @@ def train_vae(vae: AutoencoderKL, steps: int, batch_size: int, generator: torch.
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"vae step {step:5d}  loss {loss.item():.5f}  {time.time() - start:.0f}s", flush=True)
+        if step % 20 == 0 or step == steps - 1:
+            progress.set_postfix(loss=f"{loss.item():.5f}")
 
 
 @torch.no_grad()
@@ -258,8 +258,8 @@ def train_generator(pipe, encode_prompts, steps: int, batch_size: int, generator
     optimizer = torch.optim.AdamW(parameters, lr=5e-4, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=0.05)
     vae = pipe.vae
-    start = time.time()
-    for step in range(steps):
+    progress = tqdm(range(steps), desc="tiny one-step generator", unit="step")
+    for step in progress:
         captions, noise = random_batch(batch_size, generator)
         with torch.no_grad():
             target = vae.encode(render(captions, noise) * 2 - 1).latent_dist.mean * vae.config.scaling_factor
@@ -271,8 +271,8 @@ def train_generator(pipe, encode_prompts, steps: int, batch_size: int, generator
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         lr_schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"generator step {step:5d}  loss {loss.item():.5f}  {time.time() - start:.0f}s", flush=True)
+        if step % 20 == 0 or step == steps - 1:
+            progress.set_postfix(loss=f"{loss.item():.5f}")
 
 
 def main(args=None):

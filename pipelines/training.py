@@ -434,9 +434,11 @@ def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_i
     # Final check on a fresh pipeline: exactly what a user gets from load_lora_weights.
     fresh = fresh_pipeline().to(accelerator.device)
     seeds = validation_seeds(args)
-    base, base_images = reward_table(fresh, reward_fn, args.reward, prompts, seeds, args.resolution)
+    base, base_images = reward_table(fresh, reward_fn, args.reward, prompts, seeds, args.resolution, progress=True,
+                                     description="final check: base")
     load_lora(fresh, args.output_dir)
-    tuned, tuned_images = reward_table(fresh, reward_fn, args.reward, prompts, seeds, args.resolution)
+    tuned, tuned_images = reward_table(fresh, reward_fn, args.reward, prompts, seeds, args.resolution, progress=True,
+                                       description="final check: LoRA")
     metrics = summarize(base, tuned)
     with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2)

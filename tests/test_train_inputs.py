@@ -203,3 +203,72 @@ def test_missing_feature_weights_fail_before_the_model_loads(tmp_path):
                                           f"--feature_extractor_path={tmp_path / 'nowhere'}"))
     with pytest.raises(OSError, match="needs the weights"):
         train_drpo.main(args, load_pipeline=no_model_loading)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_has_help_and_help_shows_every_default(script):
+    module, _ = SCRIPTS[script]
+    parser = module.build_parser()
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings[0]} has no help text"
+        if not action.required:
+            assert f"(default: {action.default})" in text, action.option_strings[0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resolution_defaults_to_the_models_own(tmp_path, monkeypatch, script):
+    module, model = SCRIPTS[script]
+    seen = {}
+
+    def stop_at_pipeline(args, weight_dtype):
+        seen["resolution"] = args.resolution
+        raise KeyboardInterrupt
+
+    args = module.parse_args([a for a in args_for(tmp_path, model=model) if not a.startswith("--resolution")])
+    assert args.resolution is None
+    with pytest.raises(KeyboardInterrupt):
+        train_drpo.main(args, load_pipeline=stop_at_pipeline)
+    assert seen["resolution"] == 64  # tiny models: sample_size 16 x VAE factor 4
+
+
+@pytest.mark.parametrize("resolution", ["60", "0", "-64", "36"])
+def test_bad_resolution_fails_before_the_model_loads(tmp_path, resolution):
+    args = train_drpo.parse_args(args_for(tmp_path, f"--resolution={resolution}"))
+    with pytest.raises(ValueError, match="--resolution must be a positive multiple of 8"):
+        train_drpo.main(args, load_pipeline=no_model_loading)
+
+
+def test_memory_check_warns_before_the_first_step_when_k_and_resolution_do_not_fit(tmp_path, monkeypatch, caplog):
+    """The tiny model at 512 px with K = 24 needs ~40 GB for backward: say so (and what to lower) before step 1."""
+    def first_step(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_drpo, "drpo_step", first_step)
+    args = train_drpo.parse_args(args_for(tmp_path, "--num_candidates=24", "--num_pairs=12") + ["--resolution=512"])
+    with caplog.at_level("WARNING", logger="pipelines.memory"), pytest.raises(KeyboardInterrupt):
+        train_drpo.main(args)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.name == "pipelines.memory")
+    assert "--resolution 512 with --num_candidates 24" in warning and "Lower --resolution (this model's own is 64)" \
+        in warning, warning
+
+
+def test_memory_check_is_quiet_when_the_step_fits(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train_drpo, "drpo_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    args = train_drpo.parse_args(args_for(tmp_path))
+    with caplog.at_level("WARNING", logger="pipelines.memory"), pytest.raises(KeyboardInterrupt):
+        train_drpo.main(args)
+    assert not [r for r in caplog.records if r.name == "pipelines.memory"]
+
+
+def test_saved_activations_grow_with_the_latent_area():
+    from pipelines.memory import saved_activation_bytes
+
+    layer = torch.nn.Conv2d(4, 8, 3, padding=1).requires_grad_(True)
+    small = saved_activation_bytes(lambda: layer(torch.randn(1, 4, 16, 16)).relu())
+    large = saved_activation_bytes(lambda: layer(torch.randn(1, 4, 32, 32)).relu())
+    weight = layer.weight.numel() * 4
+    assert small == 4 * 16 * 16 * 4 + weight + 8 * 16 * 16 * 4  # conv input and weight, relu output (float32)
+    assert large - weight == 4 * (small - weight)
