@@ -388,7 +388,9 @@ lambda = {args.ref_weight}, eta = {args.velocity_scale}, radii {args.drift_radii
 
 ```python
 from diffusers import AutoPipelineForText2Image
+from diffusers.utils import logging
 
+logging.set_verbosity_error()  # a DrPO LoRA is UNet-only: hides "No LoRA keys associated to CLIPTextModel"
 pipe = AutoPipelineForText2Image.from_pretrained("{base_model or args.pretrained_model_name_or_path}")
 pipe.load_lora_weights("{repo_id}")
 image = pipe("a prompt", num_inference_steps=1, guidance_scale=0.0).images[0]

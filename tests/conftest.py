@@ -16,6 +16,14 @@ def tiny_sd():
     return TINY_SD
 
 
+def reset_accelerate_state():
+    """Forget the process-wide accelerate state, so ``main()`` can run several times in one process."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def build_random_pipeline(path: str, prediction_type: str = "epsilon", architecture: str = "sd-turbo") -> str:
     """An untrained SD-/SDXL-Turbo-shaped pipeline saved with save_pretrained (fast; for exactness tests)."""
     import torch

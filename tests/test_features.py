@@ -65,7 +65,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
 def test_keys_shapes_gradients_and_no_trainable_parameters(name, tmp_path):
-    """Contract: frozen, eval mode, differentiable w.r.t. its input, a dict of named tensors."""
+    """What pipelines/features.py promises: frozen, eval mode, differentiable w.r.t. its input, a dict of named tensors."""
     feature_map = build(name, tmp_path)
     assert not any(p.requires_grad for p in feature_map.parameters()) and not feature_map.training
     latents = torch.randn(3, 4, 8, 8, requires_grad=True)

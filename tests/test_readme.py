@@ -43,3 +43,44 @@ def test_quickstart_flags_exist():
     quickstart = README.split("**1. Install and run the main job**")[1].split("```")[1]
     flags = set(re.findall(r"(--[a-z0-9_]+)=", quickstart))
     assert flags and flags <= set(FLAG_ROWS), flags - set(FLAG_ROWS)
+
+
+def python_block_after(heading: str) -> str:
+    return README.split(heading, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_loading_snippet_runs_on_the_tiny_model_without_warnings(tmp_path):
+    """The README's "Load the result anywhere" code, with the tiny model and a LoRA in place of the real ones."""
+    import subprocess
+    import sys
+
+    from conftest import TINY_SD
+
+    from pipelines import training
+    from pipelines.inference import load_one_step_pipeline
+
+    pipe = load_one_step_pipeline(TINY_SD)
+    training.add_lora(pipe.unet, argparse.Namespace(rank=4, lora_alpha=None,
+                                                    lora_target_modules=training.LORA_TARGET_MODULES))
+    training.save_lora(str(tmp_path / "lora"), pipe.unet, type(pipe))
+    snippet = python_block_after("Load the result anywhere")
+    assert '"stabilityai/sd-turbo"' in snippet and '"drpo-sd-turbo"' in snippet
+    snippet = snippet.replace('"stabilityai/sd-turbo"', repr(TINY_SD)).replace('"drpo-sd-turbo"', repr(str(tmp_path / "lora")))
+    snippet += "\nassert image.size == (64, 64)\nprint('ok')\n"
+    out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    noise = [line for line in out.stderr.splitlines() if "warn" in line.lower() or "deprecat" in line.lower()
+             or "No LoRA keys" in line]
+    assert noise == [], noise
+
+
+def test_readme_result_blocks_are_the_saved_benchmark_results():
+    from benchmarks.readme import readme_block, saved_results
+
+    results = saved_results()
+    assert "quickstart" in results
+    for name, result in results.items():
+        block = readme_block(name, README)
+        assert block is not None, f"README has no <!-- results:{name} --> block"
+        assert block == result["markdown"].rstrip("\n") + "\n", f"README block {name!r} differs from its saved result"

@@ -6,9 +6,11 @@ import sys
 
 import pytest
 import torch
-from conftest import PROMPTS, ROOT, TINY_SD, TINY_SDXL, tiny_latent_mae
+from conftest import PROMPTS, ROOT, TINY_SD, TINY_SDXL, reset_accelerate_state, tiny_latent_mae
 from safetensors.torch import load_file
 
+import train_drpo
+import train_drpo_sdxl
 from pipelines.evaluate import evaluate
 
 REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
@@ -36,6 +38,16 @@ def launch(script, *args, launcher=None, env=None):
     return result
 
 
+def train(script, *args):
+    """Run a script's ``main`` in this process: what ``accelerate launch`` runs, without two interpreter
+    start-ups (the ``launch`` tests keep the command line itself covered)."""
+    module = {"train_drpo.py": train_drpo, "train_drpo_sdxl.py": train_drpo_sdxl}[script]
+    reset_accelerate_state()
+    train_drpo.main(module.parse_args(list(args)), encode_prompts=module.encode_prompts,
+                    load_pipeline=module.load_pipeline)
+    reset_accelerate_state()
+
+
 def lora_tensors(directory):
     return load_file(os.path.join(directory, "pytorch_lora_weights.safetensors"))
 
@@ -44,8 +56,9 @@ def lora_tensors(directory):
 @pytest.mark.parametrize("reward,sign", [("brightness", 1), ("darkness", -1)])
 def test_custom_reward_moves_by_more_than_three_standard_errors(tmp_path, script, reward, sign):
     model = SCRIPTS[script]
-    launch(script, *training_args(model, tmp_path, f"--reward={REWARDS}:{reward}", "--max_train_steps=40",
-                                  "--learning_rate=1e-3"))
+    run = launch if reward == "brightness" else train  # the command line as users type it, and main() in-process
+    run(script, *training_args(model, tmp_path, f"--reward={REWARDS}:{reward}", "--max_train_steps=40",
+                               "--learning_rate=1e-3"))
     with open(PROMPTS) as handle:
         prompts = [line.strip() for line in handle][:4]
     result, base_images, tuned_images = evaluate(model, str(tmp_path), f"{REWARDS}:brightness", prompts,
@@ -62,10 +75,10 @@ def test_resume_continues_exactly(tmp_path, script):
     model = SCRIPTS[script]
     common = ["--reward=color_match", "--checkpointing_steps=2", "--checkpoints_total_limit=2"]
     interrupted, uninterrupted = tmp_path / "interrupted", tmp_path / "uninterrupted"
-    launch(script, *training_args(model, interrupted, *common, "--max_train_steps=6"))
+    train(script, *training_args(model, interrupted, *common, "--max_train_steps=6"))
     assert (interrupted / "checkpoint-6").is_dir() and (interrupted / "checkpoint-4").is_dir()
-    launch(script, *training_args(model, interrupted, *common, "--max_train_steps=8", "--resume_from_checkpoint=latest"))
-    launch(script, *training_args(model, uninterrupted, *common, "--max_train_steps=8"))
+    train(script, *training_args(model, interrupted, *common, "--max_train_steps=8", "--resume_from_checkpoint=latest"))
+    train(script, *training_args(model, uninterrupted, *common, "--max_train_steps=8"))
 
     checkpoints = sorted(d for d in os.listdir(interrupted) if d.startswith("checkpoint"))
     assert checkpoints == ["checkpoint-6", "checkpoint-8"]
@@ -80,9 +93,10 @@ def test_resume_continues_exactly(tmp_path, script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bf16_accumulation_and_gradient_checkpointing_run(tmp_path, script):
-    launch(script, *training_args(SCRIPTS[script], tmp_path, "--reward=color_match", "--max_train_steps=2",
-                                  "--mixed_precision=bf16", "--gradient_checkpointing",
-                                  "--gradient_accumulation_steps=2", "--train_batch_size=2", "--validation_steps=1"))
+    train(script, *training_args(SCRIPTS[script], tmp_path, "--reward=color_match", "--max_train_steps=2",
+                                 "--mixed_precision=bf16", "--gradient_checkpointing", "--num_candidates=4",
+                                 "--num_pairs=4", "--gradient_accumulation_steps=2", "--train_batch_size=2",
+                                 "--validation_steps=1"))
     weights = lora_tensors(tmp_path)
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     assert sorted(os.listdir(tmp_path / "validation")) == ["step-000001.png", "step-000002.png"]
@@ -115,7 +129,7 @@ def test_latent_mae_features_train_end_to_end(tmp_path):
     """The paper's default feature map from a local Flax release folder, in bf16 with checkpointing."""
     weights = tiny_latent_mae(tmp_path / "latent_mae")
     output = tmp_path / "out"
-    launch("train_drpo.py", *training_args(TINY_SD, output, "--reward=color_match", "--max_train_steps=3",
+    train("train_drpo.py", *training_args(TINY_SD, output, "--reward=color_match", "--max_train_steps=3",
                                            "--learning_rate=1e-3", "--feature_extractor=latent_mae",
                                            f"--feature_extractor_path={weights}", "--mixed_precision=bf16",
                                            "--gradient_checkpointing"))

@@ -1,4 +1,5 @@
-"""Custom rewards for the tests (Contract 4: images [N, 3, H, W] in [0, 1] on the CPU, prompts -> N floats)."""
+"""Custom rewards for the tests (the reward protocol of pipelines/rewards/protocol.py: images [N, 3, H, W] in [0, 1]
+on the CPU and prompts in, N floats out)."""
 
 import numpy as np
 import torch
