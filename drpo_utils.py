@@ -38,9 +38,30 @@ import torch.nn.functional as F
 
 DRIFT_KERNELS = ("rbf", "laplacian", "exponential", "cosine")
 
-# Epsilons only guard divisions by zero; they never change a well-posed result.
-_EPS_SCALE = 1e-12  # eps_s and eps_z of Eqs. 19-20
-_EPS_RMS = 1e-24  # eps_v of Eq. 25 (on the mean of squares)
+
+
+@dataclass(frozen=True)
+class DriftNumerics:
+    """How the estimator guards divisions and treats a query's own copy among its supports.
+
+    The defaults are Appendix A exactly: epsilons that only guard divisions by zero, no affinity
+    floor, and masked copies removed (logit -inf). ``RELEASED_NUMERICS`` is the authors' released
+    estimator (``UGVly/DrPO``, ``drift_loss``), which differs in all four.
+    """
+
+    scale_floor: float = 1e-12  # s >= floor and s_z >= floor (eps_s, eps_z of Eqs. 19-20)
+    rms_floor: float = 1e-24  # RMS = sqrt(max(mean square, floor)) (eps_v of Eq. 25)
+    affinity_floor: float = 0.0  # A = sqrt(max(softmax_j * softmax_i, floor)) w_j (Eq. 22)
+    self_penalty: float = math.inf  # logit - penalty / rho on a masked copy; inf removes it
+
+    def __post_init__(self):
+        if self.scale_floor <= 0 or self.rms_floor <= 0 or self.affinity_floor < 0 or self.self_penalty <= 0:
+            raise ValueError(f"drift numerics: the floors of s and RMS and the self penalty must be positive, the "
+                             f"affinity floor non-negative; got {self}")
+
+
+EXACT_NUMERICS = DriftNumerics()
+RELEASED_NUMERICS = DriftNumerics(scale_floor=1e-3, rms_floor=1e-8, affinity_floor=1e-6, self_penalty=100.0)
 
 
 def kernel_logits(distances: torch.Tensor, cosine: torch.Tensor | None, radius: float, kernel: str) -> torch.Tensor:
@@ -73,10 +94,11 @@ def _support_weights(weight: float | torch.Tensor, count: int, like: torch.Tenso
     return weight
 
 
-def feature_scales(delta: torch.Tensor, weights: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_scales(delta: torch.Tensor, weights: torch.Tensor, dim: int,
+                   floor: float = EXACT_NUMERICS.scale_floor) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch scale s = Mean_ij(w_j Delta_ij) / Mean_j(w_j) (Eq. 19) and s_z = s / sqrt(d) (Eq. 20)."""
-    scale = ((delta * weights).mean() / weights.mean()).clamp_min(_EPS_SCALE)
-    return scale, (scale / math.sqrt(dim)).clamp_min(_EPS_SCALE)
+    scale = ((delta * weights).mean() / weights.mean()).clamp_min(floor)
+    return scale, (scale / math.sqrt(dim)).clamp_min(floor)
 
 
 def drift_field(
@@ -90,6 +112,8 @@ def drift_field(
     neg_weight: float | torch.Tensor = 1.0,
     mask_self: bool = False,
     mask_paired_positive: bool = False,
+    self_copies: int = 1,
+    numerics: DriftNumerics = EXACT_NUMERICS,
 ) -> torch.Tensor:
     """Multi-radius cross-mass drift V(z) of Algorithm A2, in the normalised coordinates of Eq. 20.
 
@@ -107,12 +131,14 @@ def drift_field(
          V <- V + V_rho / RMS(V_rho)                                    (Eqs. 25-26)
 
     ``mask_self`` excludes support ``neg[i]`` from query ``i`` (for i < Q): use it when the first Q
-    negatives are the queries themselves (the authors' self-negatives, or V_ref's sg(Z)).
+    negatives are the queries themselves (the authors' self-negatives, or V_ref's sg(Z)); with
+    ``self_copies = c`` the first c * Q negatives are c stacked copies, each masked on its diagonal.
     ``mask_paired_positive`` likewise excludes ``pos[i]`` from query ``i`` (V_ref's base sample r_i,
     which shares z_i's noise): with both, V_ref compares Z and R leave-one-out and is 0 when Z = R.
     ``pos_weight`` / ``neg_weight`` are scalars or per-support vectors (the authors weight pairs
     3000x relative to self-negatives). Since V is RMS-normalised per radius, a common rescaling of
-    all weights leaves V unchanged.
+    all weights leaves V unchanged (without an affinity floor). ``numerics`` sets the epsilons, the
+    affinity floor and whether masked copies are removed or only pushed away (``DriftNumerics``).
     """
     if z.ndim != 2 or pos.ndim != 2 or neg.ndim != 2:
         raise ValueError(f"z, pos, neg must be 2-D [count, dim]; got {z.shape}, {pos.shape}, {neg.shape}")
@@ -120,8 +146,8 @@ def drift_field(
         raise ValueError(f"feature dims differ: {z.shape[1]}, {pos.shape[1]}, {neg.shape[1]}")
     if len(pos) == 0 or len(neg) == 0:
         raise ValueError("drift_field needs at least one positive and one negative support")
-    if mask_self and len(neg) < len(z):
-        raise ValueError("mask_self needs the first Q negatives to be the Q queries")
+    if mask_self and len(neg) < self_copies * len(z):
+        raise ValueError(f"mask_self needs the first {self_copies} x Q negatives to be copies of the Q queries")
     if mask_paired_positive and len(pos) < len(z):
         raise ValueError("mask_paired_positive needs a positive per query")
 
@@ -134,7 +160,7 @@ def drift_field(
     )
 
     delta = torch.cdist(queries, supports)  # Eq. 18
-    scale, coord_scale = feature_scales(delta, weights, dim)  # Eqs. 19-20
+    scale, coord_scale = feature_scales(delta, weights, dim, numerics.scale_floor)  # Eqs. 19-20
     supports_normalised = supports / coord_scale
     distances = delta / scale
     cosine = F.normalize(queries, dim=1) @ F.normalize(supports, dim=1).T if kernel == "cosine" else None
@@ -144,7 +170,8 @@ def drift_field(
         self_mask = torch.zeros_like(delta, dtype=torch.bool)
         eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
         if mask_self:
-            self_mask[:, : len(z)] = eye
+            for copy in range(self_copies):
+                self_mask[:, copy * len(z) : (copy + 1) * len(z)] = eye
         if mask_paired_positive:
             self_mask[:, num_neg : num_neg + len(z)] |= eye
 
@@ -153,12 +180,14 @@ def drift_field(
     for radius in radii:
         logits = kernel_logits(distances, cosine, float(radius), kernel)  # Eq. 21
         if self_mask is not None:
-            logits = logits.masked_fill(self_mask, float("-inf"))
-        field = field + cross_mass_drift(logits, log_weights, supports_normalised, num_neg)  # Eqs. 22-25
+            logits = logits - self_mask * (numerics.self_penalty / float(radius)) if math.isfinite(
+                numerics.self_penalty) else logits.masked_fill(self_mask, float("-inf"))
+        field = field + cross_mass_drift(logits, log_weights, supports_normalised, num_neg, numerics)  # Eqs. 22-25
     return field.to(z.dtype)
 
 
-def cross_mass_drift(logits: torch.Tensor, log_weights: torch.Tensor, supports: torch.Tensor, num_neg: int):
+def cross_mass_drift(logits: torch.Tensor, log_weights: torch.Tensor, supports: torch.Tensor, num_neg: int,
+                     numerics: DriftNumerics = EXACT_NUMERICS):
     """RMS-normalised cross-mass drift of one radius (Eqs. 22-25), computed in log space.
 
     With A_ij = sqrt(softmax_j(L) softmax_i(L)) w_j (Eq. 22), masses m+-_i (Eq. 23) and the
@@ -168,10 +197,15 @@ def cross_mass_drift(logits: torch.Tensor, log_weights: torch.Tensor, supports: 
     they are kept as logarithms and the common factor c = max_i m+_i m-_i is divided out before
     exponentiating. Eq. 25 is then applied to the true field c * V': unit RMS where its mean square
     exceeds eps_v, and left (vanishingly) small where it does not, exactly as the formula says.
+    An affinity floor f (``numerics``) raises softmax_j * softmax_i to at least f before the root,
+    except where a support is removed (logit -inf).
     """
     # Eq. 22 in log space; a support whose every query is masked has no affinity (NaN -> -inf).
-    log_affinity = 0.5 * (logits.log_softmax(dim=1) + logits.log_softmax(dim=0)) + log_weights
-    log_affinity = log_affinity.nan_to_num(nan=float("-inf"))
+    log_product = (logits.log_softmax(dim=1) + logits.log_softmax(dim=0)).nan_to_num(nan=float("-inf"))
+    if numerics.affinity_floor > 0:
+        floored = log_product.clamp_min(math.log(numerics.affinity_floor))
+        log_product = torch.where(torch.isneginf(logits), log_product, floored)
+    log_affinity = 0.5 * log_product + log_weights
     log_neg, log_pos = log_affinity[:, :num_neg], log_affinity[:, num_neg:]
     log_mass = log_pos.logsumexp(dim=1) + log_neg.logsumexp(dim=1)  # log m+_i + log m-_i (Eq. 23)
     log_common = log_mass.max()
@@ -182,7 +216,7 @@ def cross_mass_drift(logits: torch.Tensor, log_weights: torch.Tensor, supports: 
     drift = (log_mass - log_common).exp().unsqueeze(1) * (mean_pos - mean_neg)  # Eq. 24 divided by c
     # Eq. 25 on c * drift: sqrt(max(c^2 ms, eps_v)) = c * sqrt(max(ms, eps_v / c^2)), all in log space.
     log_mean_square = drift.square().mean().log()
-    log_norm = 0.5 * torch.maximum(log_mean_square, math.log(_EPS_RMS) - 2 * log_common)
+    log_norm = 0.5 * torch.maximum(log_mean_square, math.log(numerics.rms_floor) - 2 * log_common)
     return drift * (-log_norm).exp()
 
 
@@ -226,72 +260,177 @@ def sample_reward_pairs(
 # ---------------------------------------------------------------------------------------------
 
 
+LOSS_REDUCTIONS = ("sum", "mean")
+
+
 @dataclass(frozen=True)
 class DriftConfig:
-    """Hyper-parameters of the DrPO field (Eqs. 15-16, Appendix A)."""
+    """Hyper-parameters of the DrPO field and loss (Eqs. 15-17, Appendix A); ``DRIFT_PRESETS`` names two."""
 
     radii: tuple[float, ...] = (0.1, 0.2, 0.5)
     kernel: str = "rbf"
     ref_weight: float = 0.2  # lambda, Eq. 15
     velocity_scale: float = 1.0  # eta, Eq. 16
-    pair_weight: float = 1.0  # w_j of the preference supports (authors: 3000)
-    self_negatives: bool = False  # add sg(Z) as self-masked negatives of V_pref (authors' code)
-    # Leave-one-out reference drift: z_i does not see its own copy in sg(Z) nor its paired base
-    # sample r_i in R (Eq. 14 wants independent sample sets; Appendix A is silent; the authors' code
-    # masks the self copy). Unmasked, the copy at distance 0 dominates Eq. 22 and V_ref_i becomes a
-    # unit-RMS pull of every sample onto its own reference, which freezes the generator (README).
+    pair_weight: float = 1.0  # w_j of the preference pairs and of V_ref's supports (authors: 3000)
+    self_negatives: bool = False  # sg(Z) as extra unit-weight negatives of both fields, own copy masked (authors)
+    # Leave-one-out reference drift: z_i does not see its own copy in sg(Z) (mask_self) nor its paired
+    # base sample r_i in R (mask_paired_reference). Eq. 14 wants independent sample sets; Appendix A is
+    # silent; the authors' code masks the copy only. Unmasked, the copy at distance 0 dominates Eq. 22
+    # and V_ref_i becomes a unit-RMS pull of every sample onto its own reference (README).
     mask_self: bool = True
+    mask_paired_reference: bool = True
+    numerics: DriftNumerics = EXACT_NUMERICS
+    loss_reduction: str = "sum"  # "sum": 1/(2K) sum_i ||.||^2 (Eq. 17); "mean": over candidates and dims
+    # False: one target z~ + eta (V_pref + lambda V_ref) in the preference call's coordinates (Eqs. 15-17).
+    # True: two regressions, each field in its own call's coordinates, the reference one weighted by lambda.
+    separate_branch_losses: bool = False
 
     def __post_init__(self):
         if self.kernel not in DRIFT_KERNELS:
             raise ValueError(f"Unknown drift kernel {self.kernel!r}; choose one of {', '.join(DRIFT_KERNELS)}.")
         if not self.radii or any(r <= 0 for r in self.radii):
             raise ValueError(f"drift radii must be positive, got {self.radii}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+        if self.pair_weight <= 0:
+            raise ValueError(f"the pair weight must be positive, got {self.pair_weight}")
+
+
+DRIFT_PRESETS = {
+    "paper": DriftConfig(),  # Appendix A exactly, with the leave-one-out reference drift
+    # The released code's estimator (UGVly/DrPO, drift_loss and its callers).
+    "authors": DriftConfig(radii=(0.02, 0.05, 0.2), kernel="laplacian", pair_weight=3000.0, self_negatives=True,
+                           mask_paired_reference=False, numerics=RELEASED_NUMERICS, loss_reduction="mean",
+                           separate_branch_losses=True),
+}
+
+
+def _with_self_negatives(queries: torch.Tensor, neg: torch.Tensor, neg_weight: float) -> tuple:
+    """[sg(Z); neg] with unit weights on sg(Z): the generated samples as supports of their own field."""
+    weights = torch.cat([queries.new_ones(len(queries)), queries.new_full((len(neg),), neg_weight)])
+    return torch.cat([queries, neg]), weights
 
 
 def preference_supports(z: torch.Tensor, winners, losers, config: DriftConfig) -> dict:
-    """Supports of V_pref: A+ = Z[winners], A- = Z[losers] (Eq. 12), plus sg(Z) as self-masked
-    unit-weight negatives when ``config.self_negatives`` (the authors' code)."""
+    """Supports of V_pref: A+ = Z[winners], A- = Z[losers] (Eq. 12), weighted ``pair_weight``; with
+    ``self_negatives`` also sg(Z) as unit-weight negatives, each query's own copy masked."""
     queries = z.detach()
     pos, neg = queries[winners], queries[losers]
-    pos_weight = neg_weight = config.pair_weight
-    if not config.self_negatives:
-        return dict(pos=pos, neg=neg, pos_weight=pos_weight, neg_weight=neg_weight, mask_self=False)
-    neg_weight = torch.cat([queries.new_ones(len(queries)), queries.new_full((len(losers),), config.pair_weight)])
-    return dict(pos=pos, neg=torch.cat([queries, neg]), pos_weight=pos_weight, neg_weight=neg_weight, mask_self=True)
+    supports = dict(pos=pos, neg=neg, pos_weight=config.pair_weight, neg_weight=config.pair_weight)
+    if config.self_negatives:
+        supports["neg"], supports["neg_weight"] = _with_self_negatives(queries, neg, config.pair_weight)
+        supports["mask_self"] = True
+    return supports
+
+
+def reference_supports(z: torch.Tensor, z_ref: torch.Tensor, config: DriftConfig) -> dict:
+    """Supports of V_ref: R (positives) and sg(Z) (negatives), weighted ``pair_weight`` (Eq. 14)."""
+    queries, ref = z.detach(), z_ref.detach()
+    supports = dict(pos=ref, neg=queries, pos_weight=config.pair_weight, neg_weight=config.pair_weight,
+                    mask_self=config.mask_self, mask_paired_positive=config.mask_self and config.mask_paired_reference)
+    if config.self_negatives:  # [sg(Z) (unit weight); sg(Z)]: the first copy always masked, the second with mask_self
+        supports["neg"], supports["neg_weight"] = _with_self_negatives(queries, queries, config.pair_weight)
+        supports.update(mask_self=True, self_copies=2 if config.mask_self else 1)
+    return supports
 
 
 def preference_field(z: torch.Tensor, winners, losers, config: DriftConfig) -> torch.Tensor:
     """V_pref = DriftField(Z, A+, A-) (Eq. 13); zero when all rewards tie (no pairs)."""
     if len(winners) == 0:
         return torch.zeros_like(z.detach())
-    return drift_field(z, radii=config.radii, kernel=config.kernel, **preference_supports(z, winners, losers, config))
+    return drift_field(z, radii=config.radii, kernel=config.kernel, numerics=config.numerics,
+                       **preference_supports(z, winners, losers, config))
 
 
 def reference_field(z: torch.Tensor, z_ref: torch.Tensor, config: DriftConfig) -> torch.Tensor:
     """V_ref = DriftField(Z, R, sg(Z)): attraction to the base model's samples (Eq. 14)."""
-    queries = z.detach()
-    return drift_field(queries, z_ref.detach(), queries, config.radii, kernel=config.kernel,
-                       mask_self=config.mask_self, mask_paired_positive=config.mask_self)
+    return drift_field(z, radii=config.radii, kernel=config.kernel, numerics=config.numerics,
+                       **reference_supports(z, z_ref, config))
 
 
-def loss_coordinate_scale(z: torch.Tensor, z_ref: torch.Tensor, winners, losers, config: DriftConfig) -> torch.Tensor:
-    """s_z (Eq. 20) of the preference call — the coordinates z~ = z / s_z in which Eq. 17 is taken.
-
-    With no pairs (all rewards tied) the reference call's s_z is used instead.
-    """
+def coordinate_scale(z: torch.Tensor, supports: dict, config: DriftConfig) -> torch.Tensor:
+    """s_z (Eq. 20) of a drift_field call with these supports: its normalised coordinates are z / s_z."""
     queries = z.detach().float()
-    if len(winners):
-        supports = preference_supports(queries, winners, losers, config)
-        pos, neg = supports["pos"], supports["neg"]
-        weights = torch.cat([
-            _support_weights(supports["neg_weight"], len(neg), queries),
-            _support_weights(supports["pos_weight"], len(pos), queries),
-        ])
-        support_set = torch.cat([neg, pos])
-    else:
-        support_set, weights = torch.cat([queries, z_ref.detach().float()]), queries.new_ones(2 * len(queries))
-    return feature_scales(torch.cdist(queries, support_set), weights, queries.shape[1])[1]
+    pos, neg = supports["pos"].float(), supports["neg"].float()
+    weights = torch.cat([_support_weights(supports["neg_weight"], len(neg), queries),
+                         _support_weights(supports["pos_weight"], len(pos), queries)])
+    delta = torch.cdist(queries, torch.cat([neg, pos]))
+    return feature_scales(delta, weights, queries.shape[1], config.numerics.scale_floor)[1]
+
+
+@dataclass(frozen=True)
+class RegressionTerm:
+    """One detached target of Eq. 16 for one feature tensor: z~ = z / coord_scale, target z~ + eta V."""
+
+    coord_scale: torch.Tensor  # s_z, a scalar
+    velocity: torch.Tensor  # V [K, d] in those coordinates, float32, no gradient
+    weight: float = 1.0
+
+
+def drift_targets(
+    features: torch.Tensor | Mapping[str, torch.Tensor],
+    ref_features: torch.Tensor | Mapping[str, torch.Tensor],
+    winners: torch.Tensor,
+    losers: torch.Tensor,
+    config: DriftConfig,
+) -> tuple[dict[str, list[RegressionTerm]], dict[str, float]]:
+    """The fields of Eqs. 13-15 for every feature tensor, as regression terms (no gradient anywhere).
+
+    ``features`` are the current generator's features Z, ``ref_features`` the frozen base model's
+    features R for the same noises and prompt: one tensor [K, ...] or a dict of named tensors
+    (multi-layer feature maps), each of which gets its own fields. By default one term per tensor:
+    V = V_pref + lambda V_ref in the preference call's coordinates (the reference call's when all
+    rewards tie); with ``separate_branch_losses``, one term per field, each in its own coordinates.
+    """
+    if isinstance(features, torch.Tensor):
+        features, ref_features = {"features": features}, {"features": ref_features}
+    targets, stats = {}, {}
+    for name, z in features.items():
+        z, z_ref = z.detach().flatten(1), ref_features[name].detach().flatten(1)
+        v_pref = preference_field(z, winners, losers, config).float()
+        v_ref = reference_field(z, z_ref, config).float()
+        ref_scale = coordinate_scale(z, reference_supports(z, z_ref, config), config)
+        pref_scale = coordinate_scale(z, preference_supports(z, winners, losers, config), config) if len(winners) \
+            else ref_scale
+        if config.separate_branch_losses:
+            terms = [RegressionTerm(ref_scale, v_ref, config.ref_weight)]
+            if len(winners):
+                terms.insert(0, RegressionTerm(pref_scale, v_pref))
+        else:
+            terms = [RegressionTerm(pref_scale, v_pref + config.ref_weight * v_ref)]  # Eq. 15
+        targets[name] = terms
+        stats[f"drift_norm_pref/{name}"] = v_pref.norm(dim=1).mean().item()
+        stats[f"drift_norm_ref/{name}"] = v_ref.norm(dim=1).mean().item()
+    return targets, stats
+
+
+def regression_loss(
+    features: torch.Tensor | Mapping[str, torch.Tensor],
+    targets: dict[str, list[RegressionTerm]],
+    config: DriftConfig,
+    rows: torch.Tensor | slice = slice(None),
+    num_candidates: int | None = None,
+) -> torch.Tensor:
+    """Eq. 17 against detached targets: 1/(2K) sum_i ||z~_i - sg(z~_i + eta V_i)||^2 per term, summed.
+
+    Its gradient is dL/dz~_i = -eta V_i / K (with ``loss_reduction="mean"``: -2 eta V_i / (K d)).
+    ``features`` may be the candidates ``rows`` only (of ``num_candidates`` K in all): the loss is
+    then that part of the full sum, so the chunks of a candidate set add up to the full loss and
+    its gradient exactly.
+    """
+    if isinstance(features, torch.Tensor):
+        features = {"features": features}
+    total = 0.0
+    for name, z in features.items():
+        z = z.flatten(1).float()
+        count = num_candidates or len(z)
+        for term in targets[name]:
+            z_normalised = z / term.coord_scale
+            target = (z_normalised + config.velocity_scale * term.velocity[rows]).detach()  # Eq. 16
+            squared = (z_normalised - target).square().sum()
+            scale = 0.5 / count if config.loss_reduction == "sum" else 1.0 / (count * z.shape[1])
+            total = total + term.weight * scale * squared  # Eq. 17
+    return total
 
 
 def drpo_loss(
@@ -303,28 +442,12 @@ def drpo_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_DrPO = 1/(2K) sum_i ||z~_i - sg(z~_i + eta V_i)||^2, V = V_pref + lambda V_ref (Eqs. 15-17).
 
-    ``features`` are the current generator's features Z (with gradient), ``ref_features`` the frozen
-    base model's features R for the same noises and prompt. Either may be one tensor [K, ...] or a
-    dict of named tensors (multi-layer feature maps): each gets its own field and the losses add.
-    z~ = z / s_z are the normalised coordinates of Eq. 20 (s_z from the preference call's supports).
-    Since the target is detached, dL/dz~_i = -eta V_i / K (Eq. 3).
+    ``features`` carry gradient (Z), ``ref_features`` not (R); one tensor or a dict of named tensors,
+    whose losses add. z~ = z / s_z are the normalised coordinates of Eq. 20 (s_z from the preference
+    call's supports). Since the target is detached, dL/dz~_i = -eta V_i / K (Eq. 3).
     """
-    if isinstance(features, torch.Tensor):
-        features, ref_features = {"features": features}, {"features": ref_features}
-    total, stats = 0.0, {}
-    for name, z in features.items():
-        z = z.flatten(1)
-        z_ref = ref_features[name].flatten(1)
-        v_pref = preference_field(z, winners, losers, config)
-        v_ref = reference_field(z, z_ref, config)
-        velocity = v_pref + config.ref_weight * v_ref  # Eq. 15
-        coord_scale = loss_coordinate_scale(z, z_ref, winners, losers, config)
-        z_normalised = z.float() / coord_scale
-        target = (z_normalised + config.velocity_scale * velocity.float()).detach()  # Eq. 16
-        total = total + 0.5 * (z_normalised - target).square().sum(dim=1).mean()  # Eq. 17
-        stats[f"drift_norm_pref/{name}"] = v_pref.norm(dim=1).mean().item()
-        stats[f"drift_norm_ref/{name}"] = v_ref.norm(dim=1).mean().item()
-    return total, stats
+    targets, stats = drift_targets(features, ref_features, winners, losers, config)
+    return regression_loss(features, targets, config), stats
 
 
 # ---------------------------------------------------------------------------------------------

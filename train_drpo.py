@@ -41,6 +41,54 @@ logger = get_logger(__name__)
 # ------------------------------------------------------------------------------------------------
 
 
+# Each drift flag overrides one field of the --drift_preset's DriftConfig (None: keep the preset's value).
+DRIFT_FLAGS = {
+    "drift_radii": ("radii", lambda v: tuple(float(r) for r in v.split(",")),
+                    "Comma-separated kernel radii rho (Appendix A)."),
+    "drift_kernel": ("kernel", str, "rbf (Eq. 21), laplacian, exponential (alias of laplacian), cosine."),
+    "ref_weight": ("ref_weight", float, "lambda: weight of the reference drift (Eq. 15)."),
+    "velocity_scale": ("velocity_scale", float, "eta: target step z + eta V (Eq. 16)."),
+    "pair_weight": ("pair_weight", float, "Support weight of A+/A- and of the reference drift's supports, relative to "
+                                          "the unit-weight self-negatives."),
+    "self_negatives": ("self_negatives", None, "Add sg(Z) as unit-weight negatives of both fields, each query's own "
+                                               "copy masked (the released code)."),
+    "mask_self": ("mask_self", None, "Mask each sample's own copy in the reference drift's negatives sg(Z); "
+                                     "--no-mask_self gives the literal, unmasked Eq. 22."),
+    "mask_paired_reference": ("mask_paired_reference", None, "With --mask_self, also mask each sample's paired base "
+                                                             "sample r_i (same noise): the leave-one-out V_ref."),
+    "drift_loss_reduction": ("loss_reduction", str, "sum: 1/(2K) sum_i ||z~_i - z*_i||^2 (Eq. 17); mean: over "
+                                                    "candidates and feature dimensions (the released code)."),
+    "separate_branch_losses": ("separate_branch_losses", None, "Regress V_pref and lambda V_ref as two losses, each in "
+                                                               "its own call's coordinates (the released code)."),
+    "drift_scale_floor": ("scale_floor", float, "Floor of the batch scale s and of s_z (Eqs. 19-20)."),
+    "drift_rms_floor": ("rms_floor", float, "Floor of each radius' mean square before the root (Eq. 25)."),
+    "affinity_floor": ("affinity_floor", float, "Floor of softmax_j * softmax_i before the root (Eq. 22)."),
+    "self_penalty": ("self_penalty", float, "Logit penalty / rho on a masked copy; inf removes it (Appendix A)."),
+}
+NUMERICS_FIELDS = {field.name for field in dataclasses.fields(drpo_utils.DriftNumerics)}
+
+
+def preset_value(preset: str, field: str):
+    config = drpo_utils.DRIFT_PRESETS[preset]
+    value = getattr(config.numerics if field in NUMERICS_FIELDS else config, field)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+def add_drift_flags(group) -> None:
+    group.add_argument("--drift_preset", default="paper", choices=sorted(drpo_utils.DRIFT_PRESETS),
+                       help="paper: Appendix A exactly (leave-one-out reference drift); authors: the released "
+                            "code's estimator (UGVly/DrPO).")
+    for flag, (field, parse, text) in DRIFT_FLAGS.items():
+        presets = f"(paper: {preset_value('paper', field)}; authors: {preset_value('authors', field)})"
+        if parse is None:
+            group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{text} {presets}")
+        else:
+            choices = {"kernel": drpo_utils.DRIFT_KERNELS, "loss_reduction": drpo_utils.LOSS_REDUCTIONS}.get(field)
+            group.add_argument(f"--{flag}", default=None, choices=choices, help=f"{text} {presets}",
+                               type=None if choices else (str if field == "radii" else parse))
+
+
 def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                  default_feature_extractor: str = "latent_mae") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -80,20 +128,8 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                            "Default: the published weights.")
     drpo.add_argument("--num_candidates", type=int, default=24, help="K candidates per prompt (paper: 24).")
     drpo.add_argument("--num_pairs", type=int, default=12, help="M reward-ordered pairs per prompt (paper: 12).")
-    drpo.add_argument("--ref_weight", type=float, default=0.2, help="lambda: weight of the reference drift (Eq. 15).")
-    drpo.add_argument("--velocity_scale", type=float, default=1.0, help="eta: target step z + eta V (Eq. 16).")
-    drpo.add_argument("--drift_radii", default="0.1,0.2,0.5",
-                      help="Comma-separated kernel radii rho (Appendix A; the authors' code: 0.02,0.05,0.2 with an "
-                           "affinity floor).")
-    drpo.add_argument("--drift_kernel", default="rbf", choices=drpo_utils.DRIFT_KERNELS,
-                      help="rbf (Eq. 21), laplacian, exponential (alias of laplacian), cosine.")
-    drpo.add_argument("--pair_weight", type=float, default=1.0, help="Support weight of A+/A- (authors' code: 3000).")
-    drpo.add_argument("--self_negatives", action="store_true",
-                      help="Add sg(Z) as self-masked negatives of the preference drift (authors' code).")
-    drpo.add_argument("--mask_self", action=argparse.BooleanOptionalAction, default=True,
-                      help="Leave-one-out reference drift: mask each sample's own copy in sg(Z) and its paired base "
-                           "sample in R. --no-mask_self gives the literal, unmasked Eq. 22.")
-
+    add_drift_flags(parser.add_argument_group(
+        "drift field and loss: --drift_preset sets them all; a flag given overrides its preset value"))
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--train_batch_size", type=int, default=1,
                               help="Prompts per process per micro-step (K candidates each).")
@@ -149,7 +185,8 @@ def check_args(args) -> None:
     if args.feature_extractor not in features.FEATURE_MAPS:
         raise ValueError(f"Unknown feature extractor {args.feature_extractor!r}; "
                          f"choose one of {', '.join(features.FEATURE_MAPS)}.")
-    drift_config(args)  # validates kernel and radii
+    resolve_drift_flags(args)
+    drift_config(args)  # validates kernel, radii, reduction and numerics
     rewards.check_reward_spec(args.reward, args.reward_weights)  # unknown names list the choices; files must exist
     for flag in ("checkpointing_steps", "max_train_steps", "gradient_accumulation_steps", "train_batch_size"):
         if getattr(args, flag) < 1:
@@ -172,12 +209,22 @@ def parse_args(input_args=None):
     return args
 
 
+def resolve_drift_flags(args) -> None:
+    """Fill every drift flag not given with its --drift_preset value, so logs and the model card show
+    the values the run uses."""
+    for flag, (field, _, _) in DRIFT_FLAGS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, preset_value(args.drift_preset, field))
+
+
 def drift_config(args) -> drpo_utils.DriftConfig:
-    return drpo_utils.DriftConfig(
-        radii=tuple(float(r) for r in str(args.drift_radii).split(",")), kernel=args.drift_kernel,
-        ref_weight=args.ref_weight, velocity_scale=args.velocity_scale, pair_weight=args.pair_weight,
-        self_negatives=args.self_negatives, mask_self=args.mask_self,
-    )
+    """The DriftConfig of the (resolved) drift flags: Eqs. 15-17 and Appendix A's estimator options."""
+    fields, numerics = {}, {}
+    for flag, (field, parse, _) in DRIFT_FLAGS.items():
+        value = getattr(args, flag)
+        value = parse(value) if parse is not None else value
+        (numerics if field in NUMERICS_FIELDS else fields)[field] = value
+    return drpo_utils.DriftConfig(numerics=drpo_utils.DriftNumerics(**numerics), **fields)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 
-from benchmarks.harness import ROOT
+from benchmarks.harness import ACCELERATE, ROOT, compare_to_base, train_run
 from benchmarks.readme import save_result
 
 QUICKSTART_FLAGS = [
@@ -30,40 +27,22 @@ QUICKSTART_FLAGS = [
 VARIANTS = {"quickstart command": [], "with --no-mask_self": ["--no-mask_self"],
             "with --drift_radii=0.02,0.05,0.2": ["--drift_radii=0.02,0.05,0.2"]}
 EVAL_SEEDS = list(range(1000, 1016))
-
-
-def train(output_dir: str, extra: list[str]) -> float:
-    """``accelerate launch train_drpo.py <quickstart flags> <extra>`` into ``output_dir``; returns seconds."""
-    flags = [f for f in QUICKSTART_FLAGS if not f.startswith("--output_dir=")] + [f"--output_dir={output_dir}", *extra]
-    command = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--num_processes=1",
-               "train_drpo.py", *flags, "--report_to=none"]
-    start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return time.perf_counter() - start
+LAUNCHER = [ACCELERATE, "launch", "--cpu"]  # as the README command: all CPU cores (without --cpu, one thread)
 
 
 def evaluate_all(lora_dirs: dict[str, str], seeds: list[int]) -> dict[str, dict]:
-    """Base vs each LoRA on every tiny prompt x ``seeds``, one pipeline, the base scored once."""
-    from pipelines.evaluate import reward_table, summarize
-    from pipelines.inference import load_lora, load_one_step_pipeline
+    """Base vs each LoRA on every tiny prompt x ``seeds`` (the reward the README quotes)."""
     from pipelines.prompts import load_prompts
-    from pipelines.rewards import load_reward
 
     prompts = load_prompts(os.path.join(ROOT, "assets", "tiny_prompts.txt"))
-    reward = load_reward("color_match")
-    pipe = load_one_step_pipeline(os.path.join(ROOT, "assets", "tiny-sd-turbo"))
-    base, _ = reward_table(pipe, reward, "color_match", prompts, seeds, progress=True, description="base")
-    results = {}
-    for name, lora in lora_dirs.items():
-        load_lora(pipe, lora)
-        tuned, _ = reward_table(pipe, reward, "color_match", prompts, seeds, progress=True, description=name)
-        pipe.unload_lora_weights()
-        results[name] = {**summarize(base, tuned), "prompts": len(prompts), "seeds": len(seeds)}
-    return results
+    compared = compare_to_base(os.path.join(ROOT, "assets", "tiny-sd-turbo"), lora_dirs, ["color_match"], prompts,
+                               seeds)
+    return {name: {**result["color_match"], "prompts": len(prompts), "seeds": len(seeds)}
+            for name, result in compared.items()}
 
 
 def render(result: dict) -> str:
-    rows = ["| run | training time | `color_match` base → LoRA (mean ± SE) | z (unpaired) | effect size |",
+    rows = ["| run | run time (launch to exit) | `color_match` base → LoRA (mean ± SE) | z (unpaired) | effect size |",
             "|---|---|---|---|---|"]
     for name, run in result["runs"].items():
         rows.append(f"| {name} | {run['train_seconds']:.0f} s | {run['base_mean']:.4f} ± {run['base_se']:.4f} → "
@@ -86,7 +65,7 @@ def main(argv=None):
     seconds, dirs = {}, {}
     for index, (name, extra) in enumerate(VARIANTS.items()):
         dirs[name] = os.path.join(work, f"run{index}")
-        seconds[name] = train(dirs[name], extra)
+        seconds[name] = train_run("train_drpo.py", QUICKSTART_FLAGS + extra, dirs[name], LAUNCHER)
     evaluations = evaluate_all(dirs, EVAL_SEEDS)
     result = {"command": QUICKSTART_FLAGS,
               "runs": {name: {"train_seconds": seconds[name], **evaluations[name]} for name in VARIANTS}}

@@ -52,6 +52,7 @@ def summarize(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float]:
         "lora_mean": tuned.mean().item(),
         "lora_se": tuned_se.item(),
         "change": change.item(),
+        "change_se": (difference.std() / n**0.5).item(),
         "z_unpaired": (change / (base_se**2 + tuned_se**2).sqrt()).item(),
         "z_paired": (change / (difference.std() / n**0.5)).item(),
         "effect_size": (change / seed_std).item(),

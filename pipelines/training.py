@@ -380,7 +380,8 @@ def write_model_card(args, output_dir: str, sample_file: str | None, metrics: di
 
 LoRA weights trained with Drifting Preference Optimization (arXiv 2606.02521): reward `{args.reward}`,
 feature map `{args.feature_extractor}`, K = {args.num_candidates}, M = {args.num_pairs},
-lambda = {args.ref_weight}, eta = {args.velocity_scale}, radii {args.drift_radii}, kernel {args.drift_kernel},
+drift preset `{args.drift_preset}`: lambda = {args.ref_weight}, eta = {args.velocity_scale}, radii {args.drift_radii},
+kernel {args.drift_kernel},
 {args.max_train_steps} steps at learning rate {args.learning_rate}, rank {args.rank}.
 
 {samples}

@@ -34,3 +34,17 @@ def test_feature_memory_benchmark_runs_every_mode(tmp_path):
                         rel_tol=1e-4)  # checkpointing recomputes the same function
     assert modes["forward_only"]["latents_grad_norm"] == 0
     assert all(m["peak_mb"] >= 0 and m["feature_tensors"] == 50 for m in modes.values())
+
+
+def test_ablation_grid_runs_reduced(tmp_path):
+    """Two rows of the Table 3 grid, a few steps each: every column filled, the rows really differ."""
+    from benchmarks.ablations import HELD_OUT, TRAINED, main, render
+
+    result = main(["--max_train_steps=2", "--num_prompts=2", "--num_seeds=2", "--rows", "K = 8", "lambda = 1"])
+    rows = {row["setting"]: row for row in result["rows"]}
+    assert set(rows) == {"K = 8", "lambda = 1"}
+    for row in rows.values():
+        assert row["step_seconds"] > 0 and row["image_distance"] > 0
+        assert {TRAINED, HELD_OUT} <= set(row) and row[TRAINED]["samples"] == 4
+    assert rows["K = 8"][TRAINED]["lora_mean"] != rows["lambda = 1"][TRAINED]["lora_mean"]
+    assert render(result).count("\n| ") == 2  # the two rows under the header

@@ -205,10 +205,10 @@ def test_loss_gradient_is_minus_eta_v_times_jacobian():
     loss, _ = drpo_loss(z, z_ref, winners, losers, config)
     loss.backward()
 
-    from drpo_utils import loss_coordinate_scale, preference_field, reference_field
+    from drpo_utils import coordinate_scale, preference_field, preference_supports, reference_field
 
     v = preference_field(z, winners, losers, config) + 0.5 * reference_field(z, z_ref, config)
-    s_z = loss_coordinate_scale(z, z_ref, winners, losers, config)
+    s_z = coordinate_scale(z, preference_supports(z, winners, losers, config), config)
     # z~ = noise @ weight / s_z, so dL/dweight = noise^T (-(eta / K) V / s_z).
     expected = noise.T @ (-(3.0 / 6) * v / s_z)
     torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-6)

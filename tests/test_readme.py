@@ -45,6 +45,14 @@ def test_quickstart_flags_exist():
     assert flags and flags <= set(FLAG_ROWS), flags - set(FLAG_ROWS)
 
 
+def test_the_quickstart_benchmark_measures_the_readme_command():
+    from benchmarks.quickstart import LAUNCHER, QUICKSTART_FLAGS
+
+    quickstart = README.split("**1. Install and run the main job**")[1].split("```")[1]
+    assert re.findall(r"--[a-z0-9_]+=[^\s\\]+", quickstart) == QUICKSTART_FLAGS
+    assert "accelerate launch " + " ".join(LAUNCHER[2:]) + " train_drpo.py" in quickstart
+
+
 def python_block_after(heading: str) -> str:
     return README.split(heading, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 
@@ -84,3 +92,10 @@ def test_readme_result_blocks_are_the_saved_benchmark_results():
         block = readme_block(name, README)
         assert block is not None, f"README has no <!-- results:{name} --> block"
         assert block == result["markdown"].rstrip("\n") + "\n", f"README block {name!r} differs from its saved result"
+
+
+def test_drift_flag_rows_state_both_presets():
+    for flag, (field, _, _) in train_drpo.DRIFT_FLAGS.items():
+        cell = FLAG_ROWS[f"--{flag}"]
+        for preset in ("paper", "authors"):
+            assert f"{preset}: `{train_drpo.preset_value(preset, field)}`" in cell, (flag, cell)
