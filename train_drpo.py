@@ -17,11 +17,8 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import AutoPipelineForText2Image
@@ -30,7 +27,7 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 import drpo_utils
-from pipelines import features, memory, rewards, training
+from pipelines import candidates, features, memory, rewards, training
 from pipelines.prompts import load_prompts
 
 logger = get_logger(__name__)
@@ -137,6 +134,14 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                               help="Micro-steps per optimisation step (paper: 8).")
     optimisation.add_argument("--gradient_checkpointing", action="store_true",
                               help="Trade UNet (and feature network, VAE decoder) compute for memory.")
+    optimisation.add_argument("--candidate_chunk_size", type=int, default=None,
+                              help="C: generate and score the K candidates without gradient, then recompute and "
+                                   "backpropagate them C at a time (same gradient; memory flat in K; one more "
+                                   "generator forward). Default: one pass with all K.")
+    optimisation.add_argument("--overlap_reward", action=argparse.BooleanOptionalAction, default=True,
+                              help="With --candidate_chunk_size: score the next prompt's candidates in a background "
+                                   "thread while the current prompt trains (same results; needs more than one "
+                                   "prompt per optimiser step).")
     optimisation.add_argument("--max_train_steps", type=int, default=1000, help="Optimisation steps.")
     optimisation.add_argument("--learning_rate", type=float, default=1e-4,
                               help="AdamW learning rate (paper: 1e-4; 3e-5 for HPSv3).")
@@ -188,6 +193,9 @@ def check_args(args) -> None:
     resolve_drift_flags(args)
     drift_config(args)  # validates kernel, radii, reduction and numerics
     rewards.check_reward_spec(args.reward, args.reward_weights)  # unknown names list the choices; files must exist
+    if args.candidate_chunk_size is not None and not 1 <= args.candidate_chunk_size <= args.num_candidates:
+        raise ValueError(f"--candidate_chunk_size must be in [1, K={args.num_candidates}], "
+                         f"got {args.candidate_chunk_size}")
     for flag in ("checkpointing_steps", "max_train_steps", "gradient_accumulation_steps", "train_batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -250,84 +258,66 @@ encode_prompts = drpo_utils.encode_prompts_sd  # condition c: CLIP hidden states
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DrPOContext:
-    """Everything one DrPO step needs (Algorithm 1, inputs)."""
-
-    args: argparse.Namespace
-    accelerator: Accelerator
-    pipe: object  # the stock pipeline: its UNet with LoRA is g_theta, with LoRA disabled g_ref
-    unet: torch.nn.Module  # pipe.unet as prepared by accelerate (DDP-wrapped when distributed)
-    scheduler: object  # private copy of the pipeline's scheduler for the differentiable one-step sampler
-    feature_map: features.FeatureMap  # phi
-    reward_fn: Callable  # R, only ranks
-    config: drpo_utils.DriftConfig  # lambda, eta, radii, kernel
-    encode_prompts: Callable  # prompt -> condition c (SD or SDXL)
-
-
-def prompt_condition(ctx: DrPOContext, prompt: str, count: int) -> dict:
-    """Condition c, encoded once and shared by ``count`` candidates."""
-    condition = ctx.encode_prompts(ctx.pipe, [prompt], ctx.accelerator.device, ctx.args.resolution)
-    return {name: value.expand(count, *value.shape[1:]) for name, value in condition.items()}
-
-
-def candidate_noise(ctx: DrPOContext, count: int, rng: torch.Generator) -> torch.Tensor:
-    """Initial noises eps_1..count at the training resolution's latent size."""
-    size = ctx.args.resolution // ctx.pipe.vae_scale_factor
-    shape = (count, ctx.pipe.unet.config.in_channels, size, size)
-    return torch.randn(shape, generator=rng).to(ctx.accelerator.device)
-
-
-def current_samples(ctx: DrPOContext, condition: dict, noise: torch.Tensor):
-    """x_i = g_theta(eps_i, c) and Z = phi(x_i), differentiable (Algorithm 1, lines 4-5).
-
-    Returns the latents, their decoded images (None unless phi reads images) and the features.
-    """
-    latents = drpo_utils.one_step_latents(ctx.unet, ctx.scheduler, noise, condition)
-    images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
-    return latents, images, ctx.feature_map(latents, images)
-
-
-@torch.no_grad()
-def reference_features(ctx: DrPOContext, condition: dict, noise: torch.Tensor):
-    """R = phi(g_ref(eps_i, c)): the frozen base model (the same UNet, LoRA disabled), same noises."""
-    with drpo_utils.lora_disabled(ctx.pipe.unet):
-        latents = drpo_utils.one_step_latents(ctx.pipe.unet, ctx.scheduler, noise, condition)
-    images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
-    return ctx.feature_map(latents, images)
-
-
-def drpo_step(ctx: DrPOContext, prompt: str, rng: torch.Generator):
-    """Lines 3-12 of Algorithm 1 for one prompt; returns the loss and what to log."""
-    args, device, k = ctx.args, ctx.accelerator.device, ctx.args.num_candidates
-    # 3: condition c and noises eps_1..K
-    condition, noise = prompt_condition(ctx, prompt, k), candidate_noise(ctx, k, rng)
-    with ctx.accelerator.autocast():
-        # 4-5: current samples and their features Z (differentiable); reference features R (frozen)
-        latents, images, z = current_samples(ctx, condition, noise)
-        z_ref = reference_features(ctx, condition, noise)
-    if images is None:
-        with torch.no_grad():
-            images = drpo_utils.decode_latents(ctx.pipe.vae, latents)
-    # 6-7: rank with the reward (no gradient, CPU images) and form A+ / A-
-    scores = rewards.score_candidates(ctx.reward_fn, images, [prompt] * k, args.reward)
-    winners, losers = drpo_utils.sample_reward_pairs(scores.ranking, args.num_pairs, rng)
-    # 8-12: V = V_pref + lambda V_ref, target sg(z + eta V), regression
-    loss, stats = drpo_utils.drpo_loss(z, z_ref, winners.to(device), losers.to(device), ctx.config)
-    stats.update(loss=loss.item(), reward_mean=scores.reported.mean().item(), reward_std=scores.reported.std().item(),
-                 num_pairs=len(winners))
+def drpo_step(ctx: candidates.StepContext, cand: candidates.Candidates):
+    """Lines 6-12 of Algorithm 1 for one prompt whose candidates (lines 3-5) are ``cand``: yields the
+    loss to backpropagate (chunk by chunk with --candidate_chunk_size) and returns what to log."""
+    args, device = ctx.args, ctx.accelerator.device
+    # 6-7: the reward's ranking (maybe scored while the previous prompt trained) and the pairs A+ / A-
+    scores, waited = ctx.scorer.result(cand.scores)
+    winners, losers = drpo_utils.sample_reward_pairs(scores.ranking, args.num_pairs, cand.rng)
+    # 8-11: V = V_pref + lambda V_ref and the detached targets sg(z~ + eta V)
+    targets, stats = drpo_utils.drift_targets(cand.features, cand.ref_features, winners.to(device),
+                                              losers.to(device), ctx.config)
+    # 12: the regression of Eq. 17
+    loss = yield from candidates.loss_pieces(ctx, cand, lambda rows, latents, z: drpo_utils.regression_loss(
+        z, targets, ctx.config, rows, args.num_candidates))
+    stats.update(loss=loss, reward_mean=scores.reported.mean().item(), reward_std=scores.reported.std().item(),
+                 num_pairs=len(winners), reward_wait=waited)
     stats.update({f"reward/{name}": value.mean().item() for name, value in scores.components.items()})
-    return loss, stats
+    return stats
 
 
-def activation_bytes_per_candidate(ctx: DrPOContext, prompt: str) -> int:
+def optimisation_step(ctx: candidates.StepContext, prompts: list[str], base_seed: int, global_step: int,
+                      optimizer, lr_scheduler, params) -> list[dict]:
+    """One optimiser step: --gradient_accumulation_steps micro-steps of --train_batch_size prompts, each
+    through lines 3-12, then clipping and AdamW. With overlapped scoring the next prompt's candidates
+    are generated and sent to the reward before the current prompt's update (the LoRA does not change
+    inside the window, and every prompt's draws come from its own generator, so nothing else changes)."""
+    args, accelerator = ctx.args, ctx.accelerator
+
+    def propose(micro_step: int, index: int) -> candidates.Candidates:
+        rng = training.step_generator(base_seed, global_step, micro_step, index, accelerator.process_index)
+        prompt = prompts[torch.randint(len(prompts), (), generator=rng).item()]
+        return candidates.candidates(ctx, prompt, rng)
+
+    window = [(m, i) for m in range(args.gradient_accumulation_steps) for i in range(args.train_batch_size)]
+    step_stats, upcoming = [], iter(window[1:])
+    current = propose(*window[0])
+    for micro_step in range(args.gradient_accumulation_steps):
+        with accelerator.accumulate(ctx.unet):
+            for index in range(args.train_batch_size):
+                following = next(upcoming, None)
+                ahead = propose(*following) if following and ctx.scorer.background else None
+                sync = accelerator.sync_gradients and index == args.train_batch_size - 1
+                step_stats.append(training.backpropagate(accelerator, ctx.unet, drpo_step(ctx, current),
+                                                         1 / args.train_batch_size, sync, global_step))
+                current = ahead or (propose(*following) if following else None)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+    return step_stats
+
+
+def activation_bytes_per_candidate(ctx: candidates.StepContext, prompt: str) -> int:
     """What one candidate keeps alive for backward: one differentiable sample of ``prompt``, measured."""
-    condition = prompt_condition(ctx, prompt, 1)
-    noise = torch.zeros(1, ctx.pipe.unet.config.in_channels, ctx.args.resolution // ctx.pipe.vae_scale_factor,
-                        ctx.args.resolution // ctx.pipe.vae_scale_factor, device=ctx.accelerator.device)
+    condition = candidates.prompt_condition(ctx, prompt, 1)
+    size = ctx.args.resolution // ctx.pipe.vae_scale_factor
+    noise = torch.zeros(1, ctx.pipe.unet.config.in_channels, size, size, device=ctx.accelerator.device)
     probe = dataclasses.replace(ctx, unet=ctx.pipe.unet)  # the unwrapped UNet: no DDP bookkeeping for a probe
     with ctx.accelerator.autocast():
-        return memory.saved_activation_bytes(lambda: current_samples(probe, condition, noise))
+        return memory.saved_activation_bytes(lambda: candidates.current_samples(probe, condition, noise))
 
 
 def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
@@ -368,11 +358,14 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     global_step = training.maybe_resume(accelerator, args)
     training.init_trackers(accelerator, args)
 
-    ctx = DrPOContext(
+    overlap = args.overlap_reward and args.candidate_chunk_size is not None and \
+        args.gradient_accumulation_steps * args.train_batch_size > 1
+    ctx = candidates.StepContext(
         args=args, accelerator=accelerator, pipe=pipe, unet=unet,
         scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
         feature_map=feature_map.to(accelerator.device, weight_dtype),
-        reward_fn=reward_fn, config=drift_config(args), encode_prompts=encode_prompts,
+        scorer=candidates.RewardScorer(reward_fn, args.reward, background=overlap), config=drift_config(args),
+        encode_prompts=encode_prompts,
     )
     validation_prompts = training.validation_prompts(args, prompts)
     memory.check_step_memory(args, activation_bytes_per_candidate(ctx, prompts[0]), accelerator.device,
@@ -384,23 +377,8 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     progress = tqdm(range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
                     desc="DrPO steps")
     for _ in progress:
-        start, step_stats = time.time(), []
-        for micro_step in range(args.gradient_accumulation_steps):
-            with accelerator.accumulate(unet):
-                loss = 0.0
-                for index in range(args.train_batch_size):
-                    rng = training.step_generator(base_seed, global_step, micro_step, index, accelerator.process_index)
-                    prompt = prompts[torch.randint(len(prompts), (), generator=rng).item()]
-                    prompt_loss, stats = drpo_step(ctx, prompt, rng)
-                    training.check_finite_loss(accelerator, prompt_loss, global_step)
-                    loss = loss + prompt_loss / args.train_batch_size
-                    step_stats.append(stats)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+        start = time.time()
+        step_stats = optimisation_step(ctx, prompts, base_seed, global_step, optimizer, lr_scheduler, params)
         global_step += 1
         logs = training.step_logs(accelerator, step_stats, lr_scheduler, time.time() - start)
         history.append({"step": global_step, **logs})
@@ -414,6 +392,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
             training.log_validation(accelerator, pipe, validation_prompts, args, global_step)
 
     accelerator.wait_for_everyone()
+    ctx.scorer.close()
     del optimizer, lr_scheduler, unet, ctx
     accelerator.free_memory()  # room for the fresh pipeline of the final check
     training.finish_training(accelerator, args, pipe, history, validation_prompts, reward_fn, repo_id,

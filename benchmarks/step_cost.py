@@ -25,7 +25,7 @@ import torch
 
 import drpo_utils
 from benchmarks.harness import publish, run_isolated
-from pipelines import features, training
+from pipelines import candidates, features, training
 from pipelines.inference import load_one_step_pipeline
 
 PROMPT = "a large red circle on the left"
@@ -83,14 +83,14 @@ class Bench:
         self.reward_model = RandomRewardModel(args.reward_width, args.reward_depth, args.reward_resolution)
         self.reward_model = self.reward_model.to(self.device).eval().requires_grad_(False)
         self.step_args = argparse.Namespace(num_candidates=args.num_candidates, num_pairs=args.num_pairs,
-                                            resolution=args.resolution, reward="random-vit")
-        self.ctx = train_drpo.DrPOContext(
+                                            resolution=args.resolution, reward="random-vit", candidate_chunk_size=None)
+        self.ctx = candidates.StepContext(
             args=self.step_args, accelerator=Accelerator(cpu=self.device.type == "cpu"), pipe=self.pipe,
             unet=self.pipe.unet, scheduler=copy.deepcopy(self.pipe.scheduler),
             feature_map=features.build_feature_map(args.feature_extractor).to(self.device),
-            reward_fn=self.reward_fn, config=drpo_utils.DriftConfig(), encode_prompts=train_drpo.encode_prompts,
+            scorer=candidates.RewardScorer(self.reward_fn, "random-vit", background=False),
+            config=drpo_utils.DriftConfig(), encode_prompts=train_drpo.encode_prompts,
         )
-        self.drpo_step_fn = train_drpo.drpo_step
         k, size = args.num_candidates, args.resolution // self.pipe.vae_scale_factor
         self.condition = train_drpo.encode_prompts(self.pipe, [PROMPT] * k, self.device, args.resolution)
         self.noise = torch.randn(k, self.pipe.unet.config.in_channels, size, size, generator=self.rng())
@@ -122,8 +122,10 @@ class Bench:
     # -- full updates -------------------------------------------------------------------------------
 
     def drpo_step(self):
-        loss, _ = self.drpo_step_fn(self.ctx, PROMPT, self.rng())
-        loss.backward()
+        import train_drpo
+
+        for loss, _ in train_drpo.drpo_step(self.ctx, candidates.candidates(self.ctx, PROMPT, self.rng())):
+            loss.backward()
         self.zero_grad()
 
     def draft_step(self):

@@ -76,15 +76,17 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def check_step_memory(args, per_candidate_bytes: int, device, model_resolution: int) -> int:
-    """Warn before the first step (saying what to lower) when one micro-step's K x batch candidates
-    likely need more memory than the device has free; returns the estimate in bytes."""
-    needed = int(HEADROOM * per_candidate_bytes * args.num_candidates * args.train_batch_size)
+    """Warn before the first step (saying what to lower) when the candidates backpropagated together
+    (K, or C with --candidate_chunk_size; prompts go one at a time) likely need more memory than the
+    device has free; returns the estimate in bytes."""
+    together = args.candidate_chunk_size or args.num_candidates
+    needed = int(HEADROOM * per_candidate_bytes * together)
     free = available_bytes(torch.device(device))
     if free is not None and needed > free:
         logger.warning(
-            "one micro-step at --resolution %d with --num_candidates %d x --train_batch_size %d keeps about %.1f GB "
-            "of activations for backward, but only %.1f GB are free on %s: expect an out-of-memory kill. Lower "
-            "--resolution (this model's own is %d) or --num_candidates%s.",
-            args.resolution, args.num_candidates, args.train_batch_size, needed / 2**30, free / 2**30, device,
-            model_resolution, "" if args.gradient_checkpointing else ", or add --gradient_checkpointing")
+            "one prompt at --resolution %d with %d candidates backpropagated together keeps about %.1f GB of "
+            "activations, but only %.1f GB are free on %s: expect an out-of-memory kill. Lower --resolution (this "
+            "model's own is %d), or backpropagate fewer candidates at once with --candidate_chunk_size%s.",
+            args.resolution, together, needed / 2**30, free / 2**30, device, model_resolution,
+            "" if args.gradient_checkpointing else ", or add --gradient_checkpointing")
     return needed

@@ -5,6 +5,7 @@ model card and the Hub. Nothing here is the method (that is ``drpo_utils.py``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -211,6 +212,24 @@ def step_logs(accelerator, step_stats: list[dict], lr_scheduler, seconds: float)
     logs = dict(zip(keys, averaged))
     logs.update(lr=lr_scheduler.get_last_lr()[0], step_time=seconds)
     return logs
+
+
+def backpropagate(accelerator, model, pieces, scale: float, sync: bool, step: int) -> dict:
+    """Backward every (loss, is_last) piece a per-prompt step yields, times ``scale``; returns the
+    step's stats (the generator's return value).
+
+    Only the last piece of a prompt with ``sync`` (the last prompt of the accumulation window)
+    DDP-synchronises the gradients; every other backward runs under ``no_sync``, so gradients are
+    exchanged once per optimiser step however many pieces there are.
+    """
+    while True:
+        try:
+            loss, last = next(pieces)
+        except StopIteration as finished:
+            return finished.value
+        check_finite_loss(accelerator, loss, step)
+        with contextlib.nullcontext() if sync and last else accelerator.no_sync(model):
+            accelerator.backward(loss * scale)
 
 
 def check_finite_loss(accelerator, loss: torch.Tensor, step: int) -> None:

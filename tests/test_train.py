@@ -102,20 +102,23 @@ def test_bf16_accumulation_and_gradient_checkpointing_run(tmp_path, script):
     assert sorted(os.listdir(tmp_path / "validation")) == ["step-000001.png", "step-000002.png"]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_two_cpu_processes_stay_in_sync(tmp_path, script):
+@pytest.mark.parametrize("script,extra", [
+    ("train_drpo.py", []), ("train_drpo_sdxl.py", []),
+    ("train_drpo.py", ["--candidate_chunk_size=3", "--gradient_accumulation_steps=2"]),  # pieces, overlap, no_sync
+], ids=["sd", "sdxl", "sd-chunked-overlapped"])
+def test_two_cpu_processes_stay_in_sync(tmp_path, script, extra):
     """torchrun --nproc_per_node 2 (gloo): different draws per rank, identical LoRA, one writer."""
     probe, output = tmp_path / "probe", tmp_path / "out"
     probe.mkdir()
     torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2", "--master_port=29517",
                 os.path.join(ROOT, "tests", "data", "ddp_probe.py"), str(probe)]
     launch(script, *training_args(SCRIPTS[script], output, "--reward=color_match", "--max_train_steps=3",
-                                  "--checkpointing_steps=2", "--learning_rate=1e-3"),
+                                  "--checkpointing_steps=2", "--learning_rate=1e-3", *extra),
            launcher=torchrun, env={"ACCELERATE_USE_CPU": "true", "PYTHONPATH": ROOT})
     import json
 
     draws = [json.loads((probe / f"draws_rank{r}.json").read_text()) for r in (0, 1)]
-    assert len(draws[0]) == len(draws[1]) == 3
+    assert len(draws[0]) == len(draws[1]) == 3 * (2 if extra else 1)  # reward calls: steps x micro-steps
     assert all(a["image_sum"] != b["image_sum"] for a, b in zip(*draws))  # different noises per rank
     loras = [torch.load(probe / f"lora_rank{r}.pt") for r in (0, 1)]
     for key in loras[0]:

@@ -251,8 +251,8 @@ def test_memory_check_warns_before_the_first_step_when_k_and_resolution_do_not_f
     with caplog.at_level("WARNING", logger="pipelines.memory"), pytest.raises(KeyboardInterrupt):
         train_drpo.main(args)
     warning = " ".join(r.getMessage() for r in caplog.records if r.name == "pipelines.memory")
-    assert "--resolution 512 with --num_candidates 24" in warning and "Lower --resolution (this model's own is 64)" \
-        in warning, warning
+    assert "--resolution 512 with 24 candidates" in warning and "Lower --resolution (this model's own is 64)" \
+        in warning and "--candidate_chunk_size" in warning, warning
 
 
 def test_memory_check_is_quiet_when_the_step_fits(tmp_path, monkeypatch, caplog):

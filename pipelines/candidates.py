@@ -1,0 +1,169 @@
+"""One prompt's candidates: what every online method shares before its own loss (Algorithm 1, lines 3-6).
+
+Two execution details live here too, because every method's loss goes through them:
+
+- ``RewardScorer`` calls the reward, in a background thread when scoring overlaps compute: within one
+  accumulation window the LoRA does not change, so the next prompt's candidates can be generated and
+  scored while the current prompt computes its update. Calls keep their order, so results are the
+  same as in series.
+- ``loss_pieces`` hands the trainer the loss to backpropagate: in one piece (the candidates' graph of
+  the single pass), or, with ``--candidate_chunk_size C``, C candidates at a time recomputed with
+  gradient, so the activations alive at once are C candidates', not K's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+import drpo_utils
+from pipelines import rewards
+
+
+class RewardScorer:
+    """The trainer's reward calls (no gradient, CPU images), in series or in one background thread."""
+
+    def __init__(self, reward_fn: Callable, name: str, background: bool):
+        self.reward_fn, self.name = reward_fn, name
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") if background else None
+
+    @property
+    def background(self) -> bool:
+        return self.executor is not None
+
+    def _timed_score(self, images: torch.Tensor, prompts: list[str]) -> tuple[rewards.RewardScores, float]:
+        start = time.perf_counter()
+        scores = rewards.score_candidates(self.reward_fn, images, prompts, self.name)
+        return scores, time.perf_counter() - start
+
+    def submit(self, images: torch.Tensor, prompts: list[str]) -> Future:
+        """Start scoring ``images``; in series the call runs now and the future is already done."""
+        if self.executor is not None:
+            return self.executor.submit(self._timed_score, images, prompts)
+        done = Future()
+        done.set_result(self._timed_score(images, prompts))
+        return done
+
+    def result(self, future: Future) -> tuple[rewards.RewardScores, float]:
+        """The scores, and how long the trainer waited for them (in series: the whole reward call)."""
+        start = time.perf_counter()
+        scores, seconds = future.result()
+        return scores, seconds if self.executor is None else time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a per-prompt step needs (Algorithm 1, inputs)."""
+
+    args: argparse.Namespace
+    accelerator: object
+    pipe: object  # the stock pipeline: its UNet with LoRA is g_theta, with LoRA disabled g_ref
+    unet: torch.nn.Module  # pipe.unet as prepared by accelerate (DDP-wrapped when distributed)
+    scheduler: object  # private copy of the pipeline's scheduler for the differentiable one-step sampler
+    feature_map: torch.nn.Module  # phi
+    scorer: RewardScorer  # R, only ranks
+    config: drpo_utils.DriftConfig  # lambda, eta, radii, kernel, ...
+    encode_prompts: Callable  # prompt -> condition c (SD or SDXL)
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self.args.candidate_chunk_size
+
+
+def prompt_condition(ctx: StepContext, prompt: str, count: int) -> dict:
+    """Condition c, encoded once and shared by ``count`` candidates."""
+    condition = ctx.encode_prompts(ctx.pipe, [prompt], ctx.accelerator.device, ctx.args.resolution)
+    return {name: value.expand(count, *value.shape[1:]) for name, value in condition.items()}
+
+
+def candidate_noise(ctx: StepContext, count: int, rng: torch.Generator) -> torch.Tensor:
+    """Initial noises eps_1..count at the training resolution's latent size."""
+    size = ctx.args.resolution // ctx.pipe.vae_scale_factor
+    shape = (count, ctx.pipe.unet.config.in_channels, size, size)
+    return torch.randn(shape, generator=rng).to(ctx.accelerator.device)
+
+
+def current_samples(ctx: StepContext, condition: dict, noise: torch.Tensor):
+    """x_i = g_theta(eps_i, c) and Z = phi(x_i), differentiable (Algorithm 1, lines 4-5).
+
+    Returns the latents, their decoded images (None unless phi reads images) and the features.
+    """
+    latents = drpo_utils.one_step_latents(ctx.unet, ctx.scheduler, noise, condition)
+    images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
+    return latents, images, ctx.feature_map(latents, images)
+
+
+@torch.no_grad()
+def reference_features(ctx: StepContext, condition: dict, noise: torch.Tensor):
+    """R = phi(g_ref(eps_i, c)): the frozen base model (the same UNet, LoRA disabled), same noises."""
+    with drpo_utils.lora_disabled(ctx.pipe.unet):
+        latents = drpo_utils.one_step_latents(ctx.pipe.unet, ctx.scheduler, noise, condition)
+    images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
+    return ctx.feature_map(latents, images)
+
+
+@dataclass
+class Candidates:
+    """One prompt's K candidates (Algorithm 1, lines 3-5) and their pending reward (line 6)."""
+
+    prompt: str
+    rng: torch.Generator  # the prompt's own draws: noises here, pairs in the method's update
+    condition: dict
+    noise: torch.Tensor
+    latents: torch.Tensor
+    features: dict  # Z: with gradient in the single pass, without when chunked (recomputed per chunk)
+    ref_features: dict  # R, never with gradient
+    scores: Future  # -> (RewardScores, seconds)
+
+
+def candidates(ctx: StepContext, prompt: str, rng: torch.Generator) -> Candidates:
+    """Lines 3-6 of Algorithm 1: condition and noises, the current samples and their features, the
+    reference features, and the reward call on the decoded candidates handed to the scorer."""
+    k = ctx.args.num_candidates
+    condition, noise = prompt_condition(ctx, prompt, k), candidate_noise(ctx, k, rng)
+    with ctx.accelerator.autocast(), torch.set_grad_enabled(ctx.chunk_size is None):
+        latents, images, z = current_samples(ctx, condition, noise)
+        z_ref = reference_features(ctx, condition, noise)
+    if images is None:
+        with torch.no_grad():
+            images = drpo_utils.decode_latents(ctx.pipe.vae, latents)
+    scores = ctx.scorer.submit(images.detach(), [prompt] * k)
+    return Candidates(prompt, rng, condition, noise, latents, z, z_ref, scores)
+
+
+def chunk_rows(count: int, size: int | None) -> list[slice]:
+    """Consecutive row slices of at most ``size`` (all rows at once when ``size`` is None)."""
+    size = count if size is None else size
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def loss_pieces(ctx: StepContext, cand: Candidates, loss_of_rows: Callable) -> Iterator[tuple[torch.Tensor, bool]]:
+    """The loss to backpropagate as (piece, is_last) pairs; returns the summed loss value.
+
+    ``loss_of_rows(rows, latents, features)`` is the loss of candidates ``rows`` given their latents
+    and features with gradient, normalised by the full K, so the pieces add up to the whole loss.
+    Single pass: one piece on the graph ``candidates`` kept. Chunked: for each chunk of C candidates,
+    generator -> (decode) -> phi is recomputed with gradient (the same function of the same noise).
+    """
+    if ctx.chunk_size is None:
+        loss = loss_of_rows(slice(None), cand.latents, cand.features)
+        yield loss, True
+        return loss.item()
+    total, rows_list = 0.0, chunk_rows(len(cand.noise), ctx.chunk_size)
+    for rows in rows_list:
+        condition = {name: value[rows] for name, value in cand.condition.items()}
+        with ctx.accelerator.autocast():
+            latents, _, z = current_samples(ctx, condition, cand.noise[rows])
+        loss = loss_of_rows(rows, latents, z)
+        total += loss.item()
+        yield loss, rows is rows_list[-1]
+    return total
