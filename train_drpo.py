@@ -28,9 +28,11 @@ from tqdm.auto import tqdm
 
 import drpo_utils
 from pipelines import candidates, features, memory, rewards, training
+from pipelines.baselines import dpo, draft, grpo, vggflow
 from pipelines.prompts import load_prompts
 
 logger = get_logger(__name__)
+METHOD_NAMES = ("drpo", "draft", "vggflow", "dpo", "grpo")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,6 +115,9 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
     prompts.add_argument("--prompt_column", default="prompt", help="Column (or .jsonl key) holding the prompt.")
 
     drpo = parser.add_argument_group("DrPO (Algorithm 1, Eqs. 15-16, Appendix A)")
+    drpo.add_argument("--method", default="drpo", choices=METHOD_NAMES,
+                      help="drpo (Algorithm 1) or one of the paper's baselines (Appendix C, pipelines/baselines/): "
+                           "draft and vggflow backpropagate a differentiable reward, dpo and grpo only rank.")
     drpo.add_argument("--reward", default="color_match", help=rewards.reward_help())
     drpo.add_argument("--reward_weights", type=lambda v: [float(x) for x in v.split(",")], default=None,
                       help="Weights of a mixture's components (default: all 1); components are standardised "
@@ -127,6 +132,8 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
     drpo.add_argument("--num_pairs", type=int, default=12, help="M reward-ordered pairs per prompt (paper: 12).")
     add_drift_flags(parser.add_argument_group(
         "drift field and loss: --drift_preset sets them all; a flag given overrides its preset value"))
+    for baseline in (draft, vggflow, dpo, grpo):
+        baseline.add_flags(parser)
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--train_batch_size", type=int, default=1,
                               help="Prompts per process per micro-step (K candidates each).")
@@ -178,6 +185,20 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
     return parser
 
 
+def check_reward_for_method(args) -> None:
+    """draft and vggflow differentiate the reward: a named reward that cannot be differentiated (a rule,
+    a remote service) is refused now; a custom function is checked at its first call."""
+    if not METHODS[args.method].reward_gradient:
+        return
+    for part in rewards.mixture_parts(args.reward):
+        entry = rewards.REWARDS.get(part)
+        if rewards.is_url(part) or (entry is not None and not entry.differentiable):
+            raise ValueError(f"--method {args.method} backpropagates through the reward, and {part!r} has no "
+                             f"gradient (it only ranks); use --method drpo, dpo or grpo with it, or a differentiable "
+                             f"reward ({', '.join(n for n, e in rewards.REWARDS.items() if e.differentiable)}, "
+                             f"or a file.py:function returning a tensor computed from the images)")
+
+
 def check_args(args) -> None:
     """Fail on bad input before any model is loaded."""
     if args.num_candidates < 2:
@@ -193,6 +214,7 @@ def check_args(args) -> None:
     resolve_drift_flags(args)
     drift_config(args)  # validates kernel, radii, reduction and numerics
     rewards.check_reward_spec(args.reward, args.reward_weights)  # unknown names list the choices; files must exist
+    check_reward_for_method(args)
     if args.candidate_chunk_size is not None and not 1 <= args.candidate_chunk_size <= args.num_candidates:
         raise ValueError(f"--candidate_chunk_size must be in [1, K={args.num_candidates}], "
                          f"got {args.candidate_chunk_size}")
@@ -268,9 +290,11 @@ def drpo_step(ctx: candidates.StepContext, cand: candidates.Candidates):
     # 8-11: V = V_pref + lambda V_ref and the detached targets sg(z~ + eta V)
     targets, stats = drpo_utils.drift_targets(cand.features, cand.ref_features, winners.to(device),
                                               losers.to(device), ctx.config)
-    # 12: the regression of Eq. 17
-    loss = yield from candidates.loss_pieces(ctx, cand, lambda rows, latents, z: drpo_utils.regression_loss(
-        z, targets, ctx.config, rows, args.num_candidates))
+    # 12: the regression of Eq. 17 (in pieces of C candidates, recomputed with gradient, when chunking)
+    loss = yield from candidates.loss_pieces(
+        ctx, args.num_candidates, whole=lambda: drpo_utils.regression_loss(cand.features, targets, ctx.config),
+        loss_of_rows=lambda rows: drpo_utils.regression_loss(candidates.recomputed_features(ctx, cand, rows),
+                                                             targets, ctx.config, rows, args.num_candidates))
     stats.update(loss=loss, reward_mean=scores.reported.mean().item(), reward_std=scores.reported.std().item(),
                  num_pairs=len(winners), reward_wait=waited)
     stats.update({f"reward/{name}": value.mean().item() for name, value in scores.components.items()})
@@ -280,15 +304,17 @@ def drpo_step(ctx: candidates.StepContext, cand: candidates.Candidates):
 def optimisation_step(ctx: candidates.StepContext, prompts: list[str], base_seed: int, global_step: int,
                       optimizer, lr_scheduler, params) -> list[dict]:
     """One optimiser step: --gradient_accumulation_steps micro-steps of --train_batch_size prompts, each
-    through lines 3-12, then clipping and AdamW. With overlapped scoring the next prompt's candidates
-    are generated and sent to the reward before the current prompt's update (the LoRA does not change
-    inside the window, and every prompt's draws come from its own generator, so nothing else changes)."""
+    through the method's propose and update (DrPO: lines 3-12), then clipping and AdamW.
+
+    With overlapped scoring the next prompt's candidates are generated and sent to the reward before
+    the current prompt's update (the LoRA does not change inside the window, and every prompt's draws
+    come from its own generator, so nothing else changes)."""
     args, accelerator = ctx.args, ctx.accelerator
 
     def propose(micro_step: int, index: int) -> candidates.Candidates:
         rng = training.step_generator(base_seed, global_step, micro_step, index, accelerator.process_index)
         prompt = prompts[torch.randint(len(prompts), (), generator=rng).item()]
-        return candidates.candidates(ctx, prompt, rng)
+        return ctx.method.propose(ctx, prompt, rng)
 
     window = [(m, i) for m in range(args.gradient_accumulation_steps) for i in range(args.train_batch_size)]
     step_stats, upcoming = [], iter(window[1:])
@@ -299,7 +325,7 @@ def optimisation_step(ctx: candidates.StepContext, prompts: list[str], base_seed
                 following = next(upcoming, None)
                 ahead = propose(*following) if following and ctx.scorer.background else None
                 sync = accelerator.sync_gradients and index == args.train_batch_size - 1
-                step_stats.append(training.backpropagate(accelerator, ctx.unet, drpo_step(ctx, current),
+                step_stats.append(training.backpropagate(accelerator, ctx.unet, ctx.method.update(ctx, current),
                                                          1 / args.train_batch_size, sync, global_step))
                 current = ahead or (propose(*following) if following else None)
             if accelerator.sync_gradients:
@@ -308,6 +334,10 @@ def optimisation_step(ctx: candidates.StepContext, prompts: list[str], base_seed
             lr_scheduler.step()
             optimizer.zero_grad()
     return step_stats
+
+
+METHODS = {"drpo": candidates.Method("drpo", candidates.candidates, drpo_step),
+           **{baseline.METHOD.name: baseline.METHOD for baseline in (draft, vggflow, dpo, grpo)}}
 
 
 def activation_bytes_per_candidate(ctx: candidates.StepContext, prompt: str) -> int:
@@ -365,7 +395,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
         scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
         feature_map=feature_map.to(accelerator.device, weight_dtype),
         scorer=candidates.RewardScorer(reward_fn, args.reward, background=overlap), config=drift_config(args),
-        encode_prompts=encode_prompts,
+        encode_prompts=encode_prompts, method=METHODS[args.method],
     )
     validation_prompts = training.validation_prompts(args, prompts)
     memory.check_step_memory(args, activation_bytes_per_candidate(ctx, prompts[0]), accelerator.device,

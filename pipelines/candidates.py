@@ -73,6 +73,7 @@ class StepContext:
     scorer: RewardScorer  # R, only ranks
     config: drpo_utils.DriftConfig  # lambda, eta, radii, kernel, ...
     encode_prompts: Callable  # prompt -> condition c (SD or SDXL)
+    method: Method  # the per-prompt update: DrPO or a baseline
 
     @property
     def chunk_size(self) -> int | None:
@@ -102,11 +103,23 @@ def current_samples(ctx: StepContext, condition: dict, noise: torch.Tensor):
     return latents, images, ctx.feature_map(latents, images)
 
 
+def current_latents(ctx: StepContext, condition: dict, noise: torch.Tensor) -> torch.Tensor:
+    """mu_theta = g_theta(eps, c), differentiable, under the run's autocast."""
+    with ctx.accelerator.autocast():
+        return drpo_utils.one_step_latents(ctx.unet, ctx.scheduler, noise, condition)
+
+
+@torch.no_grad()
+def reference_latents(ctx: StepContext, condition: dict, noise: torch.Tensor) -> torch.Tensor:
+    """mu_ref = g_ref(eps, c): the frozen base model (the same UNet, LoRA disabled), same noises."""
+    with ctx.accelerator.autocast(), drpo_utils.lora_disabled(ctx.pipe.unet):
+        return drpo_utils.one_step_latents(ctx.pipe.unet, ctx.scheduler, noise, condition)
+
+
 @torch.no_grad()
 def reference_features(ctx: StepContext, condition: dict, noise: torch.Tensor):
-    """R = phi(g_ref(eps_i, c)): the frozen base model (the same UNet, LoRA disabled), same noises."""
-    with drpo_utils.lora_disabled(ctx.pipe.unet):
-        latents = drpo_utils.one_step_latents(ctx.pipe.unet, ctx.scheduler, noise, condition)
+    """R = phi(g_ref(eps_i, c)): the base model's features for the same noises."""
+    latents = reference_latents(ctx, condition, noise)
     images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
     return ctx.feature_map(latents, images)
 
@@ -125,12 +138,16 @@ class Candidates:
     scores: Future  # -> (RewardScores, seconds)
 
 
-def candidates(ctx: StepContext, prompt: str, rng: torch.Generator) -> Candidates:
+def candidates(ctx: StepContext, prompt: str, rng: torch.Generator, grad: bool | None = None) -> Candidates:
     """Lines 3-6 of Algorithm 1: condition and noises, the current samples and their features, the
-    reference features, and the reward call on the decoded candidates handed to the scorer."""
+    reference features, and the reward call on the decoded candidates handed to the scorer.
+
+    The features keep their graph (``grad``) in the single pass, not when chunked.
+    """
     k = ctx.args.num_candidates
     condition, noise = prompt_condition(ctx, prompt, k), candidate_noise(ctx, k, rng)
-    with ctx.accelerator.autocast(), torch.set_grad_enabled(ctx.chunk_size is None):
+    grad = ctx.chunk_size is None if grad is None else grad
+    with ctx.accelerator.autocast(), torch.set_grad_enabled(grad):
         latents, images, z = current_samples(ctx, condition, noise)
         z_ref = reference_features(ctx, condition, noise)
     if images is None:
@@ -146,24 +163,53 @@ def chunk_rows(count: int, size: int | None) -> list[slice]:
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
-def loss_pieces(ctx: StepContext, cand: Candidates, loss_of_rows: Callable) -> Iterator[tuple[torch.Tensor, bool]]:
+def rows_of(condition: dict, rows) -> dict:
+    return {name: value[rows] for name, value in condition.items()}
+
+
+def recomputed_features(ctx: StepContext, cand: Candidates, rows) -> dict:
+    """Z for candidates ``rows``, recomputed with gradient (the same function of the same noises)."""
+    with ctx.accelerator.autocast():
+        return current_samples(ctx, rows_of(cand.condition, rows), cand.noise[rows])[2]
+
+
+def loss_pieces(ctx: StepContext, count: int, loss_of_rows: Callable,
+                whole: Callable | None = None) -> Iterator[tuple[torch.Tensor, bool]]:
     """The loss to backpropagate as (piece, is_last) pairs; returns the summed loss value.
 
-    ``loss_of_rows(rows, latents, features)`` is the loss of candidates ``rows`` given their latents
-    and features with gradient, normalised by the full K, so the pieces add up to the whole loss.
-    Single pass: one piece on the graph ``candidates`` kept. Chunked: for each chunk of C candidates,
-    generator -> (decode) -> phi is recomputed with gradient (the same function of the same noise).
+    ``loss_of_rows(rows)`` recomputes what it needs for candidates ``rows`` with gradient and returns
+    their loss normalised by the full count, so the pieces add up to the whole loss (and gradient).
+    ``whole()``, if given, is the loss on the graph the proposal kept (the single pass): used when not
+    chunking. Otherwise the candidates go C at a time with --candidate_chunk_size, all at once without.
     """
-    if ctx.chunk_size is None:
-        loss = loss_of_rows(slice(None), cand.latents, cand.features)
+    if ctx.chunk_size is None and whole is not None:
+        loss = whole()
         yield loss, True
         return loss.item()
-    total, rows_list = 0.0, chunk_rows(len(cand.noise), ctx.chunk_size)
+    total, rows_list = 0.0, chunk_rows(count, ctx.chunk_size)
     for rows in rows_list:
-        condition = {name: value[rows] for name, value in cand.condition.items()}
-        with ctx.accelerator.autocast():
-            latents, _, z = current_samples(ctx, condition, cand.noise[rows])
-        loss = loss_of_rows(rows, latents, z)
+        loss = loss_of_rows(rows)
         total += loss.item()
         yield loss, rows is rows_list[-1]
     return total
+
+
+def zero_piece(ctx: StepContext, cand_condition: dict, noise: torch.Tensor) -> torch.Tensor:
+    """A zero loss through the (DDP-wrapped) generator, for a prompt with nothing to learn from: every
+    rank still runs its one synchronising backward."""
+    return current_latents(ctx, rows_of(cand_condition, slice(0, 1)), noise[:1]).sum() * 0.0
+
+
+@dataclass(frozen=True)
+class Method:
+    """A per-prompt update plugged into the shared loop (``train_drpo.optimisation_step``).
+
+    ``propose(ctx, prompt, rng)`` does the part without gradient (samples, reward calls handed to the
+    scorer, so they can overlap compute); ``update(ctx, proposal)`` yields (loss, is_last) pieces to
+    backpropagate and returns the stats to log. ``reward_gradient``: the reward is differentiated.
+    """
+
+    name: str
+    propose: Callable
+    update: Callable
+    reward_gradient: bool = False

@@ -220,14 +220,17 @@ def backpropagate(accelerator, model, pieces, scale: float, sync: bool, step: in
 
     Only the last piece of a prompt with ``sync`` (the last prompt of the accumulation window)
     DDP-synchronises the gradients; every other backward runs under ``no_sync``, so gradients are
-    exchanged once per optimiser step however many pieces there are.
+    exchanged once per optimiser step however many pieces there are (ranks may differ in pieces).
+    Finiteness is checked on every rank together once the prompt is done, before any optimiser step.
     """
+    finite = True
     while True:
         try:
             loss, last = next(pieces)
         except StopIteration as finished:
+            check_finite_loss(accelerator, torch.tensor(0.0 if finite else float("nan")), step)
             return finished.value
-        check_finite_loss(accelerator, loss, step)
+        finite = finite and bool(torch.isfinite(loss.detach()))
         with contextlib.nullcontext() if sync and last else accelerator.no_sync(model):
             accelerator.backward(loss * scale)
 
@@ -397,7 +400,8 @@ def write_model_card(args, output_dir: str, sample_file: str | None, metrics: di
 
 # DrPO LoRA for {base_model or args.pretrained_model_name_or_path}
 
-LoRA weights trained with Drifting Preference Optimization (arXiv 2606.02521): reward `{args.reward}`,
+LoRA weights trained with method `{args.method}` of the DrPO project (Drifting Preference Optimization,
+arXiv 2606.02521; `draft`, `vggflow`, `dpo` and `grpo` are its Appendix C baselines): reward `{args.reward}`,
 feature map `{args.feature_extractor}`, K = {args.num_candidates}, M = {args.num_pairs},
 drift preset `{args.drift_preset}`: lambda = {args.ref_weight}, eta = {args.velocity_scale}, radii {args.drift_radii},
 kernel {args.drift_kernel},

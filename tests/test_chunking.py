@@ -37,7 +37,7 @@ def step_context(module, model, tmp_path, *extra):
         args=args, accelerator=accelerator, pipe=pipe, unet=pipe.unet, scheduler=type(pipe.scheduler).from_config(
             pipe.scheduler.config), feature_map=features.build_feature_map("image"),
         scorer=candidates.RewardScorer(reward, args.reward, background=False), config=train_drpo.drift_config(args),
-        encode_prompts=module.encode_prompts)
+        encode_prompts=module.encode_prompts, method=train_drpo.METHODS[args.method])
 
 
 def lora_gradient(ctx, chunk_size):

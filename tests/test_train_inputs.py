@@ -104,8 +104,8 @@ def test_reward_is_called_without_gradients_on_cpu_images(tmp_path):
     assert os.path.isfile(tmp_path / "pytorch_lora_weights.safetensors")
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypatch, script):
+@pytest.mark.parametrize("script,method", [("sd", "drpo"), ("sdxl", "drpo"), ("sd", "draft")])
+def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypatch, script, method):
     calls = []
 
     def fake_create_repo(repo_id, exist_ok=False, token=None, **kwargs):
@@ -118,8 +118,9 @@ def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypat
     monkeypatch.setattr("huggingface_hub.create_repo", fake_create_repo)
     monkeypatch.setattr("huggingface_hub.upload_folder", fake_upload_folder)
     module, model = SCRIPTS[script]
+    reward = f"--reward={REWARDS}:brightness" if method == "draft" else "--reward=color_match"
     args = module.parse_args(args_for(tmp_path, "--push_to_hub", "--hub_token=hf_fake", "--hub_model_id=drpo-tiny",
-                                      "--reward=color_match", "--checkpointing_steps=1", model=model))
+                                      reward, "--checkpointing_steps=1", f"--method={method}", model=model))
     train_drpo.main(args, encode_prompts=module.encode_prompts, load_pipeline=module.load_pipeline)
     assert calls[0] == ("create", "drpo-tiny", "hf_fake", False)  # created before any training output
     kind, repo_id, files, ignore = calls[1]
@@ -127,7 +128,7 @@ def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypat
     assert {"pytorch_lora_weights.safetensors", "README.md", "samples_before_after.png"} <= set(files)
     assert "checkpoint-*" in ignore
     card = (tmp_path / "README.md").read_text()
-    assert "samples_before_after.png" in card and "load_lora_weights" in card
+    assert "samples_before_after.png" in card and "load_lora_weights" in card and f"method `{method}`" in card
     assert "base_model:" not in card  # a local folder is no Hub id (the Hub would reject it)
 
 

@@ -46,16 +46,17 @@ def clip_preprocess_longest(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class BatchedReward:
-    """A model reward scored ``batch_size`` images at a time under no_grad; subclasses define
-    ``score_batch(images, prompts)`` for one batch of CPU images and return its scores."""
+    """A model reward scored ``batch_size`` images at a time; subclasses define ``score_batch(images,
+    prompts)`` for one batch and return its scores. Without gradient (ranking) unless the images
+    require grad (the reward-gradient methods), which then flows back through the model to them."""
 
     batch_size = 16
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         size = self.batch_size
-        return torch.cat([self.score_batch(images[start : start + size], prompts[start : start + size]).float().cpu()
-                          for start in range(0, len(images), size)])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+            return torch.cat([self.score_batch(images[start : start + size], prompts[start : start + size]).float()
+                              for start in range(0, len(images), size)]).to(images.device)
 
     def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError

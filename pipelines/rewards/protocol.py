@@ -17,6 +17,12 @@ One optional method, for rewards whose ranking scores are not what should be rep
 
 Everything calls a reward through ``score_candidates``, which enforces the protocol: the wrong
 count, non-numbers or NaN/inf stop the run with a ``RewardError`` naming the reward.
+
+Reward-gradient methods (``--method draft``, ``vggflow``) call the same function through
+``differentiable_scores`` instead: with gradient enabled, on the decoded images on the training
+device (float32, [0, 1], ``requires_grad``), and it must return a tensor of N scores connected to
+``images``. A reward that returns python floats, a detached tensor or anything without a gradient
+stops at that first call with a message naming it and the methods that only rank.
 """
 
 from __future__ import annotations
@@ -70,3 +76,32 @@ def score_candidates(reward_fn: RewardFn, images: torch.Tensor, prompts: list[st
         reported=as_scores(result.reported, len(images), name),
         components={key: as_scores(value, len(images), key) for key, value in result.components.items()},
     )
+
+
+RANKING_METHODS = "drpo, dpo or grpo"  # the methods that only rank, for the message below
+
+
+def differentiable_scores(reward_fn: RewardFn, images: torch.Tensor, prompts: list[str], name: str) -> torch.Tensor:
+    """N scores with a gradient to ``images`` (the reward-gradient methods), or a ``RewardError``."""
+    if not images.requires_grad:
+        raise ValueError("differentiable_scores needs images that require grad")
+    components = getattr(reward_fn, "components", None)  # a mixture: its weighted sum of raw scores
+    if components is not None:
+        return sum(weight * differentiable_scores(reward, images, prompts, part)
+                   for (part, reward), weight in zip(components.items(), reward_fn.weights))
+    needs = (f"--method draft and vggflow backpropagate through the reward, so it must return a tensor computed "
+             f"from `images`; with this reward use --method {RANKING_METHODS}, which only rank")
+    try:
+        with torch.enable_grad():
+            scores = reward_fn(images, list(prompts))
+    except Exception as error:  # noqa: BLE001 - e.g. .numpy() on images that require grad
+        raise RewardError(f"reward {name!r} failed on images that require grad ({error}): {needs}") from error
+    if not isinstance(scores, torch.Tensor) or scores.grad_fn is None:
+        got = type(scores).__name__ + ("" if not isinstance(scores, torch.Tensor) else " without grad_fn")
+        raise RewardError(f"reward {name!r} returned no gradient with respect to the images (got {got}): {needs}")
+    scores = scores.flatten()
+    if len(scores) != len(images):
+        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(images)} images")
+    if not torch.isfinite(scores.detach()).all():
+        raise RewardError(f"reward {name!r} returned non-finite scores: {scores.detach().tolist()}")
+    return scores.float()

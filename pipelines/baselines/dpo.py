@@ -1,0 +1,97 @@
+"""DPO(1-step): DPO's sigmoid preference margin on the one-step clean latent (paper, Appendix C.3,
+Algorithm A3; Rafailov et al., 2023; Wallace et al., 2024).
+
+    g_theta = s(psi(mu_theta), psi(y+)) - s(psi(mu_theta), psi(y-)),   s(a, b) = -||a - b||^2
+    g_ref   = the same with mu_ref (the frozen base model, same noise and prompt)
+    L = -log sigmoid(beta [g_theta - g_ref]) + lambda_ref ||mu_theta - mu_ref||^2
+
+Online (``--method dpo``): y+ / y- are reward-ordered pairs of the current generator's K candidates
+(as DrPO's A+ / A-); mu_theta is generated from a fresh noise per pair (Algorithm A3, line 3). psi is
+the raw latent or the run's feature map (``--dpo_space``). The pairs go C at a time with
+--candidate_chunk_size. ``dpo_loss`` is also the offline baseline's loss, with dataset images as y+/y-.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import drpo_utils
+from pipelines import candidates
+from pipelines.baselines.draft import latent_anchor
+
+
+def squared_distance(a: dict, b: dict) -> torch.Tensor:
+    """||a - b||^2 per row, summed over every named tensor of a (multi-tensor) preference space."""
+    return sum((a[name].float().flatten(1) - b[name].float().flatten(1)).square().sum(1) for name in a)
+
+
+def preference_margin(h: dict, h_pos: dict, h_neg: dict) -> torch.Tensor:
+    """g = s(h, h+) - s(h, h-) with s(a, b) = -||a - b||^2 (Algorithm A3, lines 6-8)."""
+    return -squared_distance(h, h_pos) + squared_distance(h, h_neg)
+
+
+def dpo_loss(h_theta: dict, h_ref: dict, h_pos: dict, h_neg: dict, latents: torch.Tensor, ref_latents: torch.Tensor,
+             beta: float, ref_weight: float, count: int | None = None) -> torch.Tensor:
+    """Mean over pairs of -log sigmoid(beta (g_theta - g_ref)) + lambda_ref ||mu_theta - mu_ref||^2 (Algorithm A3,
+    line 9); ``count`` is the number of pairs when these rows are one chunk of them."""
+    count = count or len(latents)
+    margin = preference_margin(h_theta, h_pos, h_neg) - preference_margin(h_ref, h_pos, h_neg)
+    terms = -F.logsigmoid(beta * margin) + ref_weight * latent_anchor(latents, ref_latents)
+    return terms.sum() / count
+
+
+def add_flags(parser) -> None:
+    group = parser.add_argument_group("--method dpo (Appendix C.3, Algorithm A3)")
+    group.add_argument("--dpo_beta", type=float, default=30.0, help="beta, the inverse temperature (paper: 30).")
+    group.add_argument("--dpo_ref_weight", type=float, default=0.0, help="lambda_ref of the latent anchor (paper: 0).")
+    group.add_argument("--dpo_space", default="latent", choices=["latent", "features"],
+                       help="psi: the raw latent, or the run's --feature_extractor (the paper tests both).")
+
+
+def preference_space(ctx: candidates.StepContext, latents: torch.Tensor) -> dict:
+    """psi(mu): {"latent": mu}, or phi(mu) (decoding first when phi reads images)."""
+    if ctx.args.dpo_space == "latent":
+        return {"latent": latents}
+    images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
+    return ctx.feature_map(latents, images)
+
+
+def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> candidates.Candidates:
+    """The current generator's K candidates for the reward to rank (no gradient)."""
+    return candidates.candidates(ctx, prompt, rng, grad=False)
+
+
+def update(ctx: candidates.StepContext, cand: candidates.Candidates):
+    """Reward-ordered pairs as y+ / y-, a fresh noise per pair for mu_theta; yields the loss pair chunk by chunk."""
+    args = ctx.args
+    scores, waited = ctx.scorer.result(cand.scores)
+    winners, losers = drpo_utils.sample_reward_pairs(scores.ranking, args.num_pairs, cand.rng)
+    count = len(winners)
+    stats = {"reward_mean": scores.reported.mean().item(), "reward_std": scores.reported.std().item(),
+             "num_pairs": count, "reward_wait": waited}
+    if count == 0:  # all rewards tied: no preference to learn from
+        yield candidates.zero_piece(ctx, cand.condition, cand.noise), True
+        stats["loss"] = 0.0
+        return stats
+    with torch.no_grad():
+        pairs = preference_space(ctx, cand.latents) if args.dpo_space == "features" else {"latent": cand.latents}
+        h_pos = {name: value[winners] for name, value in pairs.items()}
+        h_neg = {name: value[losers] for name, value in pairs.items()}
+    condition = {name: value[:1].expand(count, *value.shape[1:]) for name, value in cand.condition.items()}
+    noise = candidates.candidate_noise(ctx, count, cand.rng)
+    ref_latents = candidates.reference_latents(ctx, condition, noise)
+    with torch.no_grad():
+        h_ref = preference_space(ctx, ref_latents)
+
+    def loss_of_rows(rows):
+        latents = candidates.current_latents(ctx, candidates.rows_of(condition, rows), noise[rows])
+        pick = lambda tensors: {name: value[rows] for name, value in tensors.items()}  # noqa: E731
+        return dpo_loss(preference_space(ctx, latents), pick(h_ref), pick(h_pos), pick(h_neg), latents,
+                        ref_latents[rows], args.dpo_beta, args.dpo_ref_weight, count)
+
+    stats["loss"] = yield from candidates.loss_pieces(ctx, count, loss_of_rows)
+    return stats
+
+
+METHOD = candidates.Method("dpo", propose, update)

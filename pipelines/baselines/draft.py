@@ -1,0 +1,72 @@
+"""DRaFT (Clark et al., 2024) in the one-step setting: backpropagate a differentiable reward through the
+decoder and the generator (paper, Appendix C.1).
+
+    L_DRaFT = -1/K sum_k R(D(mu_theta,k), p) + lambda_ref 1/K sum_k ||mu_theta,k - mu_ref,k||^2
+
+mu_theta,k is the one-step clean latent of noise k, D the VAE decoder, mu_ref,k the frozen base model's
+latent for the same prompt and noise. With --candidate_chunk_size the K candidates go C at a time
+(the chunking C.1 describes), each chunk through generator, decoder and reward with gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import drpo_utils
+from pipelines import candidates
+from pipelines.rewards.protocol import differentiable_scores
+
+
+def latent_anchor(latents: torch.Tensor, ref_latents: torch.Tensor) -> torch.Tensor:
+    """||mu_theta,k - mu_ref,k||^2 per candidate k (summed over the latent's elements)."""
+    return (latents.float() - ref_latents.float()).square().flatten(1).sum(1)
+
+
+def draft_loss(rewards: torch.Tensor, latents: torch.Tensor, ref_latents: torch.Tensor, ref_weight: float,
+               count: int | None = None) -> torch.Tensor:
+    """Appendix C.1: -1/K sum_k R_k + lambda_ref 1/K sum_k ||mu_theta,k - mu_ref,k||^2 (K = ``count``, the
+    whole candidate set, when these are one chunk of it)."""
+    count = count or len(rewards)
+    return (-rewards.float().sum() + ref_weight * latent_anchor(latents, ref_latents).sum()) / count
+
+
+def add_flags(parser) -> None:
+    group = parser.add_argument_group("--method draft (Appendix C.1)")
+    group.add_argument("--draft_ref_weight", type=float, default=0.0,
+                       help="lambda_ref of the latent anchor (the paper does not report its value; 0 is plain DRaFT).")
+
+
+@dataclass
+class Proposal:
+    prompt: str
+    condition: dict
+    noise: torch.Tensor
+    ref_latents: torch.Tensor
+
+
+def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> Proposal:
+    """Condition, noises and the base model's latents; everything else needs gradient."""
+    k = ctx.args.num_candidates
+    condition, noise = candidates.prompt_condition(ctx, prompt, k), candidates.candidate_noise(ctx, k, rng)
+    return Proposal(prompt, condition, noise, candidates.reference_latents(ctx, condition, noise))
+
+
+def update(ctx: candidates.StepContext, proposal: Proposal):
+    """Yields the DRaFT loss of each chunk (generator, decoder and reward with gradient); returns stats."""
+    k, rewards = ctx.args.num_candidates, []
+
+    def loss_of_rows(rows):
+        latents = candidates.current_latents(ctx, candidates.rows_of(proposal.condition, rows), proposal.noise[rows])
+        images = drpo_utils.decode_latents(ctx.pipe.vae, latents)
+        scores = differentiable_scores(ctx.scorer.reward_fn, images, [proposal.prompt] * len(images), ctx.scorer.name)
+        rewards.append(scores.detach())
+        return draft_loss(scores, latents, proposal.ref_latents[rows], ctx.args.draft_ref_weight, k)
+
+    loss = yield from candidates.loss_pieces(ctx, k, loss_of_rows)
+    scores = torch.cat(rewards).double().cpu()
+    return {"loss": loss, "reward_mean": scores.mean().item(), "reward_std": scores.std().item()}
+
+
+METHOD = candidates.Method("draft", propose, update, reward_gradient=True)

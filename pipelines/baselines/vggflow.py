@@ -1,0 +1,101 @@
+"""VGG-Flow(1-step) (Liu et al., 2025, adapted in the paper's Appendix C.2): regress the clean latent onto
+a target built from the reward's gradient around the frozen reference.
+
+    mu_k^target = mu_ref,k + eta lambda_r clip(grad_mu R(D(mu_theta,k), p))
+    L = 1/K sum_k ||mu_theta,k - mu_k^target||^2 + lambda_ref 1/K sum_k ||mu_theta,k - mu_ref,k||^2
+
+The reward gradient is taken at the current sample mu_theta,k (no gradient to the LoRA through it)
+and norm-clipped per sample; eta is fixed in the one-step setting. The target is closed-form and
+detached, so --candidate_chunk_size recomputes mu_theta C candidates at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import drpo_utils
+from pipelines import candidates
+from pipelines.baselines.draft import latent_anchor
+from pipelines.rewards.protocol import differentiable_scores
+
+
+def clip_per_sample(gradient: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Scale each sample's gradient down to L2 norm ``max_norm`` where it is larger (C.2's norm clip)."""
+    norms = gradient.flatten(1).norm(dim=1).clamp_min(1e-12)
+    factor = (max_norm / norms).clamp(max=1.0)
+    return gradient * factor.view(-1, *[1] * (gradient.ndim - 1))
+
+
+def vggflow_target(ref_latents: torch.Tensor, reward_gradient: torch.Tensor, eta: float, reward_scale: float,
+                   max_norm: float) -> torch.Tensor:
+    """mu^target = mu_ref + eta lambda_r clip(grad_mu R) (Appendix C.2)."""
+    return ref_latents.float() + eta * reward_scale * clip_per_sample(reward_gradient.float(), max_norm)
+
+
+def vggflow_loss(latents: torch.Tensor, target: torch.Tensor, ref_latents: torch.Tensor, ref_weight: float,
+                 count: int | None = None) -> torch.Tensor:
+    """1/K sum_k ||mu_theta,k - mu_k^target||^2 + lambda_ref 1/K sum_k ||mu_theta,k - mu_ref,k||^2."""
+    count = count or len(latents)
+    matching = (latents.float() - target.detach()).square().flatten(1).sum(1)
+    return (matching.sum() + ref_weight * latent_anchor(latents, ref_latents).sum()) / count
+
+
+def add_flags(parser) -> None:
+    group = parser.add_argument_group("--method vggflow (Appendix C.2; the paper reports no values, these are ours)")
+    group.add_argument("--vggflow_eta", type=float, default=1.0, help="eta(t), fixed at the one-step timestep.")
+    group.add_argument("--vggflow_reward_scale", type=float, default=1.0, help="lambda_r, the reward's scale.")
+    group.add_argument("--vggflow_clip", type=float, default=1.0, help="Per-sample L2 norm clip of grad_mu R.")
+    group.add_argument("--vggflow_ref_weight", type=float, default=0.0, help="lambda_ref of the latent anchor.")
+
+
+@dataclass
+class Proposal:
+    condition: dict
+    noise: torch.Tensor
+    ref_latents: torch.Tensor
+    target: torch.Tensor
+    rewards: torch.Tensor
+
+
+def reward_gradient(ctx: candidates.StepContext, latents: torch.Tensor, prompt: str) -> tuple[torch.Tensor, ...]:
+    """grad_mu R(D(mu), p) at ``latents`` (through the decoder and the reward only) and R itself."""
+    leaf = latents.detach().float().requires_grad_(True)
+    scores = differentiable_scores(ctx.scorer.reward_fn, drpo_utils.decode_latents(ctx.pipe.vae, leaf),
+                                   [prompt] * len(leaf), ctx.scorer.name)
+    (gradient,) = torch.autograd.grad(scores.sum(), leaf)
+    return gradient, scores.detach()
+
+
+def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> Proposal:
+    """Current and reference latents without gradient, the reward gradient at the current ones, the target."""
+    args, k = ctx.args, ctx.args.num_candidates
+    condition, noise = candidates.prompt_condition(ctx, prompt, k), candidates.candidate_noise(ctx, k, rng)
+    ref_latents = candidates.reference_latents(ctx, condition, noise)
+    gradients, rewards = [], []
+    for rows in candidates.chunk_rows(k, ctx.chunk_size):  # the reward's backward, C candidates at a time
+        with torch.no_grad():
+            latents = candidates.current_latents(ctx, candidates.rows_of(condition, rows), noise[rows])
+        gradient, scores = reward_gradient(ctx, latents, prompt)
+        gradients.append(gradient)
+        rewards.append(scores)
+    target = vggflow_target(ref_latents, torch.cat(gradients), args.vggflow_eta, args.vggflow_reward_scale,
+                            args.vggflow_clip)
+    return Proposal(condition, noise, ref_latents, target, torch.cat(rewards))
+
+
+def update(ctx: candidates.StepContext, proposal: Proposal):
+    """Yields the target-matching loss, recomputing mu_theta chunk by chunk; returns stats."""
+    k = ctx.args.num_candidates
+
+    def loss_of_rows(rows):
+        latents = candidates.current_latents(ctx, candidates.rows_of(proposal.condition, rows), proposal.noise[rows])
+        return vggflow_loss(latents, proposal.target[rows], proposal.ref_latents[rows], ctx.args.vggflow_ref_weight, k)
+
+    loss = yield from candidates.loss_pieces(ctx, k, loss_of_rows)
+    scores = proposal.rewards.double().cpu()
+    return {"loss": loss, "reward_mean": scores.mean().item(), "reward_std": scores.std().item()}
+
+
+METHOD = candidates.Method("vggflow", propose, update, reward_gradient=True)

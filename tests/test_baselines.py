@@ -1,0 +1,134 @@
+"""The baselines' losses against their Appendix C formulas on hand-sized inputs, and their reward checks."""
+
+import math
+import os
+
+import pytest
+import torch
+from conftest import ROOT
+
+import train_drpo
+from pipelines.baselines.dpo import dpo_loss, preference_margin
+from pipelines.baselines.draft import draft_loss
+from pipelines.baselines.grpo import gaussian_log_prob, group_advantages, grpo_loss, normalised_noise
+from pipelines.baselines.vggflow import clip_per_sample, vggflow_loss, vggflow_target
+from pipelines.rewards import RewardError
+from pipelines.rewards.protocol import differentiable_scores
+
+REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
+
+
+def test_draft_gradient_is_the_reward_gradient_plus_the_anchor():
+    """mu_k = x_k W, R(mu) = a . mu: dL/dW = 1/K sum_k x_k^T (-a + 2 lambda (mu_k - mu_ref,k)) (Appendix C.1)."""
+    g = torch.Generator().manual_seed(0)
+    x, a = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    latents = x @ weight
+    draft_loss(latents @ a, latents, ref, ref_weight=0.3).backward()
+    expected = sum(torch.outer(x[k], -a + 2 * 0.3 * (latents[k] - ref[k]).detach()) for k in range(4)) / 4
+    torch.testing.assert_close(weight.grad, expected.float().double(), rtol=1e-5, atol=1e-6)
+
+
+def test_draft_chunks_add_up_to_the_whole_loss():
+    g = torch.Generator().manual_seed(1)
+    rewards, latents, ref = torch.randn(6, generator=g), torch.randn(6, 2, 2, generator=g), torch.randn(6, 2, 2, generator=g)
+    whole = draft_loss(rewards, latents, ref, 0.5)
+    parts = draft_loss(rewards[:4], latents[:4], ref[:4], 0.5, count=6) + draft_loss(rewards[4:], latents[4:], ref[4:],
+                                                                                     0.5, count=6)
+    torch.testing.assert_close(whole, parts)
+
+
+def test_vggflow_clip_target_and_loss_by_hand():
+    gradient = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
+    clipped = clip_per_sample(gradient, max_norm=1.0)
+    torch.testing.assert_close(clipped, torch.tensor([[0.6, 0.8], [0.3, 0.4]]))
+    ref = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    target = vggflow_target(ref, gradient, eta=2.0, reward_scale=0.5, max_norm=1.0)
+    torch.testing.assert_close(target, torch.tensor([[1.6, 1.8], [0.3, 0.4]]))  # mu_ref + eta lambda_r clip(g)
+    latents = torch.tensor([[1.0, 2.0], [1.0, 0.0]], requires_grad=True)
+    loss = vggflow_loss(latents, target, ref, ref_weight=0.1)
+    by_hand = ((0.6**2 + 0.2**2) + (0.7**2 + 0.4**2) + 0.1 * ((0 + 1) + (1 + 0))) / 2
+    assert loss.item() == pytest.approx(by_hand)
+    loss.backward()
+    torch.testing.assert_close(latents.grad, (2 * (latents - target) + 0.1 * 2 * (latents - ref)).detach() / 2)
+
+
+def test_dpo_sigmoid_margin_by_hand():
+    """g = -||h - h+||^2 + ||h - h-||^2; L = -log sigmoid(beta (g_theta - g_ref)) + lambda ||mu - mu_ref||^2."""
+    h_theta, h_ref = {"z": torch.tensor([[0.5, 0.0]])}, {"z": torch.tensor([[0.0, 0.0]])}
+    h_pos, h_neg = {"z": torch.tensor([[1.0, 0.0]])}, {"z": torch.tensor([[-1.0, 0.0]])}
+    g_theta = -(0.5**2) + 1.5**2  # 2.0
+    g_ref = -1.0 + 1.0  # 0.0
+    torch.testing.assert_close(preference_margin(h_theta, h_pos, h_neg), torch.tensor([g_theta]))
+    latents, ref_latents = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 1.0]])
+    loss = dpo_loss(h_theta, h_ref, h_pos, h_neg, latents, ref_latents, beta=0.7, ref_weight=0.2)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.7 * (g_theta - g_ref)))) + 0.2 * 1.0, rel=1e-6)
+    # Moving h_theta toward h+ lowers the loss: its gradient points away from h+.
+    h = torch.tensor([[0.5, 0.0]], requires_grad=True)
+    dpo_loss({"z": h}, h_ref, h_pos, h_neg, latents, latents, beta=0.7, ref_weight=0.0).backward()
+    assert h.grad[0, 0] < 0
+
+
+def test_grpo_advantages_ratio_clipping_anchor_and_kl_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    z = (rewards - rewards.mean()) / rewards.std()
+    torch.testing.assert_close(group_advantages(rewards, scale=2.0, max_abs=2.5), (2 * z).clamp(-2.5, 2.5), rtol=1e-5,
+                               atol=1e-6)
+    assert group_advantages(torch.ones(4), 1.0, 5.0).abs().max() == 0  # a tied group has no advantage
+
+    actions, means = torch.tensor([[0.1, 0.2]]), torch.tensor([[0.0, 0.0]])
+    assert gaussian_log_prob(actions, means, 0.1).item() == pytest.approx(-0.5 * (1.0 + 4.0) / 2)
+    noise = torch.tensor([[[1.0, 3.0]]])
+    torch.testing.assert_close(normalised_noise(noise), (noise - 2.0) / (math.sqrt(2.0) + 1e-6))
+
+    log_prob = torch.tensor([0.5, -0.1], requires_grad=True)
+    old, advantages = torch.tensor([0.0, 0.0]), torch.tensor([1.0, -1.0])
+    latents, ref = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [0.0]])
+    loss = grpo_loss(log_prob, old, advantages, latents, ref, clip_eps=0.2, log_ratio_clip=10.0, ref_weight=0.05,
+                     kl_weight=0.3)
+    rho = [math.exp(0.5), math.exp(-0.1)]
+    policy = [-min(rho[0] * 1, 1.2 * 1), -min(rho[1] * -1, max(0.8, min(1.2, rho[1])) * -1)]
+    kl = [r - 1 - math.log(r) for r in rho]
+    by_hand = sum(policy[k] + 0.05 * [1.0, 4.0][k] + 0.3 * kl[k] for k in range(2)) / 2
+    assert loss.item() == pytest.approx(by_hand, abs=1e-6)  # terms of ~1 cancel to ~5e-4 (float32)
+    loss.backward()
+    # Sample 0: ratio e^0.5 > 1.2 with A > 0 is clipped: only the KL term moves it.
+    assert log_prob.grad[0].item() == pytest.approx(0.3 * (rho[0] - 1) / 2, rel=1e-3)  # float32
+
+
+def test_grpo_log_ratio_is_clipped_at_m():
+    loss = grpo_loss(torch.tensor([50.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.zeros(1, 1),
+                     torch.zeros(1, 1), 0.2, log_ratio_clip=10.0, ref_weight=0.0, kl_weight=1.0)
+    assert loss.item() == pytest.approx(math.exp(10.0) - 1 - 10.0, rel=1e-6)
+
+
+def test_a_reward_without_gradient_is_named_with_the_methods_that_work():
+    images = torch.rand(2, 3, 8, 8, requires_grad=True)
+    with pytest.raises(RewardError, match=r"reward 'lookup' returned no gradient.*--method drpo, dpo or grpo"):
+        differentiable_scores(lambda images, prompts: [0.1, 0.2], images, ["a", "b"], "lookup")
+    with pytest.raises(RewardError, match="without grad_fn"):
+        differentiable_scores(lambda images, prompts: images.detach().mean((1, 2, 3)), images, ["a", "b"], "detached")
+    scores = differentiable_scores(lambda images, prompts: images.mean((1, 2, 3)), images, ["a", "b"], "mean")
+    scores.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_draft_stops_at_the_first_call_of_a_reward_without_gradient(tmp_path):
+    from test_train_inputs import args_for
+
+    for reward, message in (("darkness", "failed on images that require grad"),  # calls .numpy() on them
+                            ("requires_no_grad", "failed on images that require grad"),
+                            ("wrong_count", "returned no gradient")):  # python floats
+        args = train_drpo.parse_args(args_for(tmp_path, "--method=draft", f"--reward={REWARDS}:{reward}"))
+        with pytest.raises(RewardError, match=f"{message}.*--method drpo, dpo or grpo"):
+            train_drpo.main(args, load_pipeline=train_drpo.load_pipeline)
+
+
+@pytest.mark.parametrize("reward", ["color_match", "jpeg_compressibility", "http://127.0.0.1:1/score", "geneval"])
+def test_reward_gradient_methods_refuse_ranking_only_rewards_at_start_up(tmp_path, reward):
+    from test_train_inputs import args_for
+
+    with pytest.raises(ValueError, match=f"--method vggflow backpropagates through the reward.*{reward}"):
+        train_drpo.parse_args(args_for(tmp_path, "--method=vggflow", f"--reward={reward}"))
+
