@@ -247,7 +247,7 @@ def test_memory_check_warns_before_the_first_step_when_k_and_resolution_do_not_f
     def first_step(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_drpo, "drpo_step", first_step)
+    monkeypatch.setattr(train_drpo, "optimisation_step", first_step)
     args = train_drpo.parse_args(args_for(tmp_path, "--num_candidates=24", "--num_pairs=12") + ["--resolution=512"])
     with caplog.at_level("WARNING", logger="pipelines.memory"), pytest.raises(KeyboardInterrupt):
         train_drpo.main(args)
@@ -257,7 +257,7 @@ def test_memory_check_warns_before_the_first_step_when_k_and_resolution_do_not_f
 
 
 def test_memory_check_is_quiet_when_the_step_fits(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(train_drpo, "drpo_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(train_drpo, "optimisation_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     args = train_drpo.parse_args(args_for(tmp_path))
     with caplog.at_level("WARNING", logger="pipelines.memory"), pytest.raises(KeyboardInterrupt):
         train_drpo.main(args)
