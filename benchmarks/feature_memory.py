@@ -30,7 +30,7 @@ import time
 import torch
 
 import drpo_utils
-from benchmarks.harness import publish, run_isolated
+from benchmarks.harness import peak_bytes, publish, reset_peak, run_isolated
 from pipelines import features
 from pipelines.latent_mae import LatentMAEEncoder
 
@@ -46,30 +46,6 @@ def random_latent_mae(folder: str, base_channels: int, feature_extractor: str) -
     path = os.path.join(folder, "encoder.safetensors")
     save_file(encoder.state_dict(), path, metadata={"model_config": json.dumps(encoder.config)})
     return features.build_feature_map(feature_extractor, path)
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
-def reset_peak(device: torch.device) -> int:
-    """Start a new peak-memory window; returns the memory in use now.
-
-    CPU: Linux's resident high-water mark (VmHWM), reset by writing 5 to /proc/self/clear_refs, so
-    the transient copies made while loading the weights do not hide the passes' own peak.
-    """
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    return _status_bytes("VmRSS")
-
-
-def peak_bytes(device: torch.device) -> int:
-    return torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_bytes("VmHWM")
 
 
 def measure(args) -> dict:

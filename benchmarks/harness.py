@@ -9,12 +9,23 @@ import subprocess
 import sys
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def public_flags(args) -> list[str]:
-    """The command line that reproduces ``args`` (private ``_*`` options left out)."""
-    return [f"--{k}={v}" for k, v in vars(args).items() if not k.startswith("_") and v is not None]
+    """The command line that reproduces ``args`` (private ``_*`` options left out; booleans as switches,
+    lists comma-separated)."""
+    flags = []
+    for key, value in vars(args).items():
+        if key.startswith("_") or value is None or value is False:
+            continue
+        if value is True:
+            flags.append(f"--{key}")
+        else:
+            flags.append(f"--{key}={','.join(map(str, value)) if isinstance(value, list) else value}")
+    return flags
 
 
 def run_isolated(module: str, option: str, variants, args) -> dict[str, dict]:
@@ -41,8 +52,10 @@ def publish(result: dict, table: str, output_json: str | None) -> dict:
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 
 
-def train_run(script: str, flags: list[str], output_dir: str, launcher: list[str] | None = None) -> float:
-    """Run ``script`` (``train_drpo.py`` ...) with ``flags`` into ``output_dir``; returns wall seconds.
+def train_run(script: str, flags: list[str], output_dir: str, launcher: list[str] | None = None,
+              measure_peak: bool = False):
+    """Run ``script`` (``train_drpo.py`` ...) with ``flags`` into ``output_dir``; returns wall seconds
+    (and, with ``measure_peak``, the process' peak resident memory in bytes).
 
     ``launcher`` defaults to this Python (one process, all CPU threads); the quickstart uses
     ``accelerate launch --cpu`` as its README command does.
@@ -50,8 +63,12 @@ def train_run(script: str, flags: list[str], output_dir: str, launcher: list[str
     flags = [f for f in flags if not f.startswith("--output_dir=")] + [f"--output_dir={output_dir}", "--report_to=none"]
     command = [*(launcher or [sys.executable]), script, *flags]
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return time.perf_counter() - start
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), command)
+    return (seconds, usage.ru_maxrss * 1024) if measure_peak else seconds
 
 
 def compare_to_base(model: str, loras: dict[str, str], rewards: list[str], prompts: list[str],
@@ -91,3 +108,27 @@ def mean_step_seconds(output_dir: str) -> float:
     with open(os.path.join(output_dir, "reward_history.jsonl")) as handle:
         times = [json.loads(line)["step_time"] for line in handle]
     return sum(times) / len(times)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak(device: torch.device) -> int:
+    """Start a new peak-memory window; returns the memory in use now.
+
+    CPU: Linux's resident high-water mark (VmHWM), reset by writing 5 to /proc/self/clear_refs, so
+    the transient copies made while loading the weights do not hide the passes' own peak.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_bytes("VmRSS")
+
+
+def peak_bytes(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_bytes("VmHWM")

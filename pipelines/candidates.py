@@ -26,11 +26,17 @@ from pipelines import rewards
 
 
 class RewardScorer:
-    """The trainer's reward calls (no gradient, CPU images), in series or in one background thread."""
+    """The trainer's reward calls (no gradient, CPU images), in series or in one background thread.
+
+    The background thread runs its own torch CPU work on one thread, so it does not oversubscribe the
+    cores the training thread's ops use (measured: without this, overlapping slowed the compute by as
+    much as it hid of a remote reward's latency).
+    """
 
     def __init__(self, reward_fn: Callable, name: str, background: bool):
         self.reward_fn, self.name = reward_fn, name
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") if background else None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward",
+                                           initializer=torch.set_num_threads, initargs=(1,)) if background else None
 
     @property
     def background(self) -> bool:

@@ -4,11 +4,11 @@ import math
 
 from conftest import TINY_SD
 
-from benchmarks.step_cost import main
+from benchmarks.step_cost import main, parse_args
 
 
 def test_step_cost_benchmark_runs_at_tiny_size(tmp_path):
-    result = main([f"--model={TINY_SD}", "--device=cpu", "--num_candidates=4", "--num_pairs=3",
+    result = main(["--mode=step", f"--model={TINY_SD}", "--device=cpu", "--num_candidates=4", "--num_pairs=3",
                    "--reward_width=64", "--reward_depth=1", "--reward_resolution=32", "--repeats=1",
                    f"--output_json={tmp_path / 'bench.json'}"])
     assert result["drpo_seconds"] > 0 and result["draft_seconds"] > 0
@@ -19,6 +19,30 @@ def test_step_cost_benchmark_runs_at_tiny_size(tmp_path):
     assert math.isclose(result["step_over_parts"], result["drpo_seconds"] / sum(result["parts"].values()))
     assert result["drpo_peak_mb"] >= 0 and result["draft_peak_mb"] >= 0
     assert (tmp_path / "bench.json").is_file()
+
+
+def test_chunked_step_needs_less_memory_than_the_one_pass(tmp_path):
+    """--mode=scaling, reduced: K = 8 at 128 px, C = 2: the chunked DrPO update's peak is well below the one pass'."""
+    from benchmarks.step_cost import render_scaling, scaling
+
+    args = parse_args(["--mode=scaling", f"--model={TINY_SD}", "--device=cpu", "--resolution=128", "--sweep=8",
+                       "--chunk=2", "--variants=drpo,drpo_chunked", "--reward_width=64", "--reward_depth=1",
+                       "--reward_resolution=32", "--repeats=1"])
+    row = scaling(args)["rows"][8]
+    assert row["DrPO, C = 2"]["peak_mb"] < 0.6 * row["DrPO"]["peak_mb"], row
+    assert "DrPO, C = 2" in render_scaling({"rows": {8: row}})
+
+
+def test_overlapped_scoring_hides_a_slow_remote_reward(tmp_path):
+    """--mode=latency, reduced: a server reward that sleeps 1.5 s per call; overlapped steps wait less."""
+    result = main(["--mode=latency", f"--model={TINY_SD}", "--num_candidates=4", "--num_pairs=3", "--latency=1.5",
+                   "--accumulation=3", "--steps=2", "--chunk=2"])
+    serial, overlapped = result["per_micro_step"]["serial"], result["per_micro_step"]["overlapped"]
+    # serial = L + compute; overlapped over a window of 3 -> L + compute / 3 (the first call is not hidden)
+    hidden = (serial - overlapped) / result["compute_per_micro_step"]
+    assert hidden > 0.4, result
+    assert result["overlapped_over_bound"] < 1.3, result
+    assert result["runs"]["overlapped"]["reward_wait"] < result["runs"]["serial"]["reward_wait"]
 
 
 def test_feature_memory_benchmark_runs_every_mode(tmp_path):

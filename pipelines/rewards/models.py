@@ -155,6 +155,7 @@ class HPSv2Score(BatchedReward):
     """
 
     def __init__(self, checkpoint: str, architecture: str = "ViT-H-14", device="cpu", batch_size: int = 16):
+        checkpoint = resolve_file(checkpoint)  # before building a 1B-parameter model the weights may not reach
         import open_clip
 
         if architecture.endswith(".json"):  # a local open_clip config (tests, custom variants)
@@ -162,7 +163,7 @@ class HPSv2Score(BatchedReward):
             architecture = os.path.splitext(os.path.basename(architecture))[0]
         self.device = torch.device(device)
         self.model = open_clip.create_model(architecture, pretrained=None)
-        state = torch.load(resolve_file(checkpoint), map_location="cpu", weights_only=True)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state.get("state_dict", state))
         self.model = self.model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(architecture)
@@ -301,8 +302,9 @@ class ImageRewardScore(BatchedReward):
                  med_config: str = f"{IMAGE_REWARD_REPO}:med_config.json", device="cpu", batch_size: int = 16):
         image_reward = import_image_reward()
         self.device = torch.device(device)
-        self.model = image_reward.ImageReward(med_config=resolve_file(med_config), device=self.device)
-        state = torch.load(resolve_file(checkpoint), map_location="cpu", weights_only=True)
+        checkpoint, med_config = resolve_file(checkpoint), resolve_file(med_config)  # fail before building the model
+        self.model = image_reward.ImageReward(med_config=med_config, device=self.device)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         missing = set(self.model.load_state_dict(state, strict=False).missing_keys)
         unset = sorted(missing & {name for name, _ in self.model.named_parameters()})
         if unset:
