@@ -1,22 +1,42 @@
-"""Held-out evaluation: a reward of the base model vs the base model + DrPO LoRA, same prompts and seeds.
+"""Evaluate a one-step model and any number of LoRAs / finetuned UNets like the paper (Section 5.1,
+Appendix B.2-B.4): fixed prompt sets and seeds, several metrics on the same images, bootstrap standard
+errors over prompts, paired differences and win rates against the base, GenEval, a pairwise VLM judge.
 
-    python -m pipelines.evaluate --pretrained_model_name_or_path assets/tiny-sd-turbo \
-        --lora drpo-output --reward color_match --prompts_file assets/tiny_prompts.txt --seeds 1000-1015
+    python -m pipelines.evaluate --pretrained_model_name_or_path stabilityai/sd-turbo \
+        --lora drpo-sd-turbo --prompt_set pickapic_v2_test --seeds 0-4 \
+        --metrics pickscore,clip,aesthetic,imagereward,hpsv2 --output_dir eval-pickapic
 
-Prints mean +- standard error for both, the paired difference, its z score and the effect size
-(mean change / across-seed standard deviation of the base reward), and writes them as JSON.
+Images are generated once per (model, prompt, seed) (one step, guidance 0) and cached as PNG under
+``--image_cache_dir``; every metric, the GenEval checker and the judge read them back from there, so
+a later run that adds a metric, a model or the judge only generates what is missing. Under
+``accelerate launch`` / ``torchrun`` the prompts (and the scoring batches) are split across processes
+and gathered; only the main process writes the reports. See the README section "Evaluation".
+
+The single-reward helpers other code uses (``parse_seeds``, ``reward_table``, ``summarize``,
+``evaluate``) are kept at the top.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import hashlib
 import json
+import math
+import os
+import re
+from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
+from pipelines.eval_report import labelled_rows, render_markdown, save_delta_plot, scale_of
+from pipelines.eval_sets import (GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_summary, geneval_tag,
+                                 load_prompt_set)
+from pipelines.eval_stats import bootstrap_indices, mean_and_se, outcome_rates, paired_difference, win_rate
 from pipelines.inference import generate_images, load_lora, load_one_step_pipeline
-from pipelines.prompts import load_prompts
-from pipelines.rewards import load_reward, score_candidates
+from pipelines.rewards import REWARDS, is_url, load_reward, score_candidates
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -61,6 +81,7 @@ def summarize(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float]:
 
 def evaluate(model: str, lora: str, reward: str, prompts: list[str], seeds: list[int], resolution=None,
              progress: bool = False):
+    """One reward of the base model vs base + LoRA on the same prompts and seeds (no cache, one process)."""
     reward_fn = load_reward(reward)
     pipe = load_one_step_pipeline(model)
     base, base_images = reward_table(pipe, reward_fn, reward, prompts, seeds, resolution, progress, "base")
@@ -69,24 +90,465 @@ def evaluate(model: str, lora: str, reward: str, prompts: list[str], seeds: list
     return summarize(base, tuned), base_images, tuned_images
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrained_model_name_or_path", required=True)
-    parser.add_argument("--lora", required=True, help="Folder (or Hub id) with pytorch_lora_weights.safetensors.")
-    parser.add_argument("--reward", required=True)
-    parser.add_argument("--prompts_file", required=True)
-    parser.add_argument("--seeds", default="1000-1015")
-    parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--output_json", default=None)
+# ---------------------------------------------------------------------------------------------
+# Models and the image cache
+# ---------------------------------------------------------------------------------------------
+
+BASE = "base"
+LABEL = re.compile(r"^[\w.+-]+$")
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    label: str
+    kind: str  # "base", "lora" or "unet" (the paper's three sampling modes)
+    path: str | None = None
+
+
+def split_label(item: str) -> tuple[str | None, str]:
+    """``name=spec`` -> (name, spec); a bare spec -> (None, spec)."""
+    name, sep, rest = item.partition("=")
+    return (name, rest) if sep and LABEL.match(name) and rest else (None, item)
+
+
+def default_label(path: str) -> str:
+    """A local folder's (or file's) base name, else the Hub id as given."""
+    if os.path.exists(path):
+        name = os.path.basename(os.path.normpath(path))
+        return os.path.splitext(name)[0] if os.path.isfile(path) else name
+    return path
+
+
+def parse_models(loras: list[str], unets: list[str]) -> list[EvalModel]:
+    models = [EvalModel(BASE, "base")]
+    for kind, items in (("lora", loras), ("unet", unets)):
+        for item in items:
+            name, path = split_label(item)
+            models.append(EvalModel(name or default_label(path), kind, path))
+    labels = [m.label for m in models]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"model names {repeated} repeat (one is 'base'): name them with --lora name=path")
+    return models
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^\w.+-]+", "--", text).strip("-") or "model"
+
+
+def resolved(path: str | None) -> str | None:
+    return os.path.abspath(path) if path is not None and os.path.exists(path) else path
+
+
+class ImageCache:
+    """PNG images per (model, prompt, seed): ``<root>/<model>-<config hash>/<prompt hash>-<seed>.png``.
+
+    The folder's hash covers everything that changes a model's images (base model, LoRA/UNet, resolution,
+    dtype, revision, variant), so a changed setting never reads stale images; ``model.json`` in each
+    folder says what it holds. Writes go through a temporary file, so an interrupted run leaves no
+    half-written image behind.
+    """
+
+    def __init__(self, root: str, base_model: str, resolution: int | None, dtype: str, revision=None, variant=None):
+        self.root = root
+        self.setting = {"base_model": resolved(base_model), "resolution": resolution, "dtype": dtype,
+                        "revision": revision, "variant": variant}
+
+    def describe(self, model: EvalModel) -> dict:
+        return {**self.setting, "kind": model.kind, "path": resolved(model.path)}
+
+    def folder(self, model: EvalModel) -> str:
+        digest = hashlib.sha1(json.dumps(self.describe(model), sort_keys=True).encode()).hexdigest()[:10]
+        return os.path.join(self.root, f"{slug(model.label)}-{digest}")
+
+    def path(self, model: EvalModel, prompt: str, seed: int) -> str:
+        return os.path.join(self.folder(model), f"{hashlib.sha1(prompt.encode()).hexdigest()[:16]}-{seed}.png")
+
+    def has(self, model: EvalModel, prompt: str, seed: int) -> bool:
+        return os.path.isfile(self.path(model, prompt, seed))
+
+    def save(self, model: EvalModel, prompt: str, seed: int, image: torch.Tensor) -> None:
+        from PIL import Image
+
+        path = self.path(model, prompt, seed)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pixels = (image.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        Image.fromarray(pixels).save(path + ".tmp", format="PNG")
+        os.replace(path + ".tmp", path)
+
+    def describe_folder(self, model: EvalModel) -> None:
+        os.makedirs(self.folder(model), exist_ok=True)
+        with open(os.path.join(self.folder(model), "model.json"), "w") as handle:
+            json.dump({"label": model.label, **self.describe(model)}, handle, indent=2)
+
+    def load(self, model: EvalModel, pairs: list[tuple[str, int]]) -> torch.Tensor:
+        """[len(pairs), 3, H, W] float32 in [0, 1] for (prompt, seed) pairs."""
+        import numpy as np
+        from PIL import Image
+
+        arrays = [np.asarray(Image.open(self.path(model, p, s)).convert("RGB")) for p, s in pairs]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float() / 255.0
+
+
+@contextlib.contextmanager
+def model_weights(pipe, model: EvalModel, dtype, device):
+    """The pipeline as ``model``: a LoRA loaded then unloaded, or a finetuned UNet swapped in then out."""
+    if model.kind == "lora":
+        load_lora(pipe, model.path)
+        try:
+            yield pipe
+        finally:
+            pipe.unload_lora_weights()
+    elif model.kind == "unet":
+        from diffusers import UNet2DConditionModel
+
+        subfolder = "unet" if os.path.isdir(os.path.join(model.path, "unet")) else None
+        original = pipe.unet
+        pipe.unet = UNet2DConditionModel.from_pretrained(model.path, subfolder=subfolder, dtype=dtype).to(device)
+        try:
+            yield pipe
+        finally:
+            pipe.unet = original
+    else:
+        yield pipe
+
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def release() -> None:
+    """Free a metric model before the next is loaded."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate_missing(args, models, prompts, seeds, cache: ImageCache, state) -> int:
+    """Generate this process' share of the (model, prompt, seed) images the cache lacks; returns how many."""
+    mine = range(state.process_index, len(prompts), state.num_processes)
+    todo = {model: [(i, [s for s in seeds if not cache.has(model, prompts[i], s)]) for i in mine] for model in models}
+    todo = {model: [(i, missing) for i, missing in work if missing] for model, work in todo.items()}
+    total = sum(len(missing) for work in todo.values() for _, missing in work)
+    if total == 0:
+        return 0
+    dtype = DTYPES[args.mixed_precision]
+    pipe = load_one_step_pipeline(args.pretrained_model_name_or_path, dtype=dtype, device=state.device,
+                                  **{k: v for k, v in (("revision", args.revision), ("variant", args.variant)) if v})
+    with tqdm(total=total, desc="generating", unit="image", disable=not state.is_main_process) as bar:
+        for model, work in todo.items():
+            if not work:
+                continue
+            bar.set_postfix_str(model.label)
+            with model_weights(pipe, model, dtype, state.device):
+                for index, missing in work:
+                    images = generate_images(pipe, [prompts[index]], missing, args.resolution)
+                    for seed, image in zip(missing, images):
+                        cache.save(model, prompts[index], seed, image)
+                    bar.update(len(missing))
+    del pipe
+    release()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring, GenEval and the judge, split across processes
+# ---------------------------------------------------------------------------------------------
+
+
+def my_batches(count: int, size: int, state) -> list[tuple[int, int]]:
+    """This process' share of the [start, stop) batches of ``count`` prompt-major items. Every item is
+    scored in the same batch whatever the number of processes, so results do not depend on it."""
+    batches = [(start, min(start + size, count)) for start in range(0, count, size)]
+    return batches[state.process_index::state.num_processes]
+
+
+def gathered(items: list, state) -> list:
+    if state.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def metric_label(item: str) -> tuple[str, str]:
+    """``name=spec`` or a spec: its registry name, its function name (``file.py:fn``) or the URL."""
+    name, spec = split_label(item)
+    if name:
+        return name, spec
+    if spec in REWARDS or is_url(spec) or ":" not in spec:
+        return spec, spec
+    return spec.rsplit(":", 1)[1], spec
+
+
+def score_metrics(args, metrics: dict[str, str], models, prompts, seeds, cache, state) -> dict:
+    """Raw scores {metric: {model label: float64 [prompts, seeds]}}; one metric model loaded at a time."""
+    pairs = [(p, s) for p in prompts for s in seeds]
+    scores = {}
+    for metric, spec in metrics.items():
+        reward = load_reward(spec, state.device)
+        if hasattr(reward, "batch_size"):
+            reward.batch_size = args.metric_batch_size
+        batches = my_batches(len(pairs), args.metric_batch_size, state)
+        local = []
+        with tqdm(total=len(batches) * len(models), desc=f"scoring {metric}", unit="batch",
+                  disable=not state.is_main_process) as bar:
+            for model in models:
+                for start, stop in batches:
+                    images = cache.load(model, pairs[start:stop])
+                    values = score_candidates(reward, images, [p for p, _ in pairs[start:stop]], metric).reported
+                    local.append((model.label, start, values.tolist()))
+                    bar.update()
+        del reward
+        release()
+        table = {model.label: torch.zeros(len(pairs), dtype=torch.float64) for model in models}
+        for label, start, values in gathered(local, state):
+            table[label][start : start + len(values)] = torch.tensor(values, dtype=torch.float64)
+        scores[metric] = {label: values.view(len(prompts), len(seeds)) for label, values in table.items()}
+    return scores
+
+
+def run_geneval(args, models, prompt_set, seeds, cache, state) -> dict[str, list[dict]]:
+    """Per model, GenEval's per-image results (tag, correct, reasons) from our ``geneval`` checker."""
+    from pipelines.rewards.geneval import GenEvalReward
+
+    checker = GenEvalReward(args.geneval_detector, args.geneval_clip, device=state.device)
+    prompts = prompt_set.prompts
+    tags = [geneval_tag(record, prompt, checker) for record, prompt in zip(prompt_set.records, prompts)]
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
+    batches = my_batches(len(pairs), args.metric_batch_size, state)
+    local = []
+    with tqdm(total=len(batches) * len(models), desc="geneval", unit="batch", disable=not state.is_main_process) as bar:
+        for model in models:
+            for start, stop in batches:
+                chunk = pairs[start:stop]
+                images = cache.load(model, [(prompts[i], seeds[j]) for i, j in chunk])
+                for (i, j), (passed, reasons) in zip(chunk, checker.verdicts(images, [prompts[i] for i, _ in chunk])):
+                    local.append({"model": model.label, "prompt_index": i, "seed": seeds[j], "tag": tags[i],
+                                  "prompt": prompts[i], "correct": bool(passed), "reason": "; ".join(reasons)})
+                bar.update()
+    del checker
+    release()
+    results = {model.label: [] for model in models}
+    for record in sorted(gathered(local, state), key=lambda r: (r["prompt_index"], seeds.index(r["seed"]))):
+        results[record.pop("model")].append(record)
+    return results
+
+
+def run_judge(args, models, prompts, seeds, cache, state) -> dict[str, list[dict]]:
+    """Per candidate model, one judged pair (candidate vs base, same prompt and seed) per record."""
+    from pipelines.judge import judge_pair, load_judge, shows_candidate_second
+
+    judge = load_judge(args.judge, state.device, DTYPES[args.mixed_precision], args.judge_max_new_tokens)
+    base, candidates = models[0], models[1:]
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
+    mine = pairs[state.process_index::state.num_processes]
+    local = []
+    with tqdm(total=len(mine) * len(candidates), desc="judging", unit="pair", disable=not state.is_main_process) as bar:
+        for model in candidates:
+            for i, j in mine:
+                prompt, seed = prompts[i], seeds[j]
+                images = cache.load(model, [(prompt, seed)])[0], cache.load(base, [(prompt, seed)])[0]
+                second = shows_candidate_second(args.seed, model.label, prompt, seed)
+                record = judge_pair(judge, images[0], images[1], prompt, second)
+                local.append({"model": model.label, "prompt_index": i, "seed_index": j, "seed": seed, **record})
+                bar.update()
+    del judge
+    release()
+    results = {model.label: [] for model in candidates}
+    for record in sorted(gathered(local, state), key=lambda r: (r["prompt_index"], r["seed_index"])):
+        results[record.pop("model")].append(record)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Results and reports
+# ---------------------------------------------------------------------------------------------
+
+
+def finite_or_none(value):
+    """JSON without NaN: non-finite floats become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def summarize_run(args, models, prompt_set, seeds, specs, scores, geneval, judged) -> dict:
+    from pipelines.judge import outcome_table
+
+    labels = [model.label for model in models]
+    indices = bootstrap_indices(len(prompt_set.prompts), args.bootstrap, args.seed)
+    result = {"models": labels, "model_sources": {m.label: {"kind": m.kind, "path": m.path} for m in models},
+              "pretrained_model_name_or_path": args.pretrained_model_name_or_path, "prompt_source": prompt_set.source,
+              "num_prompts": len(prompt_set.prompts), "seeds": seeds, "resolution": args.resolution,
+              "mixed_precision": args.mixed_precision, "bootstrap": args.bootstrap, "seed": args.seed,
+              "metric_specs": specs, "scale": {}, "metrics": {}, "win_rates": {}}
+    for metric, tables in scores.items():
+        scale = scale_of(metric, specs[metric], args.raw_scores)
+        result["scale"][metric] = scale
+        scaled = {label: table * scale for label, table in tables.items()}
+        base = scaled[BASE]
+        result["metrics"][metric] = {label: mean_and_se(table, indices) for label, table in scaled.items()}
+        for label in labels[1:]:
+            result["metrics"][metric][label].update(paired_difference(base, scaled[label], indices))
+        result["win_rates"][metric] = {label: win_rate(base, scaled[label], indices) for label in labels[1:]}
+    if geneval is not None:
+        result["geneval"] = {label: geneval_summary(records) for label, records in geneval.items()}
+    if judged is not None:
+        result["judge_model"] = args.judge
+        result["judge"] = {}
+        for label, records in judged.items():
+            rates = outcome_rates(outcome_table(records, len(prompt_set.prompts), len(seeds)), indices)
+            unparsed = sum(record["outcome"] is None for record in records)
+            result["judge"][label] = {**rates, "unparsed": unparsed, "parsed": len(records) - unparsed}
+    return finite_or_none(result)
+
+
+def write_jsonl(path: str, records) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_reports(args, result, models, prompts, seeds, scores, geneval, judged, cache) -> None:
+    out = args.output_dir
+    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2, ensure_ascii=False)
+    with open(os.path.join(out, "metrics.md"), "w", encoding="utf-8") as handle:
+        handle.write(render_markdown(result))
+    if scores:
+        write_jsonl(os.path.join(out, "scores.jsonl"), (
+            {"model": model.label, "prompt_index": i, "prompt": prompt, "seed": seed,
+             **{metric: tables[model.label][i, j].item() for metric, tables in scores.items()}}
+            for model in models for i, prompt in enumerate(prompts) for j, seed in enumerate(seeds)))
+    for label, records in (geneval or {}).items():
+        write_jsonl(os.path.join(out, "geneval", f"{slug(label)}.jsonl"), records)
+    for label, records in (judged or {}).items():
+        write_jsonl(os.path.join(out, "judge", f"{slug(label)}.jsonl"), records)
+    count = len(prompts) if args.num_grids < 0 else min(args.num_grids, len(prompts))
+    for index in range(count):
+        rows = {model.label: cache.load(model, [(prompts[index], seed) for seed in seeds]) for model in models}
+        os.makedirs(os.path.join(out, "grids"), exist_ok=True)
+        labelled_rows(prompts[index], rows).save(os.path.join(out, "grids", f"{index:04d}.png"))
+    save_delta_plot(result, os.path.join(out, "metric_deltas.png"))
+
+
+def default_seeds(args) -> list[int]:
+    """``--seeds``, else the paper's five matched seeds, or GenEval's four images per prompt."""
+    if args.seeds:
+        return parse_seeds(args.seeds)
+    return list(range(GENEVAL_IMAGES_PER_PROMPT if args.geneval else 5))
+
+
+def run(args) -> dict | None:
+    """The whole evaluation; returns the metrics.json content on the main process (None elsewhere)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    models = parse_models(args.lora, args.unet)
+    if args.judge and len(models) < 2:
+        raise ValueError("--judge compares models with the base: give at least one --lora or --unet")
+    seeds = default_seeds(args)
+    specs = dict(metric_label(item) for item in args.metrics.split(",") if item.strip() and item.strip() != "none")
+    os.makedirs(args.output_dir, exist_ok=True)
+    prompt_set = load_prompt_set(args.prompts_file, args.dataset_name, args.dataset_split, args.prompt_column,
+                                 args.prompt_set, args.max_prompts, args.unique_prompts,
+                                 download_dir=os.path.join(args.output_dir, "prompt_sets"))
+    prompts = prompt_set.prompts
+    cache = ImageCache(args.image_cache_dir or os.path.join(args.output_dir, "images"),
+                       args.pretrained_model_name_or_path, args.resolution, args.mixed_precision, args.revision,
+                       args.variant)
+    if state.is_main_process:
+        for model in models:
+            cache.describe_folder(model)
+    state.wait_for_everyone()
+    generate_missing(args, models, prompts, seeds, cache, state)
+    state.wait_for_everyone()
+    scores = score_metrics(args, specs, models, prompts, seeds, cache, state)
+    geneval = run_geneval(args, models, prompt_set, seeds, cache, state) if args.geneval else None
+    judged = run_judge(args, models, prompts, seeds, cache, state) if args.judge else None
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return None
+    result = summarize_run(args, models, prompt_set, seeds, specs, scores, geneval, judged)
+    write_reports(args, result, models, prompts, seeds, scores, geneval, judged, cache)
+    print(render_markdown(result))
+    state.wait_for_everyone()
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    models = parser.add_argument_group("models")
+    models.add_argument("--pretrained_model_name_or_path", required=True,
+                        help="The base one-step model (Hub id or folder), evaluated as 'base'.")
+    models.add_argument("--revision", default=None, help="Revision of the base model on the Hub.")
+    models.add_argument("--variant", default=None, help="Weights variant of the base model (e.g. fp16).")
+    models.add_argument("--lora", nargs="*", action="extend", default=[],
+                        help="LoRAs to evaluate: folders, .safetensors files or Hub ids, each as [name=]path; "
+                             "the name defaults to the folder's base name (or the Hub id).")
+    models.add_argument("--unet", nargs="*", action="extend", default=[],
+                        help="Finetuned UNets to evaluate: [name=]folder of a UNet2DConditionModel (or of a "
+                             "pipeline with a unet/ subfolder).")
+    data = parser.add_argument_group("prompts and seeds")
+    data.add_argument("--prompt_set", choices=sorted(PROMPT_SETS), default=None,
+                      help="A preset prompt set of the paper (downloaded on first use).")
+    data.add_argument("--prompts_file", default=None, help="A .txt (one prompt per line) or .jsonl prompts file.")
+    data.add_argument("--dataset_name", default=None,
+                      help="A datasets dataset (Hub id, local data folder or save_to_disk folder) to read prompts from.")
+    data.add_argument("--dataset_split", default="test", help="Split of --dataset_name.")
+    data.add_argument("--prompt_column", default="prompt", help="Column (or .jsonl key) holding the prompt.")
+    data.add_argument("--max_prompts", type=int, default=None, help="Evaluate only the first N prompts.")
+    data.add_argument("--unique_prompts", action="store_true", help="Drop repeated prompts (presets say if they do).")
+    data.add_argument("--seeds", default=None,
+                      help="Seeds, '0-4' or '0,1,2'; one image per (prompt, seed) and model. Default 0-4 "
+                           "(five matched seeds), 0-3 with --geneval (GenEval's 4 images per prompt).")
+    data.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's own).")
+    data.add_argument("--mixed_precision", choices=sorted(DTYPES), default="no",
+                      help="dtype of the generator and the judge (fp16 / bf16) or float32 ('no').")
+    scoring = parser.add_argument_group("metrics")
+    scoring.add_argument("--metrics", default="pickscore,clip,aesthetic,imagereward,hpsv2",
+                         help="Comma-separated metrics, each any --reward spec of the trainer (a name, "
+                              "file.py:function, module:function, a URL), optionally as name=spec; 'none' for none.")
+    scoring.add_argument("--metric_batch_size", type=int, default=16, help="Images per metric / GenEval call.")
+    scoring.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples of the prompts.")
+    scoring.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap and of the judge's A/B order.")
+    scoring.add_argument("--raw_scores", action="store_true",
+                         help="Report raw scores instead of the paper's scale (CLIP, HPS v2 x100; ImageReward x10).")
+    scoring.add_argument("--geneval", action="store_true",
+                         help="Score GenEval's tasks with the geneval checker (prompts: GenEval's metadata).")
+    scoring.add_argument("--geneval_detector", default="facebook/mask2former-swin-small-coco-instance",
+                         help="Detector of the GenEval checker (Mask2Former, Hub id or folder).")
+    scoring.add_argument("--geneval_clip", default="openai/clip-vit-large-patch14",
+                         help="CLIP model of the GenEval colour classifier (Hub id or folder).")
+    scoring.add_argument("--judge", default=None,
+                         help="Pairwise judge of each model vs the base: a transformers VLM id or folder (Qwen3-VL, "
+                              "Qwen2.5-VL), a judge server URL, or file.py:function.")
+    scoring.add_argument("--judge_max_new_tokens", type=int, default=64, help="Longest judge answer, in tokens.")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default="evaluation", help="Where metrics.json, metrics.md, grids, plot go.")
+    output.add_argument("--image_cache_dir", default=None,
+                        help="Image cache, shareable between evaluations (default: <output_dir>/images).")
+    output.add_argument("--num_grids", type=int, default=16, help="Per-prompt image grids to write (-1: all).")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    prompts = load_prompts(args.prompts_file)
-    result, _, _ = evaluate(args.pretrained_model_name_or_path, args.lora, args.reward, prompts,
-                            parse_seeds(args.seeds), args.resolution, progress=True)
-    for key, value in result.items():
-        print(f"{key:>12}: {value:.4f}" if isinstance(value, float) else f"{key:>12}: {value}")
-    if args.output_json:
-        with open(args.output_json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    for name in ("metric_batch_size", "bootstrap"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+def main(argv=None):
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""What an evaluation writes besides ``metrics.json``: ``metrics.md`` (laid out like the paper's Table 1),
+per-prompt labelled image grids and the plot of metric changes against the base model.
+
+Reported scale (``--raw_scores`` turns it off): the paper's tables print CLIP and HPS v2 cosines x 100
+(Table A5: "entries except AES and ImageReward are multiplied by 100"); PickScore's "x 100" is already
+in the ``pickscore`` metric, which is PickScore_v1's logit-scaled score (100 x cosine); AES is printed
+as is; ImageReward is printed x 10 (Tables 1-2 say so, and Table A5's SD-Turbo ImageReward, 5.75, is the
+same number as Table 2's, so its caption's "except ImageReward" cannot mean the raw score).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from pipelines.eval_sets import GENEVAL_TASKS
+
+PAPER_SCALE = {"clip": 100.0, "hpsv2": 100.0, "hpsv21": 100.0, "imagereward": 10.0}
+NAMES = {"pickscore": "PickScore", "clip": "CLIP", "aesthetic": "AES", "imagereward": "ImageReward", "hpsv2": "HPSv2",
+         "hpsv21": "HPSv2.1", "hpsv3": "HPSv3"}
+
+
+def scale_of(metric: str, spec: str, raw: bool) -> float:
+    return 1.0 if raw else PAPER_SCALE.get(spec, 1.0)
+
+
+def header(metric: str, scale: float, markdown: bool = True) -> str:
+    name = NAMES.get(metric, f"`{metric}`" if markdown else metric)
+    return f"{name} ×{scale:g}" if scale != 1 else name
+
+
+def decimals(se: float) -> int:
+    """Digits after the point that show a standard error to two significant figures."""
+    if not math.isfinite(se) or se <= 0:
+        return 3
+    return max(0, min(6, 1 - math.floor(math.log10(se))))
+
+
+def mean_se(entry: dict, bold: bool) -> str:
+    digits = decimals(entry["se"])
+    text = f"{entry['mean']:.{digits}f} ± {entry['se']:.{digits}f}"
+    return f"**{text}**" if bold else text
+
+
+def percent(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def rate_cell(entry: dict) -> str:
+    low, high = entry["ci"]
+    return f"{percent(entry['rate'])} [{percent(low)}, {percent(high)}]"
+
+
+def render_markdown(result: dict) -> str:
+    """Tables: metrics (rows = models, mean ± SE, best of each column in bold), win rates against the
+    base, the judge's decisions, GenEval's summary."""
+    models, lines = result["models"], []
+    metrics = result.get("metrics", {})
+    if metrics:
+        lines += ["| Model | " + " | ".join(header(m, result["scale"][m]) for m in metrics) + " |",
+                  "|---|" + "---:|" * len(metrics)]
+        best = {m: max(metrics[m][model]["mean"] for model in models) for m in metrics}
+        for model in models:
+            cells = [mean_se(metrics[m][model], metrics[m][model]["mean"] == best[m]) for m in metrics]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines += ["", f"Mean ± standard error over {result['num_prompts']} prompts × {len(result['seeds'])} seeds "
+                      f"(bootstrap over prompts, {result['bootstrap']} resamples); best in bold."]
+    if result.get("win_rates") and len(models) > 1:
+        lines += ["", "Win rate against the base, % of matched (prompt, seed) pairs with a higher score (ties count "
+                      "half) [95% bootstrap interval]:", "",
+                  "| Model | " + " | ".join(header(m, 1) for m in result["win_rates"]) + " |",
+                  "|---|" + "---:|" * len(result["win_rates"])]
+        for model in models[1:]:
+            lines.append(f"| {model} | " + " | ".join(rate_cell(result["win_rates"][m][model])
+                                                       for m in result["win_rates"]) + " |")
+    if result.get("judge"):
+        lines += ["", f"Pairwise judge (`{result['judge_model']}`, Appendix B.4 prompt, A/B order randomised), "
+                      "% of parsed answers:", "",
+                  "| Model vs base | win | tie | loss | unparsed | win rate (ties half) [95% CI] |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for model, entry in result["judge"].items():
+            lines.append(f"| {model} | {percent(entry['win'])} | {percent(entry['tie'])} | {percent(entry['loss'])} | "
+                         f"{entry['unparsed']} / {entry['unparsed'] + entry['parsed']} | {rate_cell(entry)} |")
+    if result.get("geneval"):
+        tasks = [t for t in GENEVAL_TASKS if any(t in row for row in result["geneval"].values())]
+        columns = tasks + ["overall"]
+        best = {c: max(row.get(c, float("nan")) for row in result["geneval"].values()) for c in columns}
+        lines += ["", "GenEval (% correct images per task; overall = mean over tasks):", "",
+                  "| Model | " + " | ".join([GENEVAL_TASKS[t] for t in tasks] + ["Overall"]) + " |",
+                  "|---|" + "---:|" * len(columns)]
+        for model, row in result["geneval"].items():
+            cells = [f"**{percent(row[c])}**" if row[c] == best[c] else percent(row[c]) for c in columns]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def labelled_rows(prompt: str, rows: dict[str, torch.Tensor]):
+    """One prompt: its text on top, then one row of images per model with the model's name on the left."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = next(iter(rows.values())).shape[-2:]
+    columns = max(len(images) for images in rows.values())
+    font = ImageFont.load_default(size=max(10, min(16, height // 5)))
+    label_width = max(int(font.getlength(label)) for label in rows) + 12
+    caption = font.size + 8
+    canvas = Image.new("RGB", (max(label_width + columns * width, int(font.getlength(prompt)) + 8),
+                               caption + len(rows) * height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 3), prompt, fill="black", font=font)
+    for row, (label, images) in enumerate(rows.items()):
+        top = caption + row * height
+        draw.text((4, top + height // 2 - font.size // 2), label, fill="black", font=font)
+        for column, image in enumerate(images):
+            pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            canvas.paste(Image.fromarray(pixels), (label_width + column * width, top))
+    return canvas
+
+
+def save_delta_plot(result: dict, path: str) -> str | None:
+    """One figure: per metric, each model's mean change against the base (reported scale) with ±1 SE bars."""
+    models = result["models"][1:]
+    metrics = result.get("metrics", {})
+    if not models or not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(metrics), figsize=(2.2 + 1.2 * len(models) * len(metrics), 3.2), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        deltas = [metrics[metric][model]["delta"] for model in models]
+        errors = [metrics[metric][model]["delta_se"] for model in models]
+        axis.bar(range(len(models)), deltas, yerr=errors, capsize=4, color="tab:red")
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+        axis.set_title(header(metric, result["scale"][metric], markdown=False), fontsize=9)
+    axes[0][0].set_ylabel("change vs base (±1 SE)")
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,86 @@
+"""Statistics of an evaluation: bootstrap over prompts, paired differences, win rates.
+
+Every quantity is a ratio of per-prompt sums (a mean over (prompt, seed) pairs is the sum of each
+prompt's scores over the sum of its seeds), so one resampling of prompts serves them all:
+``bootstrap_indices`` draws it once (seeded), every metric and model reuses it, and a paired
+difference is resampled with its two arms together. Standard errors are the standard deviation of
+the resampled statistic; intervals are its 2.5 % / 97.5 % percentiles.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CONFIDENCE = 0.95
+
+
+def bootstrap_indices(num_prompts: int, num_samples: int, seed: int) -> torch.Tensor:
+    """[num_samples, num_prompts] prompt indices drawn with replacement; the same for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_prompts, (num_samples, num_prompts), generator=generator)
+
+
+def resampled_ratio(numerator: torch.Tensor, denominator: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The statistic sum(numerator) / sum(denominator) over each resampling of prompts ([B]); a
+    resampling whose denominator is zero gives NaN."""
+    numerator, denominator = numerator.double(), denominator.double()
+    top, bottom = numerator[indices].sum(1), denominator[indices].sum(1)
+    return torch.where(bottom > 0, top / bottom.clamp_min(1e-300), torch.full_like(top, float("nan")))
+
+
+def spread(samples: torch.Tensor) -> float:
+    """Standard deviation (ddof 1) of the finite resampled values."""
+    finite = samples[torch.isfinite(samples)]
+    return finite.std().item() if len(finite) > 1 else float("nan")
+
+
+def interval(samples: torch.Tensor, confidence: float = CONFIDENCE) -> list[float]:
+    """Percentile interval of the finite resampled values."""
+    finite = samples[torch.isfinite(samples)]
+    if len(finite) == 0:
+        return [float("nan"), float("nan")]
+    tail = (1 - confidence) / 2
+    return torch.quantile(finite, torch.tensor([tail, 1 - tail], dtype=finite.dtype)).tolist()
+
+
+def mean_and_se(values: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
+    """Mean of a [prompts, seeds] table and its standard error by bootstrapping prompts."""
+    values = values.double()
+    counts = torch.full((values.shape[0],), float(values.shape[1]), dtype=torch.float64)
+    return {"mean": values.mean().item(), "se": spread(resampled_ratio(values.sum(1), counts, indices))}
+
+
+def bootstrap_se(values: torch.Tensor, num_samples: int = 1000, seed: int = 0) -> float:
+    """Bootstrap standard error (over prompts, the rows) of the mean of a [prompts, seeds] table."""
+    values = values.double().reshape(len(values), -1)
+    return mean_and_se(values, bootstrap_indices(len(values), num_samples, seed))["se"]
+
+
+def paired_difference(base: torch.Tensor, tuned: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
+    """Mean of tuned - base over matched (prompt, seed) pairs and its bootstrap standard error."""
+    result = mean_and_se(tuned.double() - base.double(), indices)
+    return {"delta": result["mean"], "delta_se": result["se"]}
+
+
+def outcome_rates(outcomes: torch.Tensor, indices: torch.Tensor) -> dict:
+    """Win / tie / loss fractions of a [prompts, seeds] table of outcomes (1 win, 0.5 tie, 0 loss, NaN
+    not counted), the win rate with ties counted half (``rate``) and its bootstrap interval (``ci``)."""
+    outcomes = outcomes.double()
+    counted = torch.isfinite(outcomes)
+    total = int(counted.sum())
+    fraction = (lambda value: (outcomes == value).sum().item() / total if total else float("nan"))
+    scores = torch.where(counted, outcomes, torch.zeros_like(outcomes))
+    resampled = resampled_ratio(scores.sum(1), counted.double().sum(1), indices)
+    return {"win": fraction(1.0), "tie": fraction(0.5), "loss": fraction(0.0),
+            "rate": scores.sum().item() / total if total else float("nan"), "ci": interval(resampled)}
+
+
+def win_outcomes(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+    """1 where tuned scores higher than base, 0.5 on an exact tie, 0 below (matched pairs)."""
+    tuned, base = tuned.double(), base.double()
+    return (tuned > base).double() + 0.5 * (tuned == base).double()
+
+
+def win_rate(base: torch.Tensor, tuned: torch.Tensor, indices: torch.Tensor) -> dict:
+    """Fraction of (prompt, seed) pairs where tuned beats base, ties counted half, with an interval."""
+    return outcome_rates(win_outcomes(base, tuned), indices)
