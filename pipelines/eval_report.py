@@ -44,8 +44,9 @@ def mean_se(entry: dict, bold: bool) -> str:
     return f"**{text}**" if bold else text
 
 
-def percent(value: float) -> str:
-    return "n/a" if not math.isfinite(value) else f"{100 * value:.1f}"
+def percent(value: float | None) -> str:
+    """A rate in %, or n/a when it is undefined (None in metrics.json: e.g. no judge answer parsed)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
 
 
 def rate_cell(entry: dict) -> str:
