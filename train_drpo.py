@@ -27,7 +27,7 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 import drpo_utils
-from pipelines import candidates, features, memory, rewards, training
+from pipelines import candidates, checkpoints, features, memory, rewards, training
 from pipelines.baselines import dpo, draft, grpo, vggflow
 from pipelines.prompts import load_prompts
 
@@ -119,6 +119,10 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                       help="drpo (Algorithm 1) or one of the paper's baselines (Appendix C, pipelines/baselines/): "
                            "draft and vggflow backpropagate a differentiable reward, dpo and grpo only rank.")
     drpo.add_argument("--reward", default="color_match", help=rewards.reward_help())
+    drpo.add_argument("--reward_timeout", type=float, default=60.0,
+                      help="Seconds a remote reward (--reward http://...) has for a whole request, however slowly it "
+                           "answers; a request past it is retried twice with backoff (each retry logged), then the "
+                           "run stops naming the URL.")
     drpo.add_argument("--reward_weights", type=lambda v: [float(x) for x in v.split(",")], default=None,
                       help="Weights of a mixture's components (default: all 1); components are standardised "
                            "per prompt.")
@@ -170,6 +174,12 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                      help="Save checkpoint-N every N steps (and at the end).")
     run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     run.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a path / name like checkpoint-500.')
+    run.add_argument("--overwrite_output_dir", action="store_true",
+                     help="Start a new run in an --output_dir that holds another run's checkpoints, deleting them "
+                          "(without it such a run is refused, naming how the runs differ).")
+    run.add_argument("--ddp_timeout", type=int, default=1800,
+                     help="Seconds a collective operation may wait for the other processes before the run stops "
+                          "with a message naming the rank and step (the process-group timeout).")
     run.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
     run.add_argument("--logging_dir", default="logs", help="Tracker logs, under --output_dir.")
     run.add_argument("--validation_prompts", default=None,
@@ -223,8 +233,14 @@ def check_args(args) -> None:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.prompts_file is None and args.dataset_name is None:
         raise ValueError("give prompts with --prompts_file or --dataset_name")
+    for flag in ("reward_timeout", "ddp_timeout"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} must be a positive number of seconds, got {getattr(args, flag)}")
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise ValueError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would resume from; "
+                         "give only one of them")
     if args.resume_from_checkpoint not in (None, "latest"):
-        path = training.resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
+        path = checkpoints.resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: {path} does not exist")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -351,11 +367,26 @@ def activation_bytes_per_candidate(ctx: candidates.StepContext, prompt: str) -> 
 
 
 def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
-    accelerator = training.setup_accelerator(args)
+    """Check everything that needs no model and claim the output folder, then train."""
+    training.stop_when_launcher_dies()
+    accelerator = training.setup_accelerator(args)  # refuses fp16 on a CPU, however it was asked for
     prompts = load_prompts(args.prompts_file, args.dataset_name, args.dataset_split, args.prompt_column)
     unet_config, vae_config = memory.model_configs(args)
     args.resolution = memory.resolve_resolution(args, unet_config, vae_config)
-    reward_fn = rewards.load_reward(args.reward, accelerator.device, args.reward_weights)
+    args.mixed_precision = accelerator.mixed_precision  # as resolved: the flag or accelerate's configuration
+    record = checkpoints.run_record(args, f"{encode_prompts.__module__}.{encode_prompts.__name__}",
+                                    accelerator.num_processes)
+    with checkpoints.claimed_output_dir(accelerator, args, record):  # writable, not another run's, locked
+        train(accelerator, args, record, prompts, memory.own_resolution(unet_config, vae_config), encode_prompts,
+              load_pipeline)
+    accelerator.end_training()
+
+
+def train(accelerator, args, record: dict, prompts: list[str], own_resolution: int, encode_prompts, load_pipeline):
+    """Load the models, run the steps from --resume_from_checkpoint (or 0) to --max_train_steps with
+    checkpoints, then save, check and publish the LoRA."""
+    reward_fn = rewards.load_reward(args.reward, accelerator.device, args.reward_weights,
+                                    remote_timeout=args.reward_timeout)
     feature_map = features.build_feature_map(args.feature_extractor, args.feature_extractor_path)
     repo_id = training.create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     if args.seed is not None:
@@ -384,8 +415,8 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
-    training.register_lora_checkpoint_hooks(accelerator, unet, type(pipe))
-    global_step = training.maybe_resume(accelerator, args)
+    checkpoints.register_lora_checkpoint_hooks(accelerator, unet, type(pipe))
+    global_step = checkpoints.maybe_resume(accelerator, args, record)
     training.init_trackers(accelerator, args)
 
     overlap = args.overlap_reward and args.candidate_chunk_size is not None and \
@@ -399,7 +430,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     )
     validation_prompts = training.validation_prompts(args, prompts)
     memory.check_step_memory(args, activation_bytes_per_candidate(ctx, prompts[0]), accelerator.device,
-                             memory.own_resolution(unet_config, vae_config))
+                             own_resolution)
     history = training.load_history(args.output_dir, global_step)
     logger.info(f"DrPO: {len(prompts)} prompts, K={args.num_candidates}, M={args.num_pairs}, {args.resolution} px, "
                 f"{args.max_train_steps} steps, resuming at {global_step}")
@@ -407,19 +438,20 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     progress = tqdm(range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
                     desc="DrPO steps")
     for _ in progress:
-        start = time.time()
-        step_stats = optimisation_step(ctx, prompts, base_seed, global_step, optimizer, lr_scheduler, params)
-        global_step += 1
-        logs = training.step_logs(accelerator, step_stats, lr_scheduler, time.time() - start)
-        history.append({"step": global_step, **logs})
-        accelerator.log(logs, step=global_step)
-        progress.set_postfix(loss=f"{logs['loss']:.3g}", reward=f"{logs['reward_mean']:.4g}")
+        with training.named_collective_failures(accelerator, args, global_step + 1):  # a stuck rank: name it
+            start = time.time()
+            step_stats = optimisation_step(ctx, prompts, base_seed, global_step, optimizer, lr_scheduler, params)
+            global_step += 1
+            logs = training.step_logs(accelerator, step_stats, lr_scheduler, time.time() - start)
+            history.append({"step": global_step, **logs})
+            accelerator.log(logs, step=global_step)
+            progress.set_postfix(loss=f"{logs['loss']:.3g}", reward=f"{logs['reward_mean']:.4g}")
 
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            training.save_history(accelerator, args.output_dir, history)
-            training.save_checkpoint(accelerator, args, global_step)
-        if args.validation_steps and global_step % args.validation_steps == 0:
-            training.log_validation(accelerator, pipe, validation_prompts, args, global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                training.save_history(accelerator, args.output_dir, history)
+                checkpoints.save_checkpoint(accelerator, args, global_step, record)
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                training.log_validation(accelerator, pipe, validation_prompts, args, global_step)
 
     accelerator.wait_for_everyone()
     ctx.scorer.close()
@@ -427,7 +459,6 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     accelerator.free_memory()  # room for the fresh pipeline of the final check
     training.finish_training(accelerator, args, pipe, history, validation_prompts, reward_fn, repo_id,
                              fresh_pipeline=lambda: load_pipeline(args, weight_dtype))
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

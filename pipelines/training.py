@@ -10,11 +10,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
+import tempfile
 
 import torch
 
 from drpo_utils import lora_disabled
+from pipelines import files
 from pipelines.evaluate import reward_table, summarize
 from pipelines.inference import generate_images, load_lora
 
@@ -29,9 +30,12 @@ VALIDATION_SEED = 10_000  # held-out: training noises come from step_generator
 
 
 def setup_accelerator(args):
-    """Accelerator with trackers, mixed precision and gradient accumulation from the flags."""
+    """Accelerator with trackers, mixed precision, gradient accumulation and the process-group timeout
+    (--ddp_timeout) from the flags; fp16 on a CPU is refused whichever way it was asked for."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     if args.report_to == "wandb":
         import importlib.util
@@ -45,12 +49,69 @@ def setup_accelerator(args):
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("fp16 mixed precision (from --mixed_precision or accelerate's launch configuration) needs a "
+                         "GPU; on the CPU use --mixed_precision bf16 or no")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
     return accelerator
+
+
+LAUNCHERS = ("accelerate", "torchrun", "torch.distributed.run", "torch.distributed.launch")
+
+
+def launched_by(pid: int) -> bool:
+    """Whether process ``pid`` is a launcher (accelerate launch, torchrun), from its command line."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            words = handle.read().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return any(os.path.basename(word) in LAUNCHERS or word in LAUNCHERS for word in words[:3])
+
+
+def stop_when_launcher_dies() -> None:
+    """Under a launcher (accelerate launch, torchrun), end this worker when the launcher dies instead of
+    training on as an orphan that keeps writing the output folder (Linux: the parent-death signal).
+    A script started directly (``nohup python train_drpo.py``) is left alone."""
+    import ctypes
+    import signal
+    import sys
+
+    parent = os.getppid()
+    if not sys.platform.startswith("linux") or not launched_by(parent):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+BACKEND_FAILURES = ("imed out", "Timeout", "timeout", "gloo", "NCCL", "Connection closed", "Connection reset")
+
+
+def is_collective_failure(error: RuntimeError) -> bool:
+    """A timeout or lost peer reported by the process-group backend (gloo, NCCL), not one of our own errors
+    (a reward's, a checkpoint's), which already say what happened."""
+    from_the_backend = type(error) is RuntimeError or isinstance(error, torch.distributed.DistError)
+    return from_the_backend and any(word in str(error) for word in BACKEND_FAILURES)
+
+
+@contextlib.contextmanager
+def named_collective_failures(accelerator, args, step: int):
+    """A collective that failed or timed out (--ddp_timeout) becomes a message naming this rank and the
+    step: another process is stuck (in a reward call that never returns, say) or died."""
+    try:
+        yield
+    except RuntimeError as error:
+        if accelerator.num_processes == 1 or not is_collective_failure(error):
+            raise
+        raise RuntimeError(
+            f"rank {accelerator.process_index} of {accelerator.num_processes}: a collective operation at step {step} "
+            f"failed or did not complete within --ddp_timeout={args.ddp_timeout:g} s; another process is stuck (for "
+            f"example in a reward call that never returns) or died. The last checkpoint is intact. "
+            f"({type(error).__name__}: {str(error)[:300]})") from error
 
 
 def weight_dtype(accelerator) -> torch.dtype:
@@ -85,9 +146,13 @@ def save_lora(directory: str, unet, pipeline_cls) -> None:
     from peft.utils import get_peft_model_state_dict
 
     state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    pipeline_cls.save_lora_weights(
-        directory, unet_lora_layers=state_dict, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
-    )
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".drpo-lora-") as staging:  # a whole file or none
+        pipeline_cls.save_lora_weights(
+            staging, unet_lora_layers=state_dict, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
+        )
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
 
 
 def load_lora_into_adapter(directory: str, unet, pipeline_cls) -> None:
@@ -103,84 +168,8 @@ def load_lora_into_adapter(directory: str, unet, pipeline_cls) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints and exact resume
+# Exact resume (the checkpoints themselves are pipelines/checkpoints.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def register_lora_checkpoint_hooks(accelerator, unet, pipeline_cls) -> None:
-    """Make ``accelerator.save_state`` store only the LoRA (loadable by ``load_lora_weights``)."""
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            save_lora(output_dir, accelerator.unwrap_model(unet), pipeline_cls)
-        weights.clear()
-
-    def load_hook(models, input_dir):
-        load_lora_into_adapter(input_dir, accelerator.unwrap_model(unet), pipeline_cls)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def resolve_checkpoint_path(output_dir: str, name: str) -> str:
-    return name if os.path.isabs(name) or os.path.dirname(name) else os.path.join(output_dir, name)
-
-
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints ``checkpoint-N`` in ``output_dir``, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
-    return sorted(names, key=lambda d: int(d.split("-")[1]))
-
-
-def find_resume_checkpoint(args) -> str | None:
-    """The checkpoint to resume from: ``latest`` may find none (fresh start), a named one must exist."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        return os.path.join(args.output_dir, checkpoints[-1]) if checkpoints else None
-    return resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
-
-
-def save_checkpoint(accelerator, args, global_step: int) -> None:
-    """Atomically write ``checkpoint-N`` (state + LoRA), then prune to ``--checkpoints_total_limit``.
-
-    The state is written to ``checkpoint-N.tmp`` and renamed, so an interrupted save never leaves a
-    half-written checkpoint; older checkpoints are removed only after the new one exists.
-    """
-    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    staging = final + ".tmp"
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(staging)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        if args.checkpoints_total_limit is not None:
-            for old in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(os.path.join(args.output_dir, old))
-    accelerator.wait_for_everyone()
-
-
-def maybe_resume(accelerator, args) -> int:
-    """Load the checkpoint named by --resume_from_checkpoint (LoRA, optimiser, scheduler, RNG); return its step."""
-    path = find_resume_checkpoint(args)
-    if path is None:
-        if args.resume_from_checkpoint:
-            accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
-        return 0
-    match = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
-    if match is None:
-        raise ValueError(f"--resume_from_checkpoint must name a checkpoint-N folder, got {path}")
-    accelerator.print(f"Resuming from {path}")
-    accelerator.load_state(path)
-    return int(match.group(1))
 
 
 def step_generator(base_seed: int, step: int, micro_step: int, index: int, rank: int) -> torch.Generator:
@@ -253,10 +242,7 @@ def load_history(output_dir: str, up_to_step: int) -> list[dict]:
 
 def save_history(accelerator, output_dir: str, history: list[dict]) -> None:
     if accelerator.is_main_process:
-        staging = os.path.join(output_dir, HISTORY_FILE + ".tmp")
-        with open(staging, "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in history)
-        os.replace(staging, os.path.join(output_dir, HISTORY_FILE))
+        files.write_text(os.path.join(output_dir, HISTORY_FILE), "".join(json.dumps(row) + "\n" for row in history))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +269,7 @@ def plot_reward_curve(history: list[dict], path: str) -> None:
     ax.set(xlabel="optimisation step", ylabel="reward", title="DrPO: reward of the K candidates")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    files.save_image(fig, path)
     plt.close(fig)
 
 
@@ -359,7 +345,7 @@ def log_validation(accelerator, pipe, prompts: list[str], args, step: int) -> No
     tuned = generate_images(pipe, prompts, seeds, args.resolution)
     grid = labelled_grid(prompts, {"base": base, "LoRA": tuned}, len(seeds))
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    grid.save(os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
+    files.save_image(grid, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
     log_images(accelerator, "validation/base_vs_lora", grid, step)
 
 
@@ -420,7 +406,7 @@ pipe.load_lora_weights("{repo_id}")
 image = pipe("a prompt", num_inference_steps=1, guidance_scale=0.0).images[0]
 ```
 """
-    ModelCard(content).save(os.path.join(output_dir, "README.md"))
+    files.write_text(os.path.join(output_dir, "README.md"), str(ModelCard(content)))
 
 
 def create_hub_repo(args) -> str:
@@ -436,7 +422,7 @@ def push_to_hub(args, repo_id: str) -> None:
 
     upload_folder(
         repo_id=repo_id, folder_path=args.output_dir, commit_message="DrPO LoRA",
-        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp"], token=hub_token(args),
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp", ".drpo*"], token=hub_token(args),
     )
 
 
@@ -466,10 +452,9 @@ def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_i
     tuned, tuned_images = reward_table(fresh, reward_fn, args.reward, prompts, seeds, args.resolution, progress=True,
                                        description="final check: LoRA")
     metrics = summarize(base, tuned)
-    with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as handle:
-        json.dump(metrics, handle, indent=2)
-    labelled_grid(prompts, {"base": base_images, "LoRA": tuned_images}, len(seeds)).save(
-        os.path.join(args.output_dir, "samples_before_after.png"))
+    files.write_json(os.path.join(args.output_dir, "final_metrics.json"), metrics)
+    files.save_image(labelled_grid(prompts, {"base": base_images, "LoRA": tuned_images}, len(seeds)),
+                     os.path.join(args.output_dir, "samples_before_after.png"))
     accelerator.print(
         f"held-out {args.reward}: base {metrics['base_mean']:.4f} -> LoRA {metrics['lora_mean']:.4f} "
         f"(effect size {metrics['effect_size']:.2f}, paired z {metrics['z_paired']:.1f})"

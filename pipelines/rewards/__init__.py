@@ -109,18 +109,20 @@ def load_custom_reward(spec: str) -> RewardFn:
     return function
 
 
-def load_reward(spec: str, device="cpu", weights: Sequence[float] | None = None) -> RewardFn:
-    """The reward a ``--reward`` spec names; model rewards load on ``device``.
+def load_reward(spec: str, device="cpu", weights: Sequence[float] | None = None,
+                remote_timeout: float = 60.0) -> RewardFn:
+    """The reward a ``--reward`` spec names; model rewards load on ``device``, a server URL answers each
+    request within ``remote_timeout`` seconds in all (``--reward_timeout``) or is retried.
 
     A named model reward that cannot get its weights raises ``OSError`` naming them.
     """
     parts = mixture_parts(spec)
     if len(parts) > 1:
-        components = {part: load_reward(part, device) for part in parts}
+        components = {part: load_reward(part, device, remote_timeout=remote_timeout) for part in parts}
         return MixtureReward(components, list(weights) if weights else [1.0] * len(parts))
     spec = parts[0] if parts else spec
     if is_url(spec):
-        return RemoteReward(spec)
+        return RemoteReward(spec, timeout=remote_timeout)
     if spec in REWARDS:
         entry = REWARDS[spec]
         try:

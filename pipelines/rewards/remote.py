@@ -7,19 +7,24 @@ shares with the server (``pipelines/rewards/server.py``).
 from __future__ import annotations
 
 import base64
+import binascii
 import http.client
 import io
 import json
+import logging
 import os
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 
 import torch
 
 from pipelines.rewards.protocol import RewardError
 
+logger = logging.getLogger(__name__)
 TOKEN_ENV = "DRPO_REWARD_TOKEN"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def encode_png(image: torch.Tensor) -> str:
@@ -35,57 +40,127 @@ def encode_png(image: torch.Tensor) -> str:
 MAX_PIXELS = 2048 * 2048
 
 
-def decode_png(data: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """base64 PNG (and only PNG) -> [3, H, W] float32 in [0, 1] (RGB); refuses more than ``max_pixels``."""
-    import numpy as np
+def png_size(data: str) -> tuple[int, int]:
+    """(width, height) of a base64 PNG, read from its header (the first 24 bytes) without decoding it."""
+    if not isinstance(data, str):
+        raise TypeError(f"expected a base64 string, got {type(data).__name__}")
+    try:
+        header = base64.b64decode(data[:32], validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"not base64: {error}") from error
+    if len(header) < 24 or not header.startswith(PNG_SIGNATURE) or header[12:16] != b"IHDR":
+        raise ValueError("not a PNG (no PNG signature and IHDR header)")
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def open_png(data: str, max_pixels: int = MAX_PIXELS):
+    """base64 PNG (and only PNG) -> an RGB PIL image; refuses more than ``max_pixels`` before decoding."""
     from PIL import Image
 
     image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)), formats=["PNG"])
     if image.width * image.height > max_pixels:
         raise ValueError(f"image of {image.width}x{image.height} pixels exceeds {max_pixels}")
-    image = image.convert("RGB")
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def png_pixels(image) -> torch.Tensor:
+    """An RGB PIL image -> [3, H, W] uint8."""
+    import numpy as np
+
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def decode_png(data: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """base64 PNG (and only PNG) -> [3, H, W] float32 in [0, 1] (RGB); refuses more than ``max_pixels``."""
+    return png_pixels(open_png(data, max_pixels)).float().div_(255.0)
 
 
 class RemoteReward:
     """A reward served over HTTP (e.g. ``python -m pipelines.rewards.server --reward pickscore``).
 
     Sends ``{"prompts": [...], "images": [base64 PNG, ...]}``; expects ``{"scores": [N numbers]}``.
-    Each request has a timeout; connection failures and 5xx answers are retried a bounded number of
-    times with backoff; anything else fails at once with a message naming the URL.
+    ``timeout`` is a deadline for the *whole* request (connect, send, wait, read), however slowly the
+    server trickles its answer. Connection failures, timeouts and 5xx answers are retried ``retries``
+    times with exponential backoff, each retry logged; anything else fails at once naming the URL.
     """
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, retries: int = 2,
                  backoff: float = 1.0):
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        parts = urllib.parse.urlsplit(url)
+        self.connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self.host, self.path = parts.netloc, parts.path or "/"
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
         body = json.dumps({"prompts": list(prompts), "images": [encode_png(image) for image in images]}).encode()
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    answer = json.loads(response.read())
-                break
-            except urllib.error.HTTPError as error:
-                detail = error.read()[:500].decode(errors="replace")
-                if error.code < 500 or attempt == self.retries:
-                    raise RewardError(f"reward server {self.url} answered HTTP {error.code}: {detail}") from error
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
+                status, data = self.post(body, headers)
+            except (OSError, http.client.HTTPException) as error:  # refused, reset, deadline passed, truncated
                 if attempt == self.retries:
-                    raise RewardError(
-                        f"reward server {self.url} unreachable or too slow after {self.retries + 1} attempts "
-                        f"(timeout {self.timeout}s): {error}"
-                    ) from error
-            except json.JSONDecodeError as error:
-                raise RewardError(f"reward server {self.url} did not answer JSON: {error}") from error
-            time.sleep(self.backoff * 2**attempt)
+                    raise RewardError(f"reward server {self.url} unreachable or too slow after {attempt + 1} "
+                                      f"attempts (deadline {self.timeout:g} s per request, --reward_timeout): "
+                                      f"{type(error).__name__}: {error}") from error
+                reason = f"{type(error).__name__}: {error}"
+            else:
+                if status < 500 or attempt == self.retries:
+                    return self.scores_of(status, data)
+                reason = f"HTTP {status}"
+            delay = self.backoff * 2**attempt
+            attempt += 1
+            logger.warning("reward server %s: %s; retry %d of %d in %g s", self.url, reason, attempt, self.retries,
+                           delay)
+            time.sleep(delay)
+
+    def post(self, body: bytes, headers: dict) -> tuple[int, bytes]:
+        """One request, answered in full within ``timeout`` seconds, or ``TimeoutError``."""
+        connection = self.connection_class(self.host, timeout=self.timeout)
+        outcome: dict = {}
+
+        def exchange():
+            try:
+                connection.request("POST", self.path, body=body, headers=headers)
+                response = connection.getresponse()
+                outcome["answer"] = (response.status, response.read())
+            except Exception as error:  # noqa: BLE001 - handed to the caller below
+                outcome["error"] = error
+
+        worker = threading.Thread(target=exchange, name="remote-reward-request", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            abort(connection)
+            raise TimeoutError(f"no complete answer within {self.timeout:g} s")
+        connection.close()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["answer"]
+
+    def scores_of(self, status: int, data: bytes) -> list[float]:
+        """The scores of a complete answer, or a ``RewardError`` naming the URL."""
+        if status != 200:
+            raise RewardError(f"reward server {self.url} answered HTTP {status}: {data[:500].decode(errors='replace')}")
+        try:
+            answer = json.loads(data)
+        except json.JSONDecodeError as error:
+            raise RewardError(f"reward server {self.url} did not answer JSON: {error}") from error
         scores = answer.get("scores") if isinstance(answer, dict) else None
         if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool)
                                                    for s in scores):
             raise RewardError(f"reward server {self.url} did not return a list of numbers: {str(answer)[:200]}")
         return scores
+
+
+def abort(connection: http.client.HTTPConnection) -> None:
+    """Shut the connection's socket down, which wakes a thread blocked reading it, then close it."""
+    if connection.sock is not None:
+        try:
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed by the other side
+    connection.close()
