@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from pipelines import files
 from pipelines.eval_report import labelled_rows, render_markdown, save_delta_plot, scale_of
 from pipelines.eval_sets import (GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_summary, geneval_tag,
                                  load_prompt_set)
@@ -409,17 +410,14 @@ def summarize_run(args, models, prompt_set, seeds, specs, scores, geneval, judge
 
 def write_jsonl(path: str, records) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    files.write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def write_reports(args, result, models, prompts, seeds, scores, geneval, judged, cache) -> None:
+    """Every report file is written whole or not at all (``pipelines.files``)."""
     out = args.output_dir
-    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2, ensure_ascii=False)
-    with open(os.path.join(out, "metrics.md"), "w", encoding="utf-8") as handle:
-        handle.write(render_markdown(result))
+    files.write_json(os.path.join(out, "metrics.json"), result)
+    files.write_text(os.path.join(out, "metrics.md"), render_markdown(result))
     if scores:
         write_jsonl(os.path.join(out, "scores.jsonl"), (
             {"model": model.label, "prompt_index": i, "prompt": prompt, "seed": seed,
@@ -433,7 +431,7 @@ def write_reports(args, result, models, prompts, seeds, scores, geneval, judged,
     for index in range(count):
         rows = {model.label: cache.load(model, [(prompts[index], seed) for seed in seeds]) for model in models}
         os.makedirs(os.path.join(out, "grids"), exist_ok=True)
-        labelled_rows(prompts[index], rows).save(os.path.join(out, "grids", f"{index:04d}.png"))
+        files.save_image(labelled_rows(prompts[index], rows), os.path.join(out, "grids", f"{index:04d}.png"))
     save_delta_plot(result, os.path.join(out, "metric_deltas.png"))
 
 
