@@ -96,6 +96,8 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                        help="Hub id or local folder of the one-step model.")
     model.add_argument("--revision", default=None, help="Hub revision of the model.")
     model.add_argument("--variant", default=None, help='Weights variant, e.g. "fp16".')
+    model.add_argument("--cache_dir", default=None,
+                       help="Where downloaded models are stored (default: the Hugging Face cache).")
     model.add_argument("--output_dir", default="drpo-output",
                        help="Where the LoRA, checkpoints, samples and logs go.")
     model.add_argument("--seed", type=int, default=None,
@@ -104,6 +106,7 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                        help="Image size; default: the model's own (UNet sample_size x VAE scale factor; SD-Turbo 512).")
     model.add_argument("--rank", type=int, default=16, help="LoRA rank (paper: 16).")
     model.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: equal to --rank).")
+    model.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout of the LoRA layers.")
     model.add_argument("--lora_target_modules", default=training.LORA_TARGET_MODULES,
                        help="Comma-separated module names that get LoRA.")
 
@@ -159,6 +162,13 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
     optimisation.add_argument("--lr_scheduler", default="constant",
                               help="diffusers scheduler name: constant, linear, cosine, constant_with_warmup, ...")
     optimisation.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the scheduler.")
+    optimisation.add_argument("--lr_num_cycles", type=int, default=1,
+                              help="Hard resets of the cosine_with_restarts scheduler.")
+    optimisation.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    optimisation.add_argument("--scale_lr", action="store_true",
+                              help="Multiply the learning rate by accumulation steps x batch size x processes.")
+    optimisation.add_argument("--use_8bit_adam", action="store_true",
+                              help="bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a GPU).")
     optimisation.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     optimisation.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     optimisation.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
@@ -182,6 +192,7 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                           "with a message naming the rank and step (the process-group timeout).")
     run.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
     run.add_argument("--logging_dir", default="logs", help="Tracker logs, under --output_dir.")
+    run.add_argument("--tracker_project_name", default="drpo", help="Project name given to the trackers.")
     run.add_argument("--validation_prompts", default=None,
                      help="'|'-separated prompts for sample grids (default: the first 4 prompts).")
     run.add_argument("--validation_steps", type=int, default=100, help="Base-vs-LoRA grid every N steps (0: never).")
@@ -245,6 +256,11 @@ def check_args(args) -> None:
             raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: {path} does not exist")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed_precision fp16 needs a GPU; on the CPU use --mixed_precision bf16 or no")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise ValueError("--hub_token with --report_to=wandb would upload the token with the run's config; "
+                         "log in with `hf auth login` or set HF_TOKEN instead")
+    if args.use_8bit_adam:
+        training.eight_bit_adamw()  # bitsandbytes present and usable, or a message now
     if args.push_to_hub and training.hub_token(args) is None:
         raise ValueError("--push_to_hub needs Hub credentials: run `hf auth login`, set HF_TOKEN, or pass --hub_token")
 
@@ -282,7 +298,7 @@ def load_pipeline(args, weight_dtype, **components):
     """The stock one-step pipeline; its UNet becomes g_theta (LoRA) and g_ref (LoRA disabled)."""
     pipe = AutoPipelineForText2Image.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, dtype=weight_dtype,
-        **components,
+        cache_dir=args.cache_dir, **components,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -406,13 +422,15 @@ def train(accelerator, args, record: dict, prompts: list[str], own_resolution: i
         feature_map.enable_gradient_checkpointing()
 
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-    )
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    adamw = training.eight_bit_adamw() if args.use_8bit_adam else torch.optim.AdamW
+    optimizer = adamw(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
     checkpoints.register_lora_checkpoint_hooks(accelerator, unet, type(pipe))

@@ -43,10 +43,11 @@ def parse_args(input_args=None):
 def load_pipeline(args, weight_dtype):
     """SDXL-Turbo pipeline; the stock SDXL VAE overflows in fp16, so it stays fp32 unless replaced."""
     if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=weight_dtype)
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=weight_dtype,
+                                            cache_dir=args.cache_dir)
         return train_drpo.load_pipeline(args, weight_dtype, vae=vae)
     vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
-                                        dtype=torch.float32)  # loaded in fp32, not rounded through fp16/bf16
+                                        dtype=torch.float32, cache_dir=args.cache_dir)  # loaded in fp32, not rounded through fp16/bf16
     return train_drpo.load_pipeline(args, weight_dtype, vae=vae)
 
 

@@ -19,7 +19,8 @@ def model_configs(args) -> tuple[dict, dict]:
     """The UNet's and the VAE's config dicts, read from the model's config files (no weights)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    location = dict(pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision)
+    location = dict(pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision,
+                    cache_dir=args.cache_dir)
     return (UNet2DConditionModel.load_config(subfolder="unet", **location),
             AutoencoderKL.load_config(subfolder="vae", **location))
 

@@ -127,6 +127,17 @@ def prepare_frozen_models(pipe, device) -> None:
     pipe.to(device)
 
 
+def eight_bit_adamw():
+    """bitsandbytes' AdamW8bit, or a clear error where it cannot run (not installed, or no GPU)."""
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+    if not torch.cuda.is_available():
+        raise ValueError("--use_8bit_adam needs a GPU (bitsandbytes' 8-bit optimisers are CUDA kernels)")
+    return bitsandbytes.optim.AdamW8bit
+
+
 def add_lora(unet, args) -> None:
     """Attach the trainable LoRA adapter ("default") to the frozen UNet (paper: rank 16, attention)."""
     from peft import LoraConfig
@@ -134,7 +145,8 @@ def add_lora(unet, args) -> None:
     unet.requires_grad_(False)
     unet.add_adapter(
         LoraConfig(
-            r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
+            r=args.rank, lora_alpha=args.lora_alpha or args.rank, lora_dropout=args.lora_dropout,
+            init_lora_weights="gaussian",
             target_modules=[m.strip() for m in args.lora_target_modules.split(",")],
         )
     )
@@ -187,10 +199,35 @@ def step_generator(base_seed: int, step: int, micro_step: int, index: int, rank:
 # ---------------------------------------------------------------------------------------------
 
 
+SECRET_NAME = re.compile(r"token|secret|password|api_?key", re.I)
+
+
+def redact_url(text: str) -> str:
+    """A URL without its credentials: the user:password part and secret-named query values masked."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(text)
+    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
+    query = urlencode([(k, "***" if SECRET_NAME.search(k) else v) for k, v in parse_qsl(parts.query)], safe="*")
+    return urlunsplit((parts.scheme, ("***@" if "@" in parts.netloc else "") + netloc, parts.path, query, ""))
+
+
+def public_config(args) -> dict:
+    """The run's flags for the trackers, without secrets: no token-like flag, no credential in a URL
+    (TensorBoard writes the config into its event files, wandb uploads it)."""
+    config = {}
+    for key, value in vars(args).items():
+        if SECRET_NAME.search(key) or not isinstance(value, (int, float, str, bool)):
+            continue
+        if isinstance(value, str) and "://" in value:
+            value = ",".join(redact_url(part) if "://" in part else part for part in value.split(","))
+        config[key] = value
+    return config
+
+
 def init_trackers(accelerator, args) -> None:
     if accelerator.is_main_process and args.report_to != "none":
-        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("drpo", config=config)
+        accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
 
 
 def step_logs(accelerator, step_stats: list[dict], lr_scheduler, seconds: float) -> dict[str, float]:

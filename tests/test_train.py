@@ -165,7 +165,8 @@ def test_every_method_raises_a_differentiable_custom_reward(tmp_path, method):
     """SD only: the SDXL script injects only its encoder and loader into the shared loop (a baseline runs
     through it in the SDXL resume test; ``tests/test_baselines.py`` checks the losses)."""
     script, model = "train_drpo.py", TINY_SD
-    train(script, *training_args(model, tmp_path, f"--reward={REWARDS}:brightness", "--max_train_steps=40",
+    steps = 80 if method == "grpo" else 40  # a policy gradient: 40 steps raise the reward on some seeds, not all
+    train(script, *training_args(model, tmp_path, f"--reward={REWARDS}:brightness", f"--max_train_steps={steps}",
                                  "--learning_rate=1e-3", *METHOD_FLAGS[method]))
     with open(PROMPTS) as handle:
         prompts = [line.strip() for line in handle][:4]

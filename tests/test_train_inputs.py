@@ -1,5 +1,6 @@
 """Bad input stops early with a clear message; LoRA files load with the right scale; Hub push (faked)."""
 
+import argparse
 import copy
 import json
 import os
@@ -273,3 +274,39 @@ def test_saved_activations_grow_with_the_latent_area():
     weight = layer.weight.numel() * 4
     assert small == 4 * 16 * 16 * 4 + weight + 8 * 16 * 16 * 4  # conv input and weight, relu output (float32)
     assert large - weight == 4 * (small - weight)
+
+
+
+def test_no_secret_reaches_the_tracker_files_and_the_diffusers_flags_reach_their_objects(tmp_path, monkeypatch):
+    """A planted --hub_token appears in no file the run writes (TensorBoard's event files included), a
+    credential in a reward URL is masked in the tracker config; --lr_num_cycles, --lr_power,
+    --lora_dropout and --tracker_project_name reach the scheduler, the LoRA and the trackers."""
+    from accelerate import Accelerator
+    from peft import LoraConfig
+
+    planted, secret = "hf_PLANTEDtoken123", "s3cretVALUE"
+    seen = {}
+    original_scheduler, original_init = train_drpo.get_scheduler, Accelerator.init_trackers
+    monkeypatch.setattr(train_drpo, "get_scheduler", lambda *a, **k: seen.update(k) or original_scheduler(*a, **k))
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, name, config=None, **k: seen.update(
+        project=name, config=config) or original_init(self, name, config=config, **k))
+    monkeypatch.setattr(LoraConfig, "__post_init__", lambda self, original=LoraConfig.__post_init__: seen.update(
+        dropout=self.lora_dropout) or original(self))
+    args = train_drpo.parse_args(args_for(tmp_path, f"--hub_token={planted}", "--report_to=tensorboard",
+                                          "--lr_scheduler=polynomial", "--lr_num_cycles=3", "--lr_power=2.0",
+                                          "--lora_dropout=0.1", "--tracker_project_name=mine"))
+    train_drpo.main(args)
+    assert (seen["num_cycles"], seen["power"], seen["dropout"], seen["project"]) == (3, 2.0, 0.1, "mine")
+    assert "hub_token" not in seen["config"] and seen["config"]["lr_power"] == 2.0
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any("events.out.tfevents" in path.name for path in written)  # the tracker did write
+    assert not [path for path in written if planted.encode() in path.read_bytes()]
+    masked = training.public_config(argparse.Namespace(**{**vars(args), "reward": f"http://u:{secret}@h:1/s?token={secret}"}))
+    assert secret not in json.dumps(masked) and masked["reward"] == "http://***@h:1/s?token=***"
+
+
+def test_wandb_with_a_hub_token_and_8bit_adam_without_a_gpu_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="would upload the token"):
+        train_drpo.parse_args(args_for(tmp_path, "--hub_token=hf_x", "--report_to=wandb"))
+    with pytest.raises((ImportError, ValueError), match="bitsandbytes|needs a GPU"):
+        train_drpo.parse_args(args_for(tmp_path, "--use_8bit_adam"))
