@@ -1,6 +1,6 @@
 """The paper's Table 3 ablations (and the reference-drift rows of Table 4) on the embedded tiny model.
 
-    python -m benchmarks.ablations --update_readme          # the full grid, ~25 minutes on 2 CPU cores
+    python -m benchmarks.ablations --update_readme          # the full grid, ~15 minutes on 2 CPU cores
     python -m benchmarks.ablations --max_train_steps=2 ...  # a smoke run (the test suite runs one)
 
 One factor at a time from a base run (the quickstart's settings with fewer steps): the candidate
@@ -84,7 +84,7 @@ def render(result: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max_train_steps", type=int, default=60)
+    parser.add_argument("--max_train_steps", type=int, default=40)
     parser.add_argument("--num_prompts", type=int, default=16)
     parser.add_argument("--num_seeds", type=int, default=8)
     parser.add_argument("--rows", nargs="*", default=None, help="Only these settings (the test suite's reduced grid).")
