@@ -201,6 +201,8 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
     run.add_argument("--push_to_hub", action="store_true",
                      help="Create the repo at start (fails early without credentials), upload LoRA + model card "
                           "at the end.")
+    run.add_argument("--output_kohya_format", action="store_true",
+                     help=f"Also write the LoRA in kohya's key names ({training.KOHYA_FILE}) for ComfyUI / A1111.")
     run.add_argument("--hub_model_id", default=None, help="Repo name on the Hub (default: the output folder name).")
     run.add_argument("--hub_token", default=None, help="Token (default: the stored login / HF_TOKEN).")
     return parser

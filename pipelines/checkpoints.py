@@ -35,7 +35,7 @@ NOT_PART_OF_THE_RUN = frozenset({
     "checkpoints_total_limit", "resume_from_checkpoint", "overwrite_output_dir", "validation_prompts",
     "validation_steps", "num_validation_seeds", "push_to_hub", "hub_model_id", "hub_token",
     "ddp_timeout", "reward_timeout", "overlap_reward", "gradient_checkpointing", "candidate_chunk_size",
-    "cache_dir", "tracker_project_name",
+    "cache_dir", "tracker_project_name", "output_kohya_format",
 })
 
 

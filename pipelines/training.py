@@ -167,6 +167,25 @@ def save_lora(directory: str, unet, pipeline_cls) -> None:
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
 
 
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
+
+def save_kohya_lora(directory: str, alpha: float) -> str:
+    """The saved LoRA in kohya's key names (``lora_unet_...``, ``.lora_down``/``.lora_up``, ``.alpha``),
+    which ComfyUI and A1111 load; converted by diffusers' ``convert_state_dict_to_kohya``, whose ``.alpha``
+    entries are the rank, so they are set to the run's alpha (the scale alpha / rank must survive)."""
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    diffusers_keys = load_file(os.path.join(directory, "pytorch_lora_weights.safetensors"))
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(diffusers_keys))
+    kohya.update({key: torch.tensor(float(alpha)) for key in kohya if key.endswith(".alpha")})
+    path = os.path.join(directory, KOHYA_FILE)
+    with files.atomic_path(path) as staging:
+        save_file(kohya, staging)
+    return path
+
+
 def load_lora_into_adapter(directory: str, unet, pipeline_cls) -> None:
     """Load saved LoRA weights into the *existing* "default" adapter (never a new ``default_1``)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
@@ -415,8 +434,10 @@ def write_model_card(args, output_dir: str, sample_file: str | None, metrics: di
     samples = (f"![base vs LoRA]({sample_file})\n\nPer prompt (named above its rows): the base model, then the "
                f"same seeds with this LoRA.\n" if sample_file else "")
     lines = "\n".join(f"- {k}: {v}" for k, v in metrics.items())
+    reward = public_config(args)["reward"]  # a server URL without its credentials
     card_data = ModelCardData(base_model=base_model, library_name="diffusers", license="other",
-                              tags=["text-to-image", "diffusers", "lora", "drpo", "one-step"])
+                              tags=["text-to-image", "diffusers", "diffusers-training", "lora", "template:sd-lora",
+                                    "drpo", "one-step"])
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -424,7 +445,7 @@ def write_model_card(args, output_dir: str, sample_file: str | None, metrics: di
 # DrPO LoRA for {base_model or args.pretrained_model_name_or_path}
 
 LoRA weights trained with method `{args.method}` of the DrPO project (Drifting Preference Optimization,
-arXiv 2606.02521; `draft`, `vggflow`, `dpo` and `grpo` are its Appendix C baselines): reward `{args.reward}`,
+arXiv 2606.02521; `draft`, `vggflow`, `dpo` and `grpo` are its Appendix C baselines): reward `{reward}`,
 feature map `{args.feature_extractor}`, K = {args.num_candidates}, M = {args.num_pairs},
 drift preset `{args.drift_preset}`: lambda = {args.ref_weight}, eta = {args.velocity_scale}, radii {args.drift_radii},
 kernel {args.drift_kernel},
@@ -476,6 +497,8 @@ def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_i
     if not accelerator.is_main_process:
         return {}
     save_lora(args.output_dir, accelerator.unwrap_model(pipe.unet), type(pipe))
+    if args.output_kohya_format:
+        save_kohya_lora(args.output_dir, args.lora_alpha or args.rank)
     save_history(accelerator, args.output_dir, history)
     if history:
         plot_reward_curve(history, os.path.join(args.output_dir, "reward_curve.png"))

@@ -68,7 +68,7 @@ def test_loading_snippet_runs_on_the_tiny_model_without_warnings(tmp_path):
     from pipelines.inference import load_one_step_pipeline
 
     pipe = load_one_step_pipeline(TINY_SD)
-    training.add_lora(pipe.unet, argparse.Namespace(rank=4, lora_alpha=None,
+    training.add_lora(pipe.unet, argparse.Namespace(rank=4, lora_alpha=None, lora_dropout=0.0,
                                                     lora_target_modules=training.LORA_TARGET_MODULES))
     training.save_lora(str(tmp_path / "lora"), pipe.unet, type(pipe))
     snippet = python_block_after("Load the result anywhere")

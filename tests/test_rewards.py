@@ -317,16 +317,22 @@ def test_client_errors_for_a_server_that_is_down_slow_or_answers_garbage():
         fake.server_close()
 
 
-def test_training_with_a_remote_reward_end_to_end(serve, tmp_path):
+@pytest.mark.parametrize("in_a_mixture", [False, True], ids=["url", "mixture-with-url"])
+def test_training_with_a_remote_reward_end_to_end(serve, tmp_path, in_a_mixture):
     from test_train_inputs import args_for
 
     import train_drpo
 
     url = serve("color_match")
-    args = train_drpo.parse_args(args_for(tmp_path, f"--reward={url}", "--max_train_steps=2"))
+    spec = f"jpeg_compressibility,{url}" if in_a_mixture else url
+    args = train_drpo.parse_args(args_for(tmp_path, f"--reward={spec}", "--max_train_steps=2"))
     train_drpo.main(args)
     history = [json.loads(line) for line in (tmp_path / "reward_history.jsonl").read_text().splitlines()]
-    assert len(history) == 2 and all(row["reward_mean"] > 0 for row in history)
+    assert len(history) == 2
+    if in_a_mixture:  # both components scored every step, the server's among them
+        assert all(row[f"reward/{url}"] > 0 and row["reward/jpeg_compressibility"] < 0 for row in history), history
+    else:
+        assert all(row["reward_mean"] > 0 for row in history)
     assert os.path.isfile(tmp_path / "pytorch_lora_weights.safetensors")
 
 

@@ -294,8 +294,10 @@ def test_no_secret_reaches_the_tracker_files_and_the_diffusers_flags_reach_their
         dropout=self.lora_dropout) or original(self))
     args = train_drpo.parse_args(args_for(tmp_path, f"--hub_token={planted}", "--report_to=tensorboard",
                                           "--lr_scheduler=polynomial", "--lr_num_cycles=3", "--lr_power=2.0",
-                                          "--lora_dropout=0.1", "--tracker_project_name=mine"))
+                                          "--lora_dropout=0.1", "--tracker_project_name=mine",
+                                          "--output_kohya_format"))
     train_drpo.main(args)
+    assert (tmp_path / training.KOHYA_FILE).is_file()
     assert (seen["num_cycles"], seen["power"], seen["dropout"], seen["project"]) == (3, 2.0, 0.1, "mine")
     assert "hub_token" not in seen["config"] and seen["config"]["lr_power"] == 2.0
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
@@ -310,3 +312,22 @@ def test_wandb_with_a_hub_token_and_8bit_adam_without_a_gpu_are_refused(tmp_path
         train_drpo.parse_args(args_for(tmp_path, "--hub_token=hf_x", "--report_to=wandb"))
     with pytest.raises((ImportError, ValueError), match="bitsandbytes|needs a GPU"):
         train_drpo.parse_args(args_for(tmp_path, "--use_8bit_adam"))
+
+
+def test_the_kohya_file_holds_the_same_lora_under_kohyas_names(tmp_path):
+    """--output_kohya_format: every LoRA matrix under lora_unet_<module>.lora_down/.lora_up, with the run's
+    alpha (not the rank diffusers' converter writes: alpha 8 at rank 4 is a scale of 2)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(TINY_SD, subfolder="unet")
+    training.add_lora(unet, argparse.Namespace(rank=4, lora_alpha=8, lora_dropout=0.0,
+                                               lora_target_modules=training.LORA_TARGET_MODULES))
+    training.save_lora(str(tmp_path), unet, StableDiffusionPipeline)
+    kohya = load_file(training.save_kohya_lora(str(tmp_path), alpha=8))
+    ours = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert all(key.startswith("lora_unet_") for key in kohya)
+    downs = {k: v for k, v in kohya.items() if k.endswith(".lora_down.weight")}
+    assert len(downs) == len(ours) // 2 == sum(k.endswith(".alpha") for k in kohya)
+    assert all(kohya[k.replace(".lora_down.weight", ".alpha")].item() == 8 for k in downs)
+    ours_down = sorted(v.sum().item() for k, v in ours.items() if "lora_A" in k or "lora.down" in k)
+    assert ours_down == pytest.approx(sorted(v.sum().item() for v in downs.values()))
