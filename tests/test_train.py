@@ -160,11 +160,10 @@ def test_authors_preset_raises_a_custom_reward_on_held_out_seeds(tmp_path):
     assert "drift preset `authors`" in (tmp_path / "README.md").read_text()
 
 
-@pytest.mark.parametrize("method", ["draft", "vggflow", "dpo", "grpo"])
-def test_every_method_raises_a_differentiable_custom_reward(tmp_path, method):
-    """SD only: the SDXL script injects only its encoder and loader into the shared loop (a baseline runs
-    through it in the SDXL resume test; ``tests/test_baselines.py`` checks the losses)."""
-    script, model = "train_drpo.py", TINY_SD
+@pytest.mark.parametrize("script,method", [("train_drpo.py", m) for m in ("draft", "vggflow", "dpo", "grpo")]
+                         + [("train_drpo_sdxl.py", "draft"), ("train_drpo_sdxl.py", "grpo")])
+def test_every_method_raises_a_differentiable_custom_reward(tmp_path, script, method):
+    model = SCRIPTS[script]
     steps = 80 if method == "grpo" else 40  # a policy gradient: 40 steps raise the reward on some seeds, not all
     train(script, *training_args(model, tmp_path, f"--reward={REWARDS}:brightness", f"--max_train_steps={steps}",
                                  "--learning_rate=1e-3", *METHOD_FLAGS[method]))
