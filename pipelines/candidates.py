@@ -153,12 +153,14 @@ def candidates(ctx: StepContext, prompt: str, rng: torch.Generator, grad: bool |
     k = ctx.args.num_candidates
     condition, noise = prompt_condition(ctx, prompt, k), candidate_noise(ctx, k, rng)
     grad = ctx.chunk_size is None if grad is None else grad
+    rows_list = chunk_rows(k, None if grad else ctx.chunk_size)  # without gradient C at a time: memory flat in K
     with ctx.accelerator.autocast(), torch.set_grad_enabled(grad):
-        latents, images, z = current_samples(ctx, condition, noise)
-        z_ref = reference_features(ctx, condition, noise)
+        (latents, images, z), z_ref = concatenated([
+            (current_samples(ctx, rows_of(condition, rows), noise[rows]),
+             reference_features(ctx, rows_of(condition, rows), noise[rows])) for rows in rows_list])
     if images is None:
         with torch.no_grad():
-            images = drpo_utils.decode_latents(ctx.pipe.vae, latents)
+            images = torch.cat([drpo_utils.decode_latents(ctx.pipe.vae, latents[rows]) for rows in rows_list])
     scores = ctx.scorer.submit(images.detach(), [prompt] * k)
     return Candidates(prompt, rng, condition, noise, latents, z, z_ref, scores)
 
@@ -167,6 +169,18 @@ def chunk_rows(count: int, size: int | None) -> list[slice]:
     """Consecutive row slices of at most ``size`` (all rows at once when ``size`` is None)."""
     size = count if size is None else size
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def concatenated(parts: list):
+    """Per-chunk outputs joined along the candidate axis: tensors, dicts of tensors, None, or tuples of them."""
+    first = parts[0]
+    if first is None or len(parts) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {name: torch.cat([part[name] for part in parts]) for name in first}
+    return tuple(concatenated(list(group)) for group in zip(*parts))
 
 
 def rows_of(condition: dict, rows) -> dict:
