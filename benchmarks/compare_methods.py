@@ -108,7 +108,7 @@ def render(result: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--num_prompts", type=int, default=16)
     parser.add_argument("--num_seeds", type=int, default=8)
     parser.add_argument("--update_readme", action="store_true")
