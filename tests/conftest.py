@@ -141,3 +141,16 @@ def build_tiny_clip(path) -> str:
     CLIPModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def tiny_mask2former_config(label_names: list[str]):
+    """A random Mask2Former (Swin backbone) small enough for CPU tests, detecting ``label_names``."""
+    from transformers import Mask2FormerConfig, SwinConfig
+
+    labels = dict(enumerate(label_names))
+    backbone = SwinConfig(image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    return Mask2FormerConfig(backbone_config=backbone, hidden_dim=32, num_queries=8, encoder_layers=1,
+                             decoder_layers=2, mask_feature_size=32, feature_size=32, dim_feedforward=64,
+                             num_attention_heads=2, encoder_feedforward_dim=64, id2label=labels,
+                             label2id={v: k for k, v in labels.items()}, use_pretrained_backbone=False)

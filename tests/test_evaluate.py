@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from conftest import PROMPTS, ROOT, TINY_SD, build_tiny_clip, reset_accelerate_state
+from conftest import PROMPTS, ROOT, TINY_SD, build_tiny_clip, reset_accelerate_state, tiny_mask2former_config
 from test_train import REWARDS, train, training_args
 
 from pipelines import evaluate
@@ -254,17 +254,12 @@ GENEVAL_PROMPTS = [  # (GenEval metadata, passes with the scene below)
 def test_geneval_mode_on_tiny_stand_ins_reproduces_the_summary(tmp_path, monkeypatch):
     """GenEval's metadata file, the geneval checker on a tiny Mask2Former + CLIP whose detections and
     colours are scripted (a dog on the left, a person on the right; the dog red, the person green)."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
     from pipelines.rewards.geneval import GenEvalReward
 
     labels = dict(enumerate(["person", "dog", "bus"]))
-    backbone = SwinConfig(image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
-                          out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=backbone, hidden_dim=32, num_queries=8, encoder_layers=1,
-                               decoder_layers=2, mask_feature_size=32, feature_size=32, dim_feedforward=64,
-                               num_attention_heads=2, encoder_feedforward_dim=64, id2label=labels,
-                               label2id={v: k for k, v in labels.items()}, use_pretrained_backbone=False)
+    config = tiny_mask2former_config(list(labels.values()))
     detector, clip = tmp_path / "tiny-mask2former", build_tiny_clip(tmp_path / "tiny-clip")
     torch.manual_seed(0)
     Mask2FormerForUniversalSegmentation(config).save_pretrained(detector)

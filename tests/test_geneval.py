@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import build_tiny_clip
+from conftest import build_tiny_clip, tiny_mask2former_config
 
 from pipelines.rewards import RewardError, load_reward
 from pipelines.rewards.geneval import (
@@ -91,21 +91,11 @@ def test_mask_box_is_right_and_bottom_exclusive():
 @pytest.fixture(scope="module")
 def tiny_geneval(tmp_path_factory):
     """A tiny Mask2Former (Swin backbone) + its image processor, and a tiny CLIP, saved as on the Hub."""
-    from transformers import (
-        Mask2FormerConfig,
-        Mask2FormerForUniversalSegmentation,
-        Mask2FormerImageProcessor,
-        SwinConfig,
-    )
+    from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
     detector = tmp_path_factory.mktemp("tiny-mask2former")
     labels = dict(enumerate(["person", "dog", "mouse", "wine glass", "bus"]))
-    backbone = SwinConfig(image_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
-                          out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=backbone, hidden_dim=32, num_queries=8, encoder_layers=1,
-                               decoder_layers=2, mask_feature_size=32, feature_size=32, dim_feedforward=64,
-                               num_attention_heads=2, encoder_feedforward_dim=64, id2label=labels,
-                               label2id={v: k for k, v in labels.items()}, use_pretrained_backbone=False)
+    config = tiny_mask2former_config(list(labels.values()))
     torch.manual_seed(0)
     Mask2FormerForUniversalSegmentation(config).save_pretrained(detector)
     Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(detector)
