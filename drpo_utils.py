@@ -311,11 +311,12 @@ def _with_self_negatives(queries: torch.Tensor, neg: torch.Tensor, neg_weight: f
     return torch.cat([queries, neg]), weights
 
 
-def preference_supports(z: torch.Tensor, winners, losers, config: DriftConfig) -> dict:
-    """Supports of V_pref: A+ = Z[winners], A- = Z[losers] (Eq. 12), weighted ``pair_weight``; with
-    ``self_negatives`` also sg(Z) as unit-weight negatives, each query's own copy masked."""
+def preference_supports(z: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, config: DriftConfig) -> dict:
+    """Supports of V_pref: A+ and A- (Eq. 12; online Z[winners] / Z[losers], offline the dataset's chosen /
+    rejected features), weighted ``pair_weight``; with ``self_negatives`` also sg(Z) as unit-weight
+    negatives, each query's own copy masked."""
     queries = z.detach()
-    pos, neg = queries[winners], queries[losers]
+    pos, neg = pos.detach().to(queries.dtype), neg.detach().to(queries.dtype)
     supports = dict(pos=pos, neg=neg, pos_weight=config.pair_weight, neg_weight=config.pair_weight)
     if config.self_negatives:
         supports["neg"], supports["neg_weight"] = _with_self_negatives(queries, neg, config.pair_weight)
@@ -334,12 +335,12 @@ def reference_supports(z: torch.Tensor, z_ref: torch.Tensor, config: DriftConfig
     return supports
 
 
-def preference_field(z: torch.Tensor, winners, losers, config: DriftConfig) -> torch.Tensor:
-    """V_pref = DriftField(Z, A+, A-) (Eq. 13); zero when all rewards tie (no pairs)."""
-    if len(winners) == 0:
+def preference_field(z: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, config: DriftConfig) -> torch.Tensor:
+    """V_pref = DriftField(Z, A+, A-) (Eq. 13); zero without pairs (all rewards tie)."""
+    if len(pos) == 0:
         return torch.zeros_like(z.detach())
     return drift_field(z, radii=config.radii, kernel=config.kernel, numerics=config.numerics,
-                       **preference_supports(z, winners, losers, config))
+                       **preference_supports(z, pos, neg, config))
 
 
 def reference_field(z: torch.Tensor, z_ref: torch.Tensor, config: DriftConfig) -> torch.Tensor:
@@ -367,34 +368,51 @@ class RegressionTerm:
     weight: float = 1.0
 
 
-def drift_targets(
-    features: torch.Tensor | Mapping[str, torch.Tensor],
-    ref_features: torch.Tensor | Mapping[str, torch.Tensor],
-    winners: torch.Tensor,
-    losers: torch.Tensor,
-    config: DriftConfig,
-) -> tuple[dict[str, list[RegressionTerm]], dict[str, float]]:
+def drift_targets(features, ref_features, winners: torch.Tensor, losers: torch.Tensor,
+                  config: DriftConfig) -> tuple[dict[str, list[RegressionTerm]], dict[str, float]]:
     """The fields of Eqs. 13-15 for every feature tensor, as regression terms (no gradient anywhere).
 
     ``features`` are the current generator's features Z, ``ref_features`` the frozen base model's
     features R for the same noises and prompt: one tensor [K, ...] or a dict of named tensors
-    (multi-layer feature maps), each of which gets its own fields. By default one term per tensor:
-    V = V_pref + lambda V_ref in the preference call's coordinates (the reference call's when all
-    rewards tie); with ``separate_branch_losses``, one term per field, each in its own coordinates.
+    (multi-layer feature maps), each of which gets its own fields. ``winners`` / ``losers`` index the
+    reward-ordered pairs among the K candidates: A+ = Z[winners], A- = Z[losers] (Eq. 12). By default
+    one term per tensor: V = V_pref + lambda V_ref in the preference call's coordinates (the reference
+    call's when all rewards tie); with ``separate_branch_losses``, one term per field, each in its own
+    coordinates.
     """
-    if isinstance(features, torch.Tensor):
-        features, ref_features = {"features": features}, {"features": ref_features}
+    features = _named(features)
+    pair_sets = {name: (z.detach()[winners], z.detach()[losers]) for name, z in features.items()}
+    return _field_targets(features, _named(ref_features), pair_sets, config)
+
+
+def offline_drift_targets(features, ref_features, chosen, rejected, config: DriftConfig):
+    """The offline variant (Section 4, "Offline variant"; Appendix B): A+ / A- are the features of a
+    preference dataset's chosen / rejected images [P, ...] for the prompt, in place of reward-ranked
+    candidates; the queries Z, the reference drift and the regression are those of ``drift_targets``."""
+    chosen, rejected = _named(chosen), _named(rejected)
+    pair_sets = {name: (chosen[name], rejected[name]) for name in chosen}
+    return _field_targets(_named(features), _named(ref_features), pair_sets, config)
+
+
+def _named(features: torch.Tensor | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    return {"features": features} if isinstance(features, torch.Tensor) else features
+
+
+def _field_targets(features: Mapping[str, torch.Tensor], ref_features: Mapping[str, torch.Tensor],
+                   pair_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]], config: DriftConfig):
+    """V = V_pref + lambda V_ref per feature tensor (Eq. 15), with A+ / A- = ``pair_sets[name]``."""
     targets, stats = {}, {}
     for name, z in features.items():
         z, z_ref = z.detach().flatten(1), ref_features[name].detach().flatten(1)
-        v_pref = preference_field(z, winners, losers, config).float()
+        pos, neg = (supports.flatten(1) for supports in pair_sets[name])
+        v_pref = preference_field(z, pos, neg, config).float()
         v_ref = reference_field(z, z_ref, config).float()
         ref_scale = coordinate_scale(z, reference_supports(z, z_ref, config), config)
-        pref_scale = coordinate_scale(z, preference_supports(z, winners, losers, config), config) if len(winners) \
+        pref_scale = coordinate_scale(z, preference_supports(z, pos, neg, config), config) if len(pos) \
             else ref_scale
         if config.separate_branch_losses:
             terms = [RegressionTerm(ref_scale, v_ref, config.ref_weight)]
-            if len(winners):
+            if len(pos):
                 terms.insert(0, RegressionTerm(pref_scale, v_pref))
         else:
             terms = [RegressionTerm(pref_scale, v_pref + config.ref_weight * v_ref)]  # Eq. 15
@@ -512,9 +530,14 @@ def encode_prompts_sdxl(pipe, prompts: list[str], device, resolution: int) -> di
 
 @contextlib.contextmanager
 def lora_disabled(unet):
-    """The frozen base model g_ref: the same UNet with its adapters disabled (no second copy)."""
-    unet.disable_adapters()
+    """The frozen base model g_ref: the same UNet with its adapters disabled (no second copy); nests."""
+    depth = getattr(unet, "_lora_disabled_depth", 0)
+    if depth == 0:
+        unet.disable_adapters()
+    unet._lora_disabled_depth = depth + 1
     try:
         yield unet
     finally:
-        unet.enable_adapters()
+        unet._lora_disabled_depth = depth
+        if depth == 0:
+            unet.enable_adapters()

@@ -27,7 +27,7 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 import drpo_utils
-from pipelines import candidates, checkpoints, features, memory, rewards, training
+from pipelines import candidates, checkpoints, features, memory, offline, preference_data, rewards, training
 from pipelines.baselines import dpo, draft, grpo, vggflow
 from pipelines.prompts import load_prompts
 
@@ -114,7 +114,8 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
     prompts.add_argument("--prompts_file", default=None,
                          help="A .txt file (one prompt per line) or .jsonl with the --prompt_column key.")
     prompts.add_argument("--dataset_name", default=None, help="A datasets name or local folder holding prompts.")
-    prompts.add_argument("--dataset_split", default="train", help="Split of --dataset_name.")
+    prompts.add_argument("--dataset_split", default="train",
+                         help="Split of --dataset_name (or of --preference_dataset).")
     prompts.add_argument("--prompt_column", default="prompt", help="Column (or .jsonl key) holding the prompt.")
 
     drpo = parser.add_argument_group("DrPO (Algorithm 1, Eqs. 15-16, Appendix A)")
@@ -122,6 +123,9 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                       help="drpo (Algorithm 1) or one of the paper's baselines (Appendix C, pipelines/baselines/): "
                            "draft and vggflow backpropagate a differentiable reward, dpo and grpo only rank.")
     drpo.add_argument("--reward", default="color_match", help=rewards.reward_help())
+    drpo.add_argument("--reward_device", default=None,
+                      help="Device of the named model rewards (--reward, --validation_rewards), e.g. cuda:1 for a "
+                           "large reward on its own GPU (default: the process' accelerator device).")
     drpo.add_argument("--reward_timeout", type=float, default=60.0,
                       help="Seconds a remote reward (--reward http://...) has for a whole request, however slowly it "
                            "answers; a request past it is retried twice with backoff (each retry logged), then the "
@@ -136,11 +140,14 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                            "folder (local or 'owner/repo/folder' on the Hub) or a converted .safetensors file. "
                            "Default: the published weights.")
     drpo.add_argument("--num_candidates", type=int, default=24, help="K candidates per prompt (paper: 24).")
-    drpo.add_argument("--num_pairs", type=int, default=12, help="M reward-ordered pairs per prompt (paper: 12).")
+    drpo.add_argument("--num_pairs", type=int, default=12,
+                      help="M reward-ordered pairs per prompt (paper: 12); offline: at most M of the prompt's "
+                           "dataset pairs.")
     add_drift_flags(parser.add_argument_group(
         "drift field and loss: --drift_preset sets them all; a flag given overrides its preset value"))
     for baseline in (draft, vggflow, dpo, grpo):
         baseline.add_flags(parser)
+    preference_data.add_flags(parser)
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--train_batch_size", type=int, default=1,
                               help="Prompts per process per micro-step (K candidates each).")
@@ -194,7 +201,13 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
     run.add_argument("--logging_dir", default="logs", help="Tracker logs, under --output_dir.")
     run.add_argument("--tracker_project_name", default="drpo", help="Project name given to the trackers.")
     run.add_argument("--validation_prompts", default=None,
-                     help="'|'-separated prompts for sample grids (default: the first 4 prompts).")
+                     help="'|'-separated prompts for sample grids and --validation_rewards (default: the last 4 "
+                          "prompts, held out of training, when there are 100+; else the first 4).")
+    run.add_argument("--validation_rewards", default=None,
+                     type=lambda v: [spec.strip() for spec in v.split(",") if spec.strip()],
+                     help="Comma-separated rewards (any --reward spec but a mixture) scored on the validation "
+                          "prompts x seeds at every --validation_steps, base and LoRA, logged beside the training "
+                          "reward: reward hacking shows while it happens.")
     run.add_argument("--validation_steps", type=int, default=100, help="Base-vs-LoRA grid every N steps (0: never).")
     run.add_argument("--num_validation_seeds", type=int, default=4,
                      help="Seeds per validation prompt (held-out 10000+).")
@@ -237,6 +250,13 @@ def check_args(args) -> None:
     resolve_drift_flags(args)
     drift_config(args)  # validates kernel, radii, reduction and numerics
     rewards.check_reward_spec(args.reward, args.reward_weights)  # unknown names list the choices; files must exist
+    for spec in args.validation_rewards or []:
+        rewards.check_reward_spec(spec, None)
+    if args.reward_device is not None:
+        try:
+            torch.device(args.reward_device)
+        except RuntimeError as error:
+            raise ValueError(f"--reward_device {args.reward_device!r} is no torch device: {error}") from error
     check_reward_for_method(args)
     if args.candidate_chunk_size is not None and not 1 <= args.candidate_chunk_size <= args.num_candidates:
         raise ValueError(f"--candidate_chunk_size must be in [1, K={args.num_candidates}], "
@@ -244,8 +264,16 @@ def check_args(args) -> None:
     for flag in ("checkpointing_steps", "max_train_steps", "gradient_accumulation_steps", "train_batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.prompts_file is None and args.dataset_name is None:
-        raise ValueError("give prompts with --prompts_file or --dataset_name")
+    if args.prompts_file is None and args.dataset_name is None and args.preference_dataset is None:
+        raise ValueError("give prompts with --prompts_file or --dataset_name (or preference pairs with "
+                         "--preference_dataset)")
+    if args.preference_dataset is not None and args.method not in offline.OFFLINE_METHODS:
+        raise ValueError(f"--method {args.method} learns from the current generator's own samples; with "
+                         f"--preference_dataset use --method {' or '.join(offline.OFFLINE_METHODS)}")
+    preference_data.check_flags(args)
+    if args.preference_dataset is not None and features.FEATURE_MAPS[args.feature_extractor].needs_condition:
+        raise ValueError(f"--feature_extractor {args.feature_extractor} depends on the prompt, which offline "
+                         "encoding does not give it; choose another feature map with --preference_dataset")
     for flag in ("reward_timeout", "ddp_timeout"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag} must be a positive number of seconds, got {getattr(args, flag)}")
@@ -325,10 +353,7 @@ def drpo_step(ctx: candidates.StepContext, cand: candidates.Candidates):
     targets, stats = drpo_utils.drift_targets(cand.features, cand.ref_features, winners.to(device),
                                               losers.to(device), ctx.config)
     # 12: the regression of Eq. 17 (in pieces of C candidates, recomputed with gradient, when chunking)
-    loss = yield from candidates.loss_pieces(
-        ctx, args.num_candidates, whole=lambda: drpo_utils.regression_loss(cand.features, targets, ctx.config),
-        loss_of_rows=lambda rows: drpo_utils.regression_loss(candidates.recomputed_features(ctx, cand, rows),
-                                                             targets, ctx.config, rows, args.num_candidates))
+    loss = yield from candidates.regression_pieces(ctx, cand, targets)
     stats.update(loss=loss, reward_mean=scores.reported.mean().item(), reward_std=scores.reported.std().item(),
                  num_pairs=len(winners), reward_wait=waited)
     stats.update({f"reward/{name}": value.mean().item() for name, value in scores.components.items()})
@@ -388,7 +413,11 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     """Check everything that needs no model and claim the output folder, then train."""
     training.stop_when_launcher_dies()
     accelerator = training.setup_accelerator(args)  # refuses fp16 on a CPU, however it was asked for
-    prompts = load_prompts(args.prompts_file, args.dataset_name, args.dataset_split, args.prompt_column)
+    prompts = None  # offline: the preference pairs' captions, known once they are encoded
+    if args.preference_dataset is None:
+        prompts = load_prompts(args.prompts_file, args.dataset_name, args.dataset_split, args.prompt_column)
+    else:
+        preference_data.open_dataset(args)  # its layout columns checked before any model loads
     unet_config, vae_config = memory.model_configs(args)
     args.resolution = memory.resolve_resolution(args, unet_config, vae_config)
     args.mixed_precision = accelerator.mixed_precision  # as resolved: the flag or accelerate's configuration
@@ -400,12 +429,16 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     accelerator.end_training()
 
 
-def train(accelerator, args, record: dict, prompts: list[str], own_resolution: int, encode_prompts, load_pipeline):
+def train(accelerator, args, record: dict, prompts: list[str] | None, own_resolution: int, encode_prompts,
+          load_pipeline):
     """Load the models, run the steps from --resume_from_checkpoint (or 0) to --max_train_steps with
-    checkpoints, then save, check and publish the LoRA."""
-    reward_fn = rewards.load_reward(args.reward, accelerator.device, args.reward_weights,
+    checkpoints, then save, check and publish the LoRA. ``prompts`` is None for offline DrPO: the
+    preference dataset's captions, once encoded."""
+    reward_device = args.reward_device or accelerator.device
+    reward_fn = rewards.load_reward(args.reward, reward_device, args.reward_weights,
                                     remote_timeout=args.reward_timeout)
     feature_map = features.build_feature_map(args.feature_extractor, args.feature_extractor_path)
+    feature_map.to(accelerator.device, training.weight_dtype(accelerator))
     repo_id = training.create_hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
     if args.seed is not None:
         set_seed(args.seed)
@@ -415,7 +448,12 @@ def train(accelerator, args, record: dict, prompts: list[str], own_resolution: i
     pipe = load_pipeline(args, weight_dtype)
     feature_map.check_vae(pipe.vae)
     training.prepare_frozen_models(pipe, accelerator.device)
+    method = METHODS[args.method]
+    if args.preference_dataset is not None:  # offline: A+ / A- from the dataset, encoded (or read from the cache)
+        store = offline.load_store(args, pipe, feature_map, encode_prompts, accelerator)
+        prompts, method = store.captions, offline.method(args.method, store)
     training.add_lora(pipe.unet, args)
+    feature_map.bind(pipe)  # teacher_unet reads the generator's own UNet (LoRA disabled)
     if accelerator.mixed_precision != "no":
         cast_training_params(pipe.unet, dtype=torch.float32)
     if args.gradient_checkpointing:
@@ -444,11 +482,13 @@ def train(accelerator, args, record: dict, prompts: list[str], own_resolution: i
     ctx = candidates.StepContext(
         args=args, accelerator=accelerator, pipe=pipe, unet=unet,
         scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
-        feature_map=feature_map.to(accelerator.device, weight_dtype),
+        feature_map=feature_map,
         scorer=candidates.RewardScorer(reward_fn, args.reward, background=overlap), config=drift_config(args),
-        encode_prompts=encode_prompts, method=METHODS[args.method],
+        encode_prompts=encode_prompts, method=method,
     )
-    validation_prompts = training.validation_prompts(args, prompts)
+    prompts, validation_prompts = training.split_validation_prompts(args, prompts)
+    validation_rewards = {spec: rewards.load_reward(spec, reward_device, remote_timeout=args.reward_timeout)
+                          for spec in args.validation_rewards or []}
     memory.check_step_memory(args, activation_bytes_per_candidate(ctx, prompts[0]), accelerator.device,
                              own_resolution)
     history = training.load_history(args.output_dir, global_step)
@@ -465,13 +505,16 @@ def train(accelerator, args, record: dict, prompts: list[str], own_resolution: i
             logs = training.step_logs(accelerator, step_stats, lr_scheduler, time.time() - start)
             history.append({"step": global_step, **logs})
             accelerator.log(logs, step=global_step)
-            progress.set_postfix(loss=f"{logs['loss']:.3g}", reward=f"{logs['reward_mean']:.4g}")
+            progress.set_postfix(loss=f"{logs['loss']:.3g}", reward=f"{logs.get('reward_mean', float('nan')):.4g}")
 
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                scores = training.log_validation(accelerator, pipe, validation_prompts, args, global_step,
+                                                 validation_rewards)
+                history[-1].update(scores)
+                accelerator.log(scores, step=global_step)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 training.save_history(accelerator, args.output_dir, history)
                 checkpoints.save_checkpoint(accelerator, args, global_step, record)
-            if args.validation_steps and global_step % args.validation_steps == 0:
-                training.log_validation(accelerator, pipe, validation_prompts, args, global_step)
 
     accelerator.wait_for_everyone()
     ctx.scorer.close()

@@ -46,7 +46,7 @@ def run_methods(reward: str, steps: dict[str, int], work: str) -> dict[str, dict
     for index, (method, flags) in enumerate(METHOD_FLAGS.items()):
         if method.split(" ")[0] in REWARD_GRADIENT and reward == COLOR or method not in steps:
             continue
-        output = os.path.join(work, f"{index}-{steps[method]}")
+        output = os.path.join(work, f"{reward.split(':')[-1]}-{index}-{steps[method]}")  # one folder per run
         seconds, peak = train_run("train_drpo.py", BASE_FLAGS + flags + [
             f"--reward={reward}", f"--max_train_steps={steps[method]}", f"--checkpointing_steps={steps[method]}"],
             output, measure_peak=True)

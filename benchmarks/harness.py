@@ -28,13 +28,18 @@ def public_flags(args) -> list[str]:
     return flags
 
 
+# glibc returns freed blocks to the system at once and serves large ones by mmap, so a process' resident
+# high-water mark follows the bytes it holds instead of what its arenas cached.
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def run_isolated(module: str, option: str, variants, args) -> dict[str, dict]:
     """Run ``python -m module --option=variant <flags>`` for each variant in a fresh process (so peak
     memory is the variant's own) and read the JSON it prints last."""
     results = {}
     for variant in variants:
         command = [sys.executable, "-m", module, f"--{option}={variant}", *public_flags(args)]
-        out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **MALLOC_ENV})
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -10,7 +10,9 @@ loss pieces backpropagated as the training loop does. The reward is a ViT-shaped
 random weights whose size is set by flags (only its cost matters); DrPO calls it under no_grad, DRaFT
 backpropagates through it, the VAE decoder and the generator. Each measured variant runs in a fresh
 process; peak memory is the high-water mark above what the process held before the update (CPU:
-VmHWM after resetting it, ``harness.reset_peak``; GPU: ``max_memory_allocated``).
+VmHWM after resetting it, ``harness.reset_peak``, with glibc told to hand freed blocks back at once;
+GPU: ``max_memory_allocated``), and the peak of what autograd holds saved for backward
+(``memory.SavedActivationPeak``: exact, allocator-independent; the part that grows with K).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from benchmarks.harness import peak_bytes, publish, reset_peak, run_isolated
 from benchmarks.readme import save_result
 from pipelines import candidates, features, training
 from pipelines.inference import load_one_step_pipeline
+from pipelines.memory import SavedActivationPeak
 
 PROMPT = "a large red circle on the left"
 REWARD_SIZES = {"ViT-B/16 (86M)": (768, 12), "ViT-L/16 (304M)": (1024, 24), "ViT-H/16 (632M)": (1280, 32)}
@@ -158,8 +161,10 @@ def measure(args) -> dict:
     bench = Bench(args, method, int(chunk) if chunk else None)
     bench.update()  # warm-up (kernel selection, allocator) outside the peak window
     before = reset_peak(bench.device)
-    seconds = timed(bench.update, bench.device, args.repeats, warmup=False)
-    result = {"variant": args._variant, "seconds": seconds, "peak_bytes": peak_bytes(bench.device) - before}
+    with SavedActivationPeak() as saved:
+        seconds = timed(bench.update, bench.device, args.repeats, warmup=False)
+    result = {"variant": args._variant, "seconds": seconds, "peak_bytes": peak_bytes(bench.device) - before,
+              "saved_peak_bytes": saved.bytes}
     if method == "drpo" and args.mode == "step":
         result["parts"] = bench.parts(args.repeats)
     return result
@@ -226,17 +231,21 @@ def scaling(args) -> dict:
         variants = {VARIANTS[key][0].format(c=args.chunk): VARIANTS[key][1].format(c=args.chunk)
                     for key in args.variants}
         results = isolated(args, list(variants.values()), num_candidates=k, num_pairs=min(args.num_pairs, k))
-        rows[k] = {name: {"seconds": results[v]["seconds"], "peak_mb": results[v]["peak_bytes"] / 2**20}
-                   for name, v in variants.items()}
+        rows[k] = {name: {"seconds": results[v]["seconds"], "peak_mb": results[v]["peak_bytes"] / 2**20,
+                          "saved_mb": results[v]["saved_peak_bytes"] / 2**20} for name, v in variants.items()}
     return {"chunk": args.chunk, "rows": rows}
 
 
 def render_scaling(result: dict) -> str:
     names = list(next(iter(result["rows"].values())))
-    lines = ["| K | " + " | ".join(f"{n}: s / MB" for n in names) + " |", "|---|" + "---|" * len(names)]
+    lines = ["| K | " + " | ".join(f"{n}: s / saved MB / RSS MB" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
     for k, row in result["rows"].items():
-        cells = [f"{row[n]['seconds']:.2f} / {row[n]['peak_mb']:.0f}" for n in names]
+        cells = [f"{row[n]['seconds']:.2f} / {row[n]['saved_mb']:.0f} / {row[n]['peak_mb']:.0f}" for n in names]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    first, last = result["rows"][min(result["rows"])], result["rows"][max(result["rows"])]
+    lines += ["", "Peak saved activations, largest K / smallest K: " + ", ".join(
+        f"{n} {last[n]['saved_mb'] / first[n]['saved_mb']:.2f}x" for n in names) + "."]
     return "\n".join(lines)
 
 

@@ -106,7 +106,14 @@ def current_samples(ctx: StepContext, condition: dict, noise: torch.Tensor):
     """
     latents = drpo_utils.one_step_latents(ctx.unet, ctx.scheduler, noise, condition)
     images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
-    return latents, images, ctx.feature_map(latents, images)
+    return latents, images, phi(ctx, latents, images, condition)
+
+
+def phi(ctx: StepContext, latents: torch.Tensor, images: torch.Tensor | None, condition: dict) -> dict:
+    """The feature map on samples of one prompt (its condition passed to the maps that read it)."""
+    if ctx.feature_map.needs_condition:
+        return ctx.feature_map(latents, images, condition)
+    return ctx.feature_map(latents, images)
 
 
 def current_latents(ctx: StepContext, condition: dict, noise: torch.Tensor) -> torch.Tensor:
@@ -127,7 +134,7 @@ def reference_features(ctx: StepContext, condition: dict, noise: torch.Tensor):
     """R = phi(g_ref(eps_i, c)): the base model's features for the same noises."""
     latents = reference_latents(ctx, condition, noise)
     images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
-    return ctx.feature_map(latents, images)
+    return phi(ctx, latents, images, condition)
 
 
 @dataclass
@@ -141,14 +148,16 @@ class Candidates:
     latents: torch.Tensor
     features: dict  # Z: with gradient in the single pass, without when chunked (recomputed per chunk)
     ref_features: dict  # R, never with gradient
-    scores: Future  # -> (RewardScores, seconds)
+    scores: Future | None  # -> (RewardScores, seconds); None for offline queries
 
 
-def candidates(ctx: StepContext, prompt: str, rng: torch.Generator, grad: bool | None = None) -> Candidates:
+def candidates(ctx: StepContext, prompt: str, rng: torch.Generator, grad: bool | None = None,
+               scored: bool = True) -> Candidates:
     """Lines 3-6 of Algorithm 1: condition and noises, the current samples and their features, the
-    reference features, and the reward call on the decoded candidates handed to the scorer.
+    reference features, and (``scored``) the reward call on the decoded candidates handed to the scorer.
 
-    The features keep their graph (``grad``) in the single pass, not when chunked.
+    The features keep their graph (``grad``) in the single pass, not when chunked. Offline DrPO uses
+    the candidates as queries only (``scored=False``: no reward, no decode the features do not need).
     """
     k = ctx.args.num_candidates
     condition, noise = prompt_condition(ctx, prompt, k), candidate_noise(ctx, k, rng)
@@ -158,6 +167,8 @@ def candidates(ctx: StepContext, prompt: str, rng: torch.Generator, grad: bool |
         (latents, images, z), z_ref = concatenated([
             (current_samples(ctx, rows_of(condition, rows), noise[rows]),
              reference_features(ctx, rows_of(condition, rows), noise[rows])) for rows in rows_list])
+    if not scored:
+        return Candidates(prompt, rng, condition, noise, latents, z, z_ref, scores=None)
     if images is None:
         with torch.no_grad():
             images = torch.cat([drpo_utils.decode_latents(ctx.pipe.vae, latents[rows]) for rows in rows_list])
@@ -212,6 +223,16 @@ def loss_pieces(ctx: StepContext, count: int, loss_of_rows: Callable,
         total += loss.item()
         yield loss, rows is rows_list[-1]
     return total
+
+
+def regression_pieces(ctx: StepContext, cand: Candidates, targets: dict) -> Iterator[tuple[torch.Tensor, bool]]:
+    """Eq. 17 against the detached targets, as loss pieces: on the single pass's graph, or C candidates
+    at a time recomputed with gradient (--candidate_chunk_size); returns the loss value."""
+    k = ctx.args.num_candidates
+    return (yield from loss_pieces(
+        ctx, k, whole=lambda: drpo_utils.regression_loss(cand.features, targets, ctx.config),
+        loss_of_rows=lambda rows: drpo_utils.regression_loss(recomputed_features(ctx, cand, rows), targets,
+                                                             ctx.config, rows, k)))
 
 
 def zero_piece(ctx: StepContext, cand_condition: dict, noise: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,11 @@ STAGING, DELETING = ".tmp", ".deleting"  # suffixes of a checkpoint being writte
 # Flags that manage a run without changing what it computes, and the step budget (a resume may extend it).
 NOT_PART_OF_THE_RUN = frozenset({
     "output_dir", "logging_dir", "report_to", "max_train_steps", "checkpointing_steps",
-    "checkpoints_total_limit", "resume_from_checkpoint", "overwrite_output_dir", "validation_prompts",
+    "checkpoints_total_limit", "resume_from_checkpoint", "overwrite_output_dir",
     "validation_steps", "num_validation_seeds", "push_to_hub", "hub_model_id", "hub_token",
     "ddp_timeout", "reward_timeout", "overlap_reward", "gradient_checkpointing", "candidate_chunk_size",
-    "cache_dir", "tracker_project_name", "output_kohya_format",
+    "cache_dir", "tracker_project_name", "output_kohya_format", "reward_device", "validation_rewards",
+    "feature_cache_dir", "streaming",
 })
 
 

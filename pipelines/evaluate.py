@@ -81,10 +81,12 @@ def summarize(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate(model: str, lora: str, reward: str, prompts: list[str], seeds: list[int], resolution=None,
-             progress: bool = False):
-    """One reward of the base model vs base + LoRA on the same prompts and seeds (no cache, one process)."""
-    reward_fn = load_reward(reward)
-    pipe = load_one_step_pipeline(model)
+             progress: bool = False, device=None):
+    """One reward of the base model vs base + LoRA on the same prompts and seeds (no cache, one process),
+    fp32 on ``device`` (default: the GPU if there is one)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    reward_fn = load_reward(reward, device)
+    pipe = load_one_step_pipeline(model, device=device)
     base, base_images = reward_table(pipe, reward_fn, reward, prompts, seeds, resolution, progress, "base")
     load_lora(pipe, lora)
     tuned, tuned_images = reward_table(pipe, reward_fn, reward, prompts, seeds, resolution, progress, "LoRA")

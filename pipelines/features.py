@@ -15,15 +15,24 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import drpo_utils
 from pipelines import latent_mae
 
 logger = logging.getLogger(__name__)
 
 
 class FeatureMap(torch.nn.Module):
-    """phi: ``forward(latents, images) -> {name: [N, ...]}``; ``images`` is None unless ``needs_images``."""
+    """phi: ``forward(latents, images) -> {name: [N, ...]}``; ``images`` is None unless ``needs_images``.
+
+    A map with ``needs_condition`` also gets the candidates' prompt condition (``forward(latents, images,
+    condition)``), and ``bind(pipe)`` hands every map the loaded pipeline before training.
+    """
 
     needs_images = False
+    needs_condition = False
+
+    def bind(self, pipe) -> None:
+        """Called once with the run's pipeline (default: nothing to take from it)."""
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the feature network's activations in backward (no-op for weight-free maps)."""
@@ -233,10 +242,74 @@ class LatentMAEFinalFeatures(LatentMAEFeatures):
         return [f"layer{len(layers)}"]
 
 
+TEACHER_LAYERS = ("down_blocks.2", "mid_block", "up_blocks.0")
+
+
+class TeacherUNetFeatures(FeatureMap):
+    """The frozen base UNet's own activations (the DrPO authors' SDXL-Turbo recipe,
+    ``scripts/train/sdxl_turbo_drpo_teacher.sh``): the x0 latent plus noise 0.1 is run through the
+    generator's UNet with its LoRA disabled at timestep 100 under the candidates' prompt condition, and
+    the outputs of ``down_blocks.2``, ``mid_block`` and ``up_blocks.0`` are average-pooled 4x4 (a map
+    smaller than 4 is pooled to 1x1): one drift per layer.
+
+    The noise is one fixed Gaussian pattern (seeded) shared by every sample, so phi is a deterministic
+    function of the latent: the same for Z, R and recomputed chunks. (The authors draw fresh noise at
+    every call.) Gradient checkpointing is switched off inside the call: a recompute in backward
+    would run with the LoRA enabled.
+    """
+
+    needs_condition = True
+
+    def __init__(self, layers=TEACHER_LAYERS, noise: float = 0.1, timestep: int = 100, pool: int = 4, seed: int = 0):
+        super().__init__()
+        self.layers, self.noise, self.timestep, self.pool, self.seed = tuple(layers), noise, timestep, pool, seed
+        self._unet = []  # the generator's UNet, bound later (a list: not registered as this module's parameters)
+
+    def bind(self, pipe) -> None:
+        for name in self.layers:
+            pipe.unet.get_submodule(name)  # a wrong layer name fails now, naming it
+        self._unet[:] = [pipe.unet]
+
+    def noise_pattern(self, latents: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randn(latents.shape[1:], generator=generator).to(latents.device, latents.dtype)
+
+    def pooled(self, activation: torch.Tensor) -> torch.Tensor:
+        if min(activation.shape[-2:]) >= self.pool:
+            return F.avg_pool2d(activation.float(), self.pool).flatten(1)
+        return F.adaptive_avg_pool2d(activation.float(), 1).flatten(1)
+
+    def forward(self, latents: torch.Tensor, images: torch.Tensor | None, condition: dict) -> dict[str, torch.Tensor]:
+        (unet,) = self._unet
+        captured = {}
+
+        def keep(name):
+            def hook(module, inputs, output):
+                captured[name] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        noisy = latents + self.noise * self.noise_pattern(latents)
+        timesteps = torch.full((len(latents),), self.timestep, device=latents.device)
+        handles = [unet.get_submodule(name).register_forward_hook(keep(name)) for name in self.layers]
+        checkpointed = [m for m in unet.modules() if getattr(m, "gradient_checkpointing", False)]
+        try:
+            for module in checkpointed:
+                module.gradient_checkpointing = False
+            with drpo_utils.lora_disabled(unet):
+                unet(noisy.to(unet.dtype), timesteps, **drpo_utils.unet_inputs(condition), return_dict=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in checkpointed:
+                module.gradient_checkpointing = True
+        return {name: self.pooled(captured[name]) for name in self.layers}
+
+
 FEATURE_MAPS: dict[str, Callable[..., FeatureMap]] = {
     "latent_mae": LatentMAEFeatures, "latent_mae1": LatentMAEFeatures, "latent_mae2": LatentMAELastThreeFeatures,
     "latent_mae3": LatentMAEFinalFeatures,
     "latent": LatentFeatures, "image": ImageFeatures, "vit_mae": ViTMAEFeatures, "dinov2": DINOv2Features,
+    "teacher_unet": TeacherUNetFeatures,
 }
 # The maps that load a network (and so take --feature_extractor_path).
 WEIGHTED_FEATURE_MAPS = {name for name, cls in FEATURE_MAPS.items() if getattr(cls, "DEFAULT_WEIGHTS", "")}

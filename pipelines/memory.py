@@ -64,6 +64,34 @@ def saved_activation_bytes(forward: Callable[[], object]) -> int:
     return total
 
 
+class SavedActivationPeak:
+    """``with SavedActivationPeak() as peak: ...``; then ``peak.bytes`` is the most memory autograd held
+    saved for backward at any one moment inside the block (each save counted, weights saved for a
+    gradient included): the part of a step's memory that grows with the candidates backpropagated
+    together, measured exactly on any device, independent of the allocator."""
+
+    class Saved:
+        __slots__ = ("tensor", "size", "owner")
+
+        def __init__(self, tensor, owner):
+            self.tensor, self.size, self.owner = tensor, tensor.numel() * tensor.element_size(), owner
+            owner.alive += self.size
+            owner.bytes = max(owner.bytes, owner.alive)
+
+        def __del__(self):
+            self.owner.alive -= self.size
+
+    def __enter__(self):
+        self.alive = self.bytes = 0
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: self.Saved(t, self), lambda s: s.tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+        return False
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Free memory of the training device (GPU: free CUDA memory; CPU: MemAvailable), if known."""
     if device.type == "cuda":

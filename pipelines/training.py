@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -18,6 +19,9 @@ from drpo_utils import lora_disabled
 from pipelines import files
 from pipelines.evaluate import reward_table, summarize
 from pipelines.inference import generate_images, load_lora
+from pipelines.rewards import score_candidates
+
+logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
 HISTORY_FILE = "reward_history.jsonl"
@@ -306,24 +310,51 @@ def save_history(accelerator, output_dir: str, history: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def validation_curves(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """--validation_rewards in the history: {"validation/<reward>[_base]": [(step, mean), ...]}."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in history:
+        for key, value in row.items():
+            if key.startswith("validation/"):
+                curves.setdefault(key, []).append((row["step"], value))
+    return curves
+
+
 def plot_reward_curve(history: list[dict], path: str) -> None:
-    """reward_curve.png: candidate reward mean (+- std across candidates) per optimisation step."""
+    """reward_curve.png: the candidates' reward mean (+- std across candidates) per optimisation step and,
+    beside it, every --validation_rewards curve of the LoRA against the base model's level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
-    mean = torch.tensor([h["reward_mean"] for h in history])
-    std = torch.tensor([h["reward_std"] for h in history])
-    window = max(1, len(history) // 20)
-    smooth = torch.nn.functional.avg_pool1d(mean.view(1, 1, -1), window, 1, padding=0).flatten()
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.fill_between(steps, mean - std, mean + std, alpha=0.15, label="candidate spread (std)")
-    ax.plot(steps, mean, alpha=0.4, label="candidate mean")
-    ax.plot(steps[window - 1:], smooth, linewidth=2, label=f"moving mean ({window})")
-    ax.set(xlabel="optimisation step", ylabel="reward", title="DrPO: reward of the K candidates")
-    ax.legend(loc="best", fontsize=8)
+    validation = validation_curves(history)
+    trained = [h for h in history if "reward_mean" in h]
+    panels = (1 if trained else 0) + (1 if validation else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.5), dpi=120, squeeze=False)
+    axes = list(axes[0])
+    if trained:
+        ax = axes.pop(0)
+        steps = [h["step"] for h in trained]
+        mean = torch.tensor([h["reward_mean"] for h in trained])
+        std = torch.tensor([h["reward_std"] for h in trained])
+        window = max(1, len(trained) // 20)
+        smooth = torch.nn.functional.avg_pool1d(mean.view(1, 1, -1), window, 1, padding=0).flatten()
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.15, label="candidate spread (std)")
+        ax.plot(steps, mean, alpha=0.4, label="candidate mean")
+        ax.plot(steps[window - 1:], smooth, linewidth=2, label=f"moving mean ({window})")
+        ax.set(xlabel="optimisation step", ylabel="reward", title="DrPO: reward of the K candidates")
+        ax.legend(loc="best", fontsize=8)
+    if validation:
+        ax = axes.pop(0)
+        for key, points in validation.items():
+            if key.endswith("_base"):
+                continue
+            line, = ax.plot(*zip(*points), marker="o", label=f"{key.removeprefix('validation/')} (LoRA)")
+            if f"{key}_base" in validation:
+                ax.plot(*zip(*validation[f"{key}_base"]), linestyle="--", color=line.get_color(), label="base")
+        ax.set(xlabel="optimisation step", ylabel="held-out reward", title="validation prompts x seeds")
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     files.save_image(fig, path)
     plt.close(fig)
@@ -364,10 +395,23 @@ def labelled_grid(prompts: list[str], rows: dict[str, torch.Tensor], per_prompt:
 # ---------------------------------------------------------------------------------------------
 
 
-def validation_prompts(args, prompts: list[str]) -> list[str]:
+HELD_OUT_PROMPTS = 4  # validation prompts held out of a large enough prompt set
+MIN_PROMPTS_TO_HOLD_OUT = 100
+
+
+def split_validation_prompts(args, prompts: list[str]) -> tuple[list[str], list[str]]:
+    """(training prompts, validation prompts). --validation_prompts if given; otherwise the set's last
+    4 distinct prompts, held out of training, when it has at least 100 (a smaller set validates on its
+    first 4 training prompts, with a warning)."""
     if args.validation_prompts:
-        return [p.strip() for p in args.validation_prompts.split("|") if p.strip()]
-    return list(dict.fromkeys(prompts))[:4]
+        return prompts, [p.strip() for p in args.validation_prompts.split("|") if p.strip()]
+    distinct = list(dict.fromkeys(prompts))
+    if len(distinct) < MIN_PROMPTS_TO_HOLD_OUT:
+        logger.warning(f"{len(distinct)} prompts: too few to hold {HELD_OUT_PROMPTS} out, so validation uses the "
+                       f"first {HELD_OUT_PROMPTS} training prompts (give held-out ones with --validation_prompts)")
+        return prompts, distinct[:HELD_OUT_PROMPTS]
+    held_out = distinct[-HELD_OUT_PROMPTS:]
+    return [p for p in prompts if p not in set(held_out)], held_out
 
 
 def validation_seeds(args) -> list[int]:
@@ -387,14 +431,15 @@ def log_images(accelerator, name: str, image, step: int) -> None:
             tracker.log({name: wandb.Image(image)}, step=step)
 
 
-def log_validation(accelerator, pipe, prompts: list[str], args, step: int) -> None:
-    """Validation grid: per prompt, the base model's row above the LoRA's row, same held-out seeds.
+def log_validation(accelerator, pipe, prompts: list[str], args, step: int, validation_rewards: dict) -> dict:
+    """Validation grid (per prompt, the base model's row above the LoRA's row, same held-out seeds) and
+    the --validation_rewards of both on those images; returns the rewards' means to log.
 
     No autocast: the pipeline runs each module in its own dtype (an fp32-kept SDXL VAE stays fp32),
     and peft casts the LoRA branch itself.
     """
     if not accelerator.is_main_process:
-        return
+        return {}
     seeds = validation_seeds(args)
     with lora_disabled(pipe.unet):
         base = generate_images(pipe, prompts, seeds, args.resolution)
@@ -403,6 +448,13 @@ def log_validation(accelerator, pipe, prompts: list[str], args, step: int) -> No
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
     files.save_image(grid, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
     log_images(accelerator, "validation/base_vs_lora", grid, step)
+    per_image = [p for p in prompts for _ in seeds]
+    scores = {}
+    for name, reward_fn in validation_rewards.items():
+        for label, images in (("", tuned), ("_base", base)):
+            reported = score_candidates(reward_fn, images, per_image, name).reported
+            scores[f"validation/{name}{label}"] = reported.mean().item()
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,17 +477,54 @@ def hub_base_model(name_or_path: str) -> str | None:
     return f"{match.group(1)}/{match.group(2)}" if match else None
 
 
-def write_model_card(args, output_dir: str, sample_file: str | None, metrics: dict) -> None:
-    """``README.md`` model card (huggingface_hub.ModelCard) with the samples and the DrPO setup."""
+KNOWN_LICENCES = {  # the base models' own card metadata, for runs without Hub access
+    "stabilityai/sd-turbo": ("other", "sai-nc-community"),
+    "stabilityai/sdxl-turbo": ("other", "sai-nc-community"),
+}
+
+
+def base_model_licence(base_model: str | None) -> tuple[str, str | None]:
+    """(license, license_name) of the base model's Hub card, else of KNOWN_LICENCES, else ("other", None)."""
+    if base_model is None:
+        return "other", None
+    try:
+        from huggingface_hub import ModelCard
+
+        data = ModelCard.load(base_model).data
+        if data.license:
+            return data.license, data.get("license_name")
+    except Exception:  # noqa: BLE001 - offline, private or missing card: the table below, then "other"
+        pass
+    return KNOWN_LICENCES.get(base_model, ("other", None))
+
+
+def save_widget_samples(output_dir: str, prompts: list[str], images: torch.Tensor, per_prompt: int) -> list[dict]:
+    """The LoRA's first sample of every prompt as samples/prompt_<i>.png: the card's widget gallery."""
+    os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
+    widget = []
+    for index, prompt in enumerate(prompts):
+        path = f"samples/prompt_{index}.png"
+        files.save_image(to_pil(images[index * per_prompt:index * per_prompt + 1]), os.path.join(output_dir, path))
+        widget.append({"text": prompt, "output": {"url": path}})
+    return widget
+
+
+def write_model_card(args, output_dir: str, sample_file: str | None, metrics: dict,
+                     widget: list[dict] | None = None) -> None:
+    """``README.md`` model card (huggingface_hub.ModelCard) with the samples, a widget gallery, the base
+    model's licence and the DrPO setup."""
     from huggingface_hub import ModelCard, ModelCardData
 
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
     base_model = hub_base_model(args.pretrained_model_name_or_path)
+    licence, licence_name = base_model_licence(base_model)
     samples = (f"![base vs LoRA]({sample_file})\n\nPer prompt (named above its rows): the base model, then the "
                f"same seeds with this LoRA.\n" if sample_file else "")
     lines = "\n".join(f"- {k}: {v}" for k, v in metrics.items())
     reward = public_config(args)["reward"]  # a server URL without its credentials
-    card_data = ModelCardData(base_model=base_model, library_name="diffusers", license="other",
+    offline = f" offline, on the preference pairs of `{args.preference_dataset}`" if args.preference_dataset else ""
+    card_data = ModelCardData(base_model=base_model, library_name="diffusers", license=licence,
+                              license_name=licence_name, widget=widget or None,
                               tags=["text-to-image", "diffusers", "diffusers-training", "lora", "template:sd-lora",
                                     "drpo", "one-step"])
     content = f"""---
@@ -444,7 +533,7 @@ def write_model_card(args, output_dir: str, sample_file: str | None, metrics: di
 
 # DrPO LoRA for {base_model or args.pretrained_model_name_or_path}
 
-LoRA weights trained with method `{args.method}` of the DrPO project (Drifting Preference Optimization,
+LoRA weights trained with method `{args.method}`{offline} of the DrPO project (Drifting Preference Optimization,
 arXiv 2606.02521; `draft`, `vggflow`, `dpo` and `grpo` are its Appendix C baselines): reward `{reward}`,
 feature map `{args.feature_extractor}`, K = {args.num_candidates}, M = {args.num_pairs},
 drift preset `{args.drift_preset}`: lambda = {args.ref_weight}, eta = {args.velocity_scale}, radii {args.drift_radii},
@@ -500,7 +589,7 @@ def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_i
     if args.output_kohya_format:
         save_kohya_lora(args.output_dir, args.lora_alpha or args.rank)
     save_history(accelerator, args.output_dir, history)
-    if history:
+    if any("reward_mean" in row for row in history) or validation_curves(history):  # offline: no training reward
         plot_reward_curve(history, os.path.join(args.output_dir, "reward_curve.png"))
 
     # Final check on a fresh pipeline: exactly what a user gets from load_lora_weights.
@@ -519,10 +608,11 @@ def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_i
         f"held-out {args.reward}: base {metrics['base_mean']:.4f} -> LoRA {metrics['lora_mean']:.4f} "
         f"(effect size {metrics['effect_size']:.2f}, paired z {metrics['z_paired']:.1f})"
     )
+    widget = save_widget_samples(args.output_dir, prompts, tuned_images, len(seeds))
     write_model_card(args, args.output_dir, "samples_before_after.png", {
         f"held-out {args.reward} (base -> LoRA)": f"{metrics['base_mean']:.4f} -> {metrics['lora_mean']:.4f}",
         "effect size (change / across-seed std)": f"{metrics['effect_size']:.2f}",
-    })
+    }, widget)
     if repo_id is not None:
         push_to_hub(args, repo_id)
     return metrics

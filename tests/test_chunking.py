@@ -19,7 +19,7 @@ REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
 SCRIPTS = {"sd": (train_drpo, TINY_SD), "sdxl": (train_drpo_sdxl, TINY_SDXL)}
 
 
-def step_context(module, model, tmp_path, *extra):
+def step_context(module, model, tmp_path, *extra, feature_extractor="image"):
     """A StepContext as train_drpo.main builds it, on the tiny model (LoRA B non-zero so gradients are generic)."""
     reset_accelerate_state()
     args = module.parse_args(training_args(model, tmp_path, f"--reward={REWARDS}:brightness", *extra))
@@ -33,9 +33,11 @@ def step_context(module, model, tmp_path, *extra):
         if "lora_B" in name:
             parameter.data.normal_(std=0.02)
     reward = load_reward(args.reward)
+    feature_map = features.build_feature_map(feature_extractor)
+    feature_map.bind(pipe)
     return candidates.StepContext(
         args=args, accelerator=accelerator, pipe=pipe, unet=pipe.unet, scheduler=type(pipe.scheduler).from_config(
-            pipe.scheduler.config), feature_map=features.build_feature_map("image"),
+            pipe.scheduler.config), feature_map=feature_map,
         scorer=candidates.RewardScorer(reward, args.reward, background=False), config=train_drpo.drift_config(args),
         encode_prompts=module.encode_prompts, method=train_drpo.METHODS[args.method])
 
@@ -87,6 +89,30 @@ def test_chunked_gradients_equal_the_unchunked_gradient(tmp_path, script):
         assert chunked_stats["loss"] == pytest.approx(stats["loss"], rel=1e-5)
     single_pass, _ = lora_gradient(ctx, None, proposal(ctx, None))
     assert relative_difference(single_pass, reference) <= 1e-3
+
+
+def test_teacher_unet_features_chunk_exactly_and_read_the_base_unet_under_the_prompt(tmp_path):
+    """teacher_unet (the authors' SDXL recipe): three pooled UNet activations, a deterministic and
+    differentiable function of the latent given the prompt, computed with the LoRA off; its chunked
+    DrPO gradient equals the one-piece gradient."""
+    ctx = step_context(train_drpo_sdxl, TINY_SDXL, tmp_path, "--num_candidates=6", "--num_pairs=6",
+                       feature_extractor="teacher_unet")
+    condition = candidates.prompt_condition(ctx, "a large red circle", 2)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    first = candidates.phi(ctx, latents, None, condition)
+    assert list(first) == list(features.TEACHER_LAYERS)
+    for name, value in candidates.phi(ctx, latents, None, condition).items():
+        torch.testing.assert_close(value, first[name], rtol=0, atol=0)  # deterministic: fixed noise pattern
+    other_prompt = candidates.phi(ctx, latents, None, candidates.prompt_condition(ctx, "a small blue square", 2))
+    assert not torch.allclose(other_prompt["mid_block"], first["mid_block"])
+    sum(value.square().sum() for value in first.values()).backward()
+    assert latents.grad.abs().sum() > 0
+    assert all(p.grad is None for p in ctx.pipe.unet.parameters() if p.requires_grad)  # the LoRA is off
+    cand = proposal(ctx, 2)
+    reference, _ = lora_gradient(ctx, 6, cand)
+    assert torch.cat([g.flatten() for g in reference.values()]).norm() > 0
+    for chunk in (1, 3):
+        assert relative_difference(lora_gradient(ctx, chunk, cand)[0], reference) <= 1e-5, chunk
 
 
 def test_chunk_size_outside_one_to_k_is_refused(tmp_path):

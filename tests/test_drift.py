@@ -207,8 +207,8 @@ def test_loss_gradient_is_minus_eta_v_times_jacobian():
 
     from drpo_utils import coordinate_scale, preference_field, preference_supports, reference_field
 
-    v = preference_field(z, winners, losers, config) + 0.5 * reference_field(z, z_ref, config)
-    s_z = coordinate_scale(z, preference_supports(z, winners, losers, config), config)
+    v = preference_field(z, z[winners], z[losers], config) + 0.5 * reference_field(z, z_ref, config)
+    s_z = coordinate_scale(z, preference_supports(z, z[winners], z[losers], config), config)
     # z~ = noise @ weight / s_z, so dL/dweight = noise^T (-(eta / K) V / s_z).
     expected = noise.T @ (-(3.0 / 6) * v / s_z)
     torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-6)
@@ -248,4 +248,4 @@ def test_self_negatives_match_explicit_supports():
         z, z[winners], torch.cat([z, z[losers]]), [0.2], pos_weight=3000.0,
         neg_weight=torch.tensor([1.0] * 5 + [3000.0] * 2), mask_self=True,
     )
-    torch.testing.assert_close(preference_field(z, winners, losers, config), expected)
+    torch.testing.assert_close(preference_field(z, z[winners], z[losers], config), expected)

@@ -428,3 +428,33 @@ def test_imagereward_checkpoint_missing_parameters_is_an_error(tiny_image_reward
     torch.save({k: v for k, v in state.items() if not k.startswith("mlp.")}, tmp_path / "partial.pt")
     with pytest.raises(RuntimeError, match="leaves 10 parameters unset: mlp.layers.0.bias"):
         ImageRewardScore(str(tmp_path / "partial.pt"), med_config)
+
+
+def test_one_reward_on_two_servers_splits_each_call_and_scores_as_one_server(serve, monkeypatch):
+    urls = [serve(f"{REWARDS}:brightness"), serve(f"{REWARDS}:brightness")]
+    calls, send = [], RemoteReward.__call__
+
+    def recorded(self, images, prompts):
+        calls.append((self.url, len(images)))
+        return send(self, images, prompts)
+
+    monkeypatch.setattr(RemoteReward, "__call__", recorded)
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    sharded = rewards.score_candidates(rewards.load_reward("|".join(urls)), images, ["p"] * 5, "two servers").ranking
+    assert sorted(calls) == sorted([(urls[0], 3), (urls[1], 2)])
+    torch.testing.assert_close(sharded, quantised(images).mean((1, 2, 3)).double(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_server_with_two_devices_scores_two_requests_at_once(serve, monkeypatch):
+    """--devices cpu,cpu: two workers behind one port, so two 1-second requests take about 1 second, not 2."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("DRPO_BENCH_LATENCY", "1.0")
+    images = torch.rand(2, 3, 8, 8)
+    for devices, fewest, most in ((("cpu",), 2.0, 10.0), (("cpu", "cpu"), 0.9, 1.8)):
+        client = RemoteReward(serve("benchmarks.rewards:slow_brightness", devices=devices))
+        start = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: client(images, ["p", "q"]), range(2)))
+        assert fewest <= time.perf_counter() - start <= most, devices
+        assert answers[0] == answers[1] and len(answers[0]) == 2

@@ -1,5 +1,6 @@
 """End-to-end behaviour of the training scripts on the embedded tiny models (CPU, offline)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -173,3 +174,62 @@ def test_every_method_raises_a_differentiable_custom_reward(tmp_path, script, me
     print(method, {k: round(v, 3) for k, v in result.items()})
     assert result["z_unpaired"] > 3, result
     assert f"method `{method}`" in (tmp_path / "README.md").read_text()
+
+
+def test_teacher_unet_features_raise_a_custom_reward_on_sdxl(tmp_path):
+    """The authors' SDXL-Turbo recipe: DrPO in the frozen UNet's own activations."""
+    train("train_drpo_sdxl.py", *training_args(TINY_SDXL, tmp_path, f"--reward={REWARDS}:brightness",
+                                               "--max_train_steps=40", "--learning_rate=1e-3",
+                                               "--feature_extractor=teacher_unet"))
+    with open(PROMPTS) as handle:
+        prompts = [line.strip() for line in handle][:4]
+    result, _, _ = evaluate(TINY_SDXL, str(tmp_path), f"{REWARDS}:brightness", prompts, HELD_OUT_SEEDS)
+    print({k: round(v, 3) for k, v in result.items()})
+    assert result["z_unpaired"] > 3, result
+
+
+SHIPPED_PROMPTS = os.path.join(ROOT, "assets", "prompts")
+
+
+def test_shipped_prompt_splits_load_and_are_disjoint():
+    from pipelines.prompts import load_prompts
+
+    train_set = load_prompts(os.path.join(SHIPPED_PROMPTS, "pickscore_train.txt"))
+    test_set = load_prompts(os.path.join(SHIPPED_PROMPTS, "pickscore_test.txt"))
+    assert (len(train_set), len(test_set)) == (25432, 2048) and not set(train_set) & set(test_set)
+    geneval = load_prompts(os.path.join(SHIPPED_PROMPTS, "geneval_evaluation_metadata.jsonl"))
+    assert len(geneval) == 553 and geneval[0] == "a photo of a bench"
+
+
+def test_validation_rewards_are_logged_as_curves_on_held_out_prompts(tmp_path):
+    """A 2,048-prompt file: its last 4 prompts are held out of training and validated on; both
+    --validation_rewards are scored for the base and the LoRA every --validation_steps, into the
+    history, the tracker and the reward-curve figure."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipelines.prompts import load_prompts
+
+    prompts_file = os.path.join(SHIPPED_PROMPTS, "pickscore_test.txt")
+    args = training_args(TINY_SD, tmp_path, "--max_train_steps=4", "--validation_steps=2", "--report_to=tensorboard",
+                         f"--validation_rewards=color_match,{REWARDS}:brightness", f"--prompts_file={prompts_file}")
+    train("train_drpo.py", *args)
+    prompts = load_prompts(prompts_file)
+    held_out = prompts[-4:]
+    training_prompts, validation = train_drpo_split(args)
+    assert validation == held_out and not set(held_out) & set(training_prompts)
+    history = [json.loads(line) for line in open(tmp_path / "reward_history.jsonl")]
+    keys = {"validation/color_match", "validation/color_match_base", f"validation/{REWARDS}:brightness"}
+    assert [sorted(keys - set(row)) == [] for row in history] == [False, True, False, True]
+    assert history[1]["validation/color_match_base"] == history[3]["validation/color_match_base"]  # the base: fixed
+    accumulator = EventAccumulator(str(tmp_path / "logs" / "drpo"))  # the run's scalars (hparams go beside them)
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("validation/color_match")] == [2, 4]
+    assert os.path.isfile(tmp_path / "reward_curve.png")
+
+
+def train_drpo_split(args):
+    from pipelines.prompts import load_prompts
+    from pipelines.training import split_validation_prompts
+
+    parsed = train_drpo.parse_args(args)
+    return split_validation_prompts(parsed, load_prompts(parsed.prompts_file))

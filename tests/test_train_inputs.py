@@ -4,6 +4,7 @@ import argparse
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -131,6 +132,13 @@ def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypat
     card = (tmp_path / "README.md").read_text()
     assert "samples_before_after.png" in card and "load_lora_weights" in card and f"method `{method}`" in card
     assert "base_model:" not in card  # a local folder is no Hub id (the Hub would reject it)
+    assert "widget:" in card and "samples/prompt_0.png" in card and (tmp_path / "samples" / "prompt_0.png").is_file()
+    assert {"diffusers-training", "lora", "template:sd-lora"} <= set(re.findall(r"^- (\S+)$", card, re.M))
+
+
+def test_model_card_names_the_base_models_licence():
+    assert training.base_model_licence("stabilityai/sd-turbo") == ("other", "sai-nc-community")  # offline: the table
+    assert training.base_model_licence(None) == ("other", None)
 
 
 def test_model_card_base_model_is_a_hub_id_or_nothing(tmp_path):
@@ -274,6 +282,18 @@ def test_saved_activations_grow_with_the_latent_area():
     weight = layer.weight.numel() * 4
     assert small == 4 * 16 * 16 * 4 + weight + 8 * 16 * 16 * 4  # conv input and weight, relu output (float32)
     assert large - weight == 4 * (small - weight)
+
+
+def test_saved_activation_peak_counts_what_is_alive_not_what_was_ever_saved():
+    from pipelines.memory import SavedActivationPeak
+
+    x = torch.randn(1000, requires_grad=True)
+    with SavedActivationPeak() as whole:
+        x.sin().sin().sum().backward()  # sin saves its input: x, then sin(x), both alive until backward
+    with SavedActivationPeak() as chunked:
+        for part in x.split(250):  # four graphs of a quarter each, each freed by its backward
+            part.sin().sin().sum().backward()
+    assert whole.bytes == 2 * 1000 * 4 and chunked.bytes == 2 * 250 * 4 and chunked.alive == 0
 
 
 

@@ -8,7 +8,8 @@ Algorithm A3; Rafailov et al., 2023; Wallace et al., 2024).
 Online (``--method dpo``): y+ / y- are reward-ordered pairs of the current generator's K candidates
 (as DrPO's A+ / A-); mu_theta is generated from a fresh noise per pair (Algorithm A3, line 3). psi is
 the raw latent or the run's feature map (``--dpo_space``). The pairs go C at a time with
---candidate_chunk_size. ``dpo_loss`` is also the offline baseline's loss, with dataset images as y+/y-.
+--candidate_chunk_size. Offline (``--preference_dataset``, ``pipelines/offline.py``): y+ / y- are a
+dataset's chosen / rejected images, through the same ``margin_pieces``.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ def add_flags(parser) -> None:
                        help="psi: the raw latent, or the run's --feature_extractor (the paper tests both).")
 
 
-def preference_space(ctx: candidates.StepContext, latents: torch.Tensor) -> dict:
+def preference_space(ctx: candidates.StepContext, latents: torch.Tensor, condition: dict) -> dict:
     """psi(mu): {"latent": mu}, or phi(mu) (decoding first when phi reads images)."""
     if ctx.args.dpo_space == "latent":
         return {"latent": latents}
     images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
-    return ctx.feature_map(latents, images)
+    return candidates.phi(ctx, latents, images, condition)
 
 
 def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> candidates.Candidates:
@@ -63,35 +64,43 @@ def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> c
 
 
 def update(ctx: candidates.StepContext, cand: candidates.Candidates):
-    """Reward-ordered pairs as y+ / y-, a fresh noise per pair for mu_theta; yields the loss pair chunk by chunk."""
+    """Reward-ordered pairs of the current generator's candidates as y+ / y-; yields the loss pair chunk by chunk."""
     args = ctx.args
     scores, waited = ctx.scorer.result(cand.scores)
     winners, losers = drpo_utils.sample_reward_pairs(scores.ranking, args.num_pairs, cand.rng)
-    count = len(winners)
     stats = {"reward_mean": scores.reported.mean().item(), "reward_std": scores.reported.std().item(),
-             "num_pairs": count, "reward_wait": waited}
-    if count == 0:  # all rewards tied: no preference to learn from
+             "num_pairs": len(winners), "reward_wait": waited}
+    if len(winners) == 0:  # all rewards tied: no preference to learn from
         yield candidates.zero_piece(ctx, cand.condition, cand.noise), True
         stats["loss"] = 0.0
         return stats
     with torch.no_grad():
-        pairs = preference_space(ctx, cand.latents) if args.dpo_space == "features" else {"latent": cand.latents}
+        pairs = preference_space(ctx, cand.latents, cand.condition)
         h_pos = {name: value[winners] for name, value in pairs.items()}
         h_neg = {name: value[losers] for name, value in pairs.items()}
-    condition = {name: value[:1].expand(count, *value.shape[1:]) for name, value in cand.condition.items()}
-    noise = candidates.candidate_noise(ctx, count, cand.rng)
+    stats["loss"] = yield from margin_pieces(ctx, cand.condition, cand.rng, h_pos, h_neg)
+    return stats
+
+
+def margin_pieces(ctx: candidates.StepContext, condition: dict, rng: torch.Generator, h_pos: dict, h_neg: dict):
+    """Algorithm A3, lines 3-9, for P pairs psi(y+) / psi(y-) of one prompt (online candidates or offline
+    triples): a fresh noise per pair for mu_theta and mu_ref; yields the loss C pairs at a time."""
+    args = ctx.args
+    count = len(next(iter(h_pos.values())))
+    condition = {name: value[:1].expand(count, *value.shape[1:]) for name, value in condition.items()}
+    noise = candidates.candidate_noise(ctx, count, rng)
     ref_latents = candidates.reference_latents(ctx, condition, noise)
     with torch.no_grad():
-        h_ref = preference_space(ctx, ref_latents)
+        h_ref = preference_space(ctx, ref_latents, condition)
 
     def loss_of_rows(rows):
-        latents = candidates.current_latents(ctx, candidates.rows_of(condition, rows), noise[rows])
+        rows_condition = candidates.rows_of(condition, rows)
+        latents = candidates.current_latents(ctx, rows_condition, noise[rows])
         pick = lambda tensors: {name: value[rows] for name, value in tensors.items()}  # noqa: E731
-        return dpo_loss(preference_space(ctx, latents), pick(h_ref), pick(h_pos), pick(h_neg), latents,
-                        ref_latents[rows], args.dpo_beta, args.dpo_ref_weight, count)
+        return dpo_loss(preference_space(ctx, latents, rows_condition), pick(h_ref), pick(h_pos), pick(h_neg),
+                        latents, ref_latents[rows], args.dpo_beta, args.dpo_ref_weight, count)
 
-    stats["loss"] = yield from candidates.loss_pieces(ctx, count, loss_of_rows)
-    return stats
+    return (yield from candidates.loss_pieces(ctx, count, loss_of_rows))
 
 
 METHOD = candidates.Method("dpo", propose, update)

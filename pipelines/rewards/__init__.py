@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 from pipelines.rewards import geneval, models, rules
 from pipelines.rewards.mixture import MixtureReward
 from pipelines.rewards.protocol import RewardError, RewardFn, RewardScores, score_candidates
-from pipelines.rewards.remote import RemoteReward
+from pipelines.rewards.remote import RemoteReward, ShardedRemoteReward
 
 __all__ = ["REWARDS", "RewardEntry", "RewardError", "RewardFn", "RewardScores", "check_reward_spec", "load_reward",
            "reward_help", "score_candidates"]
@@ -74,8 +74,9 @@ REWARDS: dict[str, RewardEntry] = {
                            "(~1.7 GB)"),
 }
 
-OTHER_SPECS = ("a comma-separated mixture like pickscore,clip, a server URL http://host:port/score, "
-               "or path/to/file.py:function / package.module:function")
+OTHER_SPECS = ("a comma-separated mixture like pickscore,clip, a server URL http://host:port/score (several "
+               "servers of one reward joined by '|', each call split across them), or path/to/file.py:function / "
+               "package.module:function")
 
 
 def reward_help() -> str:
@@ -121,6 +122,8 @@ def load_reward(spec: str, device="cpu", weights: Sequence[float] | None = None,
         components = {part: load_reward(part, device, remote_timeout=remote_timeout) for part in parts}
         return MixtureReward(components, list(weights) if weights else [1.0] * len(parts))
     spec = parts[0] if parts else spec
+    if is_url(spec) and "|" in spec:  # one reward on several servers
+        return ShardedRemoteReward([url.strip() for url in spec.split("|")], timeout=remote_timeout)
     if is_url(spec):
         return RemoteReward(spec, timeout=remote_timeout)
     if spec in REWARDS:

@@ -164,3 +164,23 @@ def abort(connection: http.client.HTTPConnection) -> None:
         except OSError:
             pass  # already closed by the other side
     connection.close()
+
+
+class ShardedRemoteReward:
+    """One reward served by several servers (``--reward http://a:8000/score|http://b:8000/score``): each
+    call's images are split into one contiguous part per server, scored concurrently, and joined in
+    order, so the scores are those one server would give."""
+
+    def __init__(self, urls: list[str], timeout: float = 60.0):
+        self.replicas = [RemoteReward(url, timeout=timeout) for url in urls]
+        self.url = "|".join(urls)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        size = -(-len(images) // len(self.replicas))
+        parts = [(replica, images[start:start + size], prompts[start:start + size])
+                 for replica, start in zip(self.replicas, range(0, len(images), size))]
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="reward-shard") as pool:
+            scored = list(pool.map(lambda part: part[0](part[1], part[2]), parts))
+        return [score for part in scored for score in part]

@@ -9,7 +9,8 @@ is set (--token or DRPO_REWARD_TOKEN), and only ever parses JSON and PNG (nothin
 
 Memory is bounded by the caps, whatever the clients send: a body over --max_request_mb is refused
 (413) before it is read, a batch over --max_batch images or --max_request_pixels pixels (read from
-the PNG headers) before anything is decoded, and decoding and scoring run one batch at a time.
+the PNG headers) before anything is decoded, and decoding and scoring run one batch at a time per
+worker (``--devices cuda:0,cuda:1``: one copy of the reward per device, behind the same port).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import hmac
 import json
 import os
-import threading
+import queue
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -37,8 +38,13 @@ class RequestError(Exception):
         self.status = status
 
 
-def make_handler(reward_fn, reward_name: str, token: str | None, max_bytes: int, max_batch: int, max_pixels: int):
-    lock = threading.Lock()  # admission: one batch decoded and scored at a time, so memory is bounded by the caps
+def make_handler(reward_fns: list, reward_name: str, token: str | None, max_bytes: int, max_batch: int,
+                 max_pixels: int):
+    # Admission: one batch per worker (one reward copy per --devices entry) decoded and scored at a time, so
+    # memory is bounded by the caps times the workers; further requests wait for a free worker.
+    workers = queue.Queue()
+    for reward_fn in reward_fns:
+        workers.put(reward_fn)
 
     class Handler(BaseHTTPRequestHandler):
         timeout = 60  # seconds a client may take to send its request
@@ -48,9 +54,12 @@ def make_handler(reward_fn, reward_name: str, token: str | None, max_bytes: int,
             try:
                 self.check_request()
                 prompts, encoded = self.read_batch()
-                with lock:
+                reward_fn = workers.get()
+                try:
                     images = decode_batch(encoded, max_pixels)
                     scores = score_candidates(reward_fn, images, prompts, reward_name).ranking
+                finally:
+                    workers.put(reward_fn)
                 self.answer(200, {"scores": scores.tolist()})
             except RequestError as error:
                 self.answer(error.status, {"error": str(error)})
@@ -144,12 +153,13 @@ def decode_batch(encoded: list, max_pixels: int) -> torch.Tensor:
 
 
 def build_server(reward: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-                 max_request_mb: float = 64.0, max_batch: int = 64, device: str = "cpu",
+                 max_request_mb: float = 64.0, max_batch: int = 64, devices: tuple[str, ...] = ("cpu",),
                  max_request_pixels: int = MAX_REQUEST_PIXELS) -> ThreadingHTTPServer:
+    """The server: one copy of the reward per entry of ``devices`` (a worker each), behind one port."""
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         raise ValueError(f"serving on {host!r} (beyond loopback) needs a shared --token or ${TOKEN_ENV}")
-    reward_fn = load_reward(reward, device=device)
-    handler = make_handler(reward_fn, reward, token, int(max_request_mb * 2**20), max_batch, max_request_pixels)
+    reward_fns = [load_reward(reward, device=device) for device in devices]
+    handler = make_handler(reward_fns, reward, token, int(max_request_mb * 2**20), max_batch, max_request_pixels)
     return ThreadingHTTPServer((host, port), handler)
 
 
@@ -165,16 +175,20 @@ def main(argv=None):
     parser.add_argument("--max_request_pixels", type=int, default=MAX_REQUEST_PIXELS,
                         help="Most pixels per request, all images together (decoded: 12 bytes each); checked from "
                              "the PNG headers before anything is decoded.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--devices", default="cuda" if torch.cuda.is_available() else "cpu",
+                        type=lambda v: tuple(d.strip() for d in v.split(",") if d.strip()),
+                        help="One worker (a copy of the reward) per comma-separated device, e.g. cuda:0,cuda:1; "
+                             "requests are scored concurrently, one per worker.")
     args = parser.parse_args(argv)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     try:
         server = build_server(args.reward, args.host, args.port, token, args.max_request_mb, args.max_batch,
-                              args.device, args.max_request_pixels)
+                              args.devices, args.max_request_pixels)
     except (ValueError, OSError) as error:
         parser.error(str(error))
-    print(f"serving reward {args.reward!r} on http://{args.host}:{server.server_port}/score"
-          f"{' (token required)' if token else ''}", flush=True)
+    print(f"serving reward {args.reward!r} on http://{args.host}:{server.server_port}/score with "
+          f"{len(args.devices)} worker(s) on {', '.join(args.devices)}{' (token required)' if token else ''}",
+          flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
