@@ -505,7 +505,8 @@ def train(accelerator, args, record: dict, prompts: list[str] | None, own_resolu
             logs = training.step_logs(accelerator, step_stats, lr_scheduler, time.time() - start)
             history.append({"step": global_step, **logs})
             accelerator.log(logs, step=global_step)
-            progress.set_postfix(loss=f"{logs['loss']:.3g}", reward=f"{logs.get('reward_mean', float('nan')):.4g}")
+            progress.set_postfix({"loss": f"{logs['loss']:.3g}", **({"reward": f"{logs['reward_mean']:.4g}"}
+                                                                     if "reward_mean" in logs else {})})
 
             if args.validation_steps and global_step % args.validation_steps == 0:
                 scores = training.log_validation(accelerator, pipe, validation_prompts, args, global_step,

@@ -81,11 +81,13 @@ def main(argv=None):
                 f"--feature_cache_dir={os.path.join(work, 'cache')}", f"--max_train_steps={args.steps}",
                 f"--checkpointing_steps={args.every}", *OFFLINE_FLAGS, *flags], output)
             steps = list(range(args.every, args.steps + 1, args.every))
-            compared = compare_to_base(TINY_SD, {s: os.path.join(output, f"checkpoint-{s}") for s in steps},
-                                       [HIDDEN_REWARD], prompts, list(range(3000, 3000 + args.num_seeds)))
+            checkpoints = {f"{method}@{s}": os.path.join(output, f"checkpoint-{s}") for s in steps}
+            compared = compare_to_base(TINY_SD, checkpoints, [HIDDEN_REWARD], prompts,
+                                       list(range(3000, 3000 + args.num_seeds)))
             curves[method] = {"seconds": seconds, "points": [
-                {"step": s, **{k: compared[s][HIDDEN_REWARD][k] for k in ("base_mean", "lora_mean", "effect_size",
-                                                                          "change", "change_se")}} for s in steps]}
+                {"step": s, **{k: compared[f"{method}@{s}"][HIDDEN_REWARD][k]
+                               for k in ("base_mean", "lora_mean", "effect_size", "change", "change_se")}}
+                for s in steps]}
     result = {"num_prompts": args.num_prompts, "pairs_per_prompt": args.pairs_per_prompt, "steps": args.steps,
               "num_seeds": args.num_seeds, "flags": OFFLINE_FLAGS, "method_flags": METHOD_FLAGS, "curves": curves}
     markdown = render(result)

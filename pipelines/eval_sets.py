@@ -1,14 +1,13 @@
 """Evaluation prompt sets (the paper's, as presets) and GenEval's protocol and summary.
 
-A preset names where a set lives; nothing is bundled. Hub datasets load through ``datasets``; the
-GenEval metadata is one JSON-lines file from GenEval's repository, fetched once into the output folder.
+A preset names where a set lives: a Hub dataset (loaded through ``datasets``), or one of the prompt
+files shipped in ``assets/prompts/`` (GenEval's metadata, the authors' Pick-a-Pic test split).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import urllib.request
 from dataclasses import dataclass, field
 
 from pipelines.prompts import read_prompts_file
@@ -16,21 +15,23 @@ from pipelines.prompts import read_prompts_file
 
 @dataclass(frozen=True)
 class PromptSetPreset:
-    source: str  # a Hub dataset id, or the URL of a .jsonl file
+    source: str  # a Hub dataset id, or a prompt file shipped in assets/prompts/
     split: str | None
     column: str
     unique: bool = False  # drop repeated prompts (first occurrence kept)
     about: str = ""
 
 
-GENEVAL_METADATA_URL = "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl"
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "prompts")
 PROMPT_SETS = {
     "pickapic_v2_test": PromptSetPreset("yuvalkirstain/pickapic_v2_no_images", "test_unique", "caption", unique=True,
                                         about="Pick-a-Pic v2 test split, unique captions (paper: 424 prompts)"),
     "parti_prompts": PromptSetPreset("nateraw/parti-prompts", "train", "Prompt", about="PartiPrompts (1,632)"),
     "hpdv2_test": PromptSetPreset("zhwang/HPDv2", "test", "prompt", about="HPD v2 test prompts"),
-    "geneval": PromptSetPreset(GENEVAL_METADATA_URL, None, "prompt",
-                               about="GenEval evaluation_metadata.jsonl (553 prompts; 4 images per prompt)"),
+    "geneval": PromptSetPreset(os.path.join(SHIPPED, "geneval_evaluation_metadata.jsonl"), None, "prompt",
+                               about="GenEval evaluation_metadata.jsonl (553 prompts; 4 images per prompt), shipped"),
+    "pickscore_test": PromptSetPreset(os.path.join(SHIPPED, "pickscore_test.txt"), None, "prompt",
+                                      about="the authors' / flow_grpo's Pick-a-Pic test split (2,048), shipped"),
 }
 GENEVAL_IMAGES_PER_PROMPT = 4  # GenEval's protocol (its generation script's default n_samples)
 
@@ -40,19 +41,6 @@ class PromptSet:
     prompts: list[str]
     records: list[dict | None] = field(default_factory=list)  # the .jsonl record of each prompt (GenEval metadata)
     source: str = ""
-
-
-def fetch(url: str, folder: str) -> str:
-    """``url`` downloaded once into ``folder`` (kept for later runs); returns the local path."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, os.path.basename(url))
-    if not os.path.isfile(path):
-        with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()
-        with open(path + ".tmp", "wb") as handle:
-            handle.write(data)
-        os.replace(path + ".tmp", path)
-    return path
 
 
 def read_records(path: str) -> list[dict]:
@@ -81,7 +69,7 @@ def read_dataset(name: str, split: str, column: str) -> list[str]:
 
 def load_prompt_set(prompts_file: str | None = None, dataset_name: str | None = None, split: str = "test",
                     column: str = "prompt", preset: str | None = None, max_prompts: int | None = None,
-                    unique: bool = False, download_dir: str = ".") -> PromptSet:
+                    unique: bool = False) -> PromptSet:
     """Prompts from a preset, a .txt/.jsonl file or a dataset, optionally deduplicated and cut to the
     first ``max_prompts``. A .jsonl file keeps each prompt's record (GenEval's tag, include, exclude)."""
     if sum(x is not None for x in (prompts_file, dataset_name, preset)) != 1:
@@ -89,8 +77,8 @@ def load_prompt_set(prompts_file: str | None = None, dataset_name: str | None = 
     if preset is not None:
         chosen = PROMPT_SETS[preset]
         unique = unique or chosen.unique
-        if chosen.source.startswith(("http://", "https://")):
-            prompts_file, column = fetch(chosen.source, download_dir), chosen.column
+        if os.path.isfile(chosen.source):  # a shipped file
+            prompts_file, column = chosen.source, chosen.column
         else:
             dataset_name, split, column = chosen.source, chosen.split, chosen.column
     if prompts_file is not None:

@@ -456,8 +456,7 @@ def run(args) -> dict | None:
     specs = dict(metric_label(item) for item in args.metrics.split(",") if item.strip() and item.strip() != "none")
     os.makedirs(args.output_dir, exist_ok=True)
     prompt_set = load_prompt_set(args.prompts_file, args.dataset_name, args.dataset_split, args.prompt_column,
-                                 args.prompt_set, args.max_prompts, args.unique_prompts,
-                                 download_dir=os.path.join(args.output_dir, "prompt_sets"))
+                                 args.prompt_set, args.max_prompts, args.unique_prompts)
     prompts = prompt_set.prompts
     cache = ImageCache(args.image_cache_dir or os.path.join(args.output_dir, "images"),
                        args.pretrained_model_name_or_path, args.resolution, args.mixed_precision, args.revision,
@@ -497,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "pipeline with a unet/ subfolder).")
     data = parser.add_argument_group("prompts and seeds")
     data.add_argument("--prompt_set", choices=sorted(PROMPT_SETS), default=None,
-                      help="A preset prompt set of the paper (downloaded on first use).")
+                      help="A preset prompt set: pickapic_v2_test, parti_prompts, hpdv2_test (downloaded on first "
+                           "use), geneval, pickscore_test (shipped in assets/prompts/).")
     data.add_argument("--prompts_file", default=None, help="A .txt (one prompt per line) or .jsonl prompts file.")
     data.add_argument("--dataset_name", default=None,
                       help="A datasets dataset (Hub id, local data folder or save_to_disk folder) to read prompts from.")

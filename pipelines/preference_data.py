@@ -80,7 +80,8 @@ def open_dataset(args):
 
     dataset = datasets.load_dataset(args.preference_dataset, split=args.dataset_split, streaming=args.streaming,
                                     cache_dir=args.cache_dir)
-    columns = list(dataset.features or {}) or dataset.column_names or []
+    features = dataset.features or {}  # a streamed json/csv set may not know its features
+    columns = list(features) or dataset.column_names or list(next(iter(dataset), {}))
     wanted = {flag: getattr(args, flag) for flag in LAYOUT}
     missing = {flag: column for flag, column in wanted.items() if column not in columns}
     if missing:
@@ -88,7 +89,7 @@ def open_dataset(args):
                          + ", ".join(f"{column!r} (--{flag})" for flag, column in missing.items())
                          + f"; its columns are {columns}")
     for flag in ("image_0_column", "image_1_column"):  # undecoded: a broken image is counted, not raised
-        if isinstance(dataset.features[wanted[flag]], datasets.Image):
+        if isinstance(features.get(wanted[flag]), datasets.Image):
             dataset = dataset.cast_column(wanted[flag], datasets.Image(decode=False))
     return dataset
 

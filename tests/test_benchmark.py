@@ -30,6 +30,7 @@ def test_chunked_step_needs_less_memory_than_the_one_pass(tmp_path):
                        "--reward_resolution=32", "--repeats=1"])
     row = scaling(args)["rows"][8]
     assert row["DrPO, C = 2"]["peak_mb"] < 0.6 * row["DrPO"]["peak_mb"], row
+    assert row["DrPO, C = 2"]["saved_mb"] < 0.4 * row["DrPO"]["saved_mb"], row  # about C / K of the activations
     assert "DrPO, C = 2" in render_scaling({"rows": {8: row}})
 
 

@@ -518,9 +518,11 @@ def test_prompt_sets_from_datasets_and_presets(tmp_path):
         load_prompt_set(dataset_name=str(tmp_path / "flat"))
     with pytest.raises(ValueError, match="exactly one"):
         load_prompt_set(prompts_file=PROMPTS, dataset_name=str(tmp_path / "flat"))
-    assert set(PROMPT_SETS) == {"pickapic_v2_test", "parti_prompts", "hpdv2_test", "geneval"}
+    assert set(PROMPT_SETS) == {"pickapic_v2_test", "parti_prompts", "hpdv2_test", "geneval", "pickscore_test"}
     assert (PROMPT_SETS["pickapic_v2_test"].split, PROMPT_SETS["pickapic_v2_test"].column) == ("test_unique", "caption")
-    assert PROMPT_SETS["geneval"].source.endswith("prompts/evaluation_metadata.jsonl")
+    geneval = load_prompt_set(preset="geneval")  # shipped: nothing to download
+    assert len(geneval.prompts) == 553 and geneval.records[0]["tag"] == "single_object"
+    assert len(load_prompt_set(preset="pickscore_test").prompts) == 2048
 
 
 def test_a_finetuned_unet_folder_and_a_dataset_prompt_set(first_run, tmp_path):
