@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from conftest import tiny_latent_mae
+from conftest import TINY_SD, tiny_latent_mae
 
+from drpo_utils import encode_prompts_sd
 from pipelines.features import FEATURE_MAPS, build_feature_map
 
 
@@ -30,7 +31,23 @@ def tiny_dinov2(path):
 def build(name, tmp_path):
     weights = {"vit_mae": tiny_vit_mae, "dinov2": tiny_dinov2}
     weights.update(dict.fromkeys(["latent_mae", "latent_mae1", "latent_mae2", "latent_mae3"], tiny_latent_mae))
-    return build_feature_map(name, weights[name](tmp_path / name) if name in weights else None)
+    feature_map = build_feature_map(name, weights[name](tmp_path / name) if name in weights else None)
+    if feature_map.needs_condition:  # teacher_unet: reads the tiny SD generator's UNet, which carries a LoRA
+        from peft import LoraConfig
+
+        from pipelines.inference import load_one_step_pipeline
+
+        pipe = load_one_step_pipeline(TINY_SD)
+        pipe.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"]))
+        feature_map.bind(pipe)
+        feature_map.condition = encode_prompts_sd(pipe, ["a red circle"] * 3, "cpu")
+    return feature_map
+
+
+def features_of(feature_map, latents, images):
+    if feature_map.needs_condition:
+        return feature_map(latents, None, feature_map.condition)
+    return feature_map(latents, images if feature_map.needs_images else None)
 
 
 def latent_mae_sizes(*sources):
@@ -60,6 +77,8 @@ EXPECTED = {
     "latent_mae1": latent_mae_sizes(*MAE1_SOURCES),
     "latent_mae2": latent_mae_sizes("layer2", "layer3", "layer4"),
     "latent_mae3": latent_mae_sizes("layer4"),
+    # tiny SD UNet on an 8x8 latent: 2x2 maps of 64 channels pooled to 1x1; up_blocks.0 upsamples to 4x4, pooled 4x4
+    "teacher_unet": {"down_blocks.2": 64, "mid_block": 64, "up_blocks.0": 64},
 }
 
 
@@ -70,7 +89,7 @@ def test_keys_shapes_gradients_and_no_trainable_parameters(name, tmp_path):
     assert not any(p.requires_grad for p in feature_map.parameters()) and not feature_map.training
     latents = torch.randn(3, 4, 8, 8, requires_grad=True)
     images = torch.rand(3, 3, 64, 64, requires_grad=True)
-    features = feature_map(latents, images if feature_map.needs_images else None)
+    features = features_of(feature_map, latents, images)
     assert {k: tuple(v.shape) for k, v in features.items()} == {k: (3, d) for k, d in EXPECTED[name].items()}
     sum(f.square().sum() for f in features.values()).backward()
     source = images if feature_map.needs_images else latents
