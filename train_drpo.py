@@ -417,7 +417,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     if args.preference_dataset is None:
         prompts = load_prompts(args.prompts_file, args.dataset_name, args.dataset_split, args.prompt_column)
     else:
-        preference_data.open_dataset(args)  # its layout columns checked before any model loads
+        preference_data.open_dataset(args, streaming=True)  # its layout columns checked now, nothing downloaded
     unet_config, vae_config = memory.model_configs(args)
     args.resolution = memory.resolve_resolution(args, unet_config, vae_config)
     args.mixed_precision = accelerator.mixed_precision  # as resolved: the flag or accelerate's configuration
@@ -487,8 +487,9 @@ def train(accelerator, args, record: dict, prompts: list[str] | None, own_resolu
         encode_prompts=encode_prompts, method=method,
     )
     prompts, validation_prompts = training.split_validation_prompts(args, prompts)
-    validation_rewards = {spec: rewards.load_reward(spec, reward_device, remote_timeout=args.reward_timeout)
-                          for spec in args.validation_rewards or []}
+    validation = training.Validation(accelerator, pipe, validation_prompts, args, {  # main process only
+        spec: rewards.load_reward(spec, reward_device, remote_timeout=args.reward_timeout)
+        for spec in (args.validation_rewards or []) if accelerator.is_main_process})
     memory.check_step_memory(args, activation_bytes_per_candidate(ctx, prompts[0]), accelerator.device,
                              own_resolution)
     history = training.load_history(args.output_dir, global_step)
@@ -509,8 +510,7 @@ def train(accelerator, args, record: dict, prompts: list[str] | None, own_resolu
                                                                      if "reward_mean" in logs else {})})
 
             if args.validation_steps and global_step % args.validation_steps == 0:
-                scores = training.log_validation(accelerator, pipe, validation_prompts, args, global_step,
-                                                 validation_rewards)
+                scores = validation(global_step)
                 history[-1].update(scores)
                 accelerator.log(scores, step=global_step)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:

@@ -74,11 +74,13 @@ def check_flags(args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def open_dataset(args):
-    """--preference_dataset's split (streamed with --streaming), its layout columns checked."""
+def open_dataset(args, streaming: bool | None = None):
+    """--preference_dataset's split, its layout columns checked; streamed with --streaming (or
+    ``streaming=True``: the start-up check, which reads no more than the schema)."""
     import datasets
 
-    dataset = datasets.load_dataset(args.preference_dataset, split=args.dataset_split, streaming=args.streaming,
+    streaming = args.streaming if streaming is None else streaming
+    dataset = datasets.load_dataset(args.preference_dataset, split=args.dataset_split, streaming=streaming,
                                     cache_dir=args.cache_dir)
     features = dataset.features or {}  # a streamed json/csv set may not know its features
     columns = list(features) or dataset.column_names or list(next(iter(dataset), {}))

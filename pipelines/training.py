@@ -322,7 +322,8 @@ def validation_curves(history: list[dict]) -> dict[str, list[tuple[int, float]]]
 
 def plot_reward_curve(history: list[dict], path: str) -> None:
     """reward_curve.png: the candidates' reward mean (+- std across candidates) per optimisation step and,
-    beside it, every --validation_rewards curve of the LoRA against the base model's level."""
+    beside it, every --validation_rewards curve of the LoRA against the base model's level (nothing
+    when the history holds neither)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,6 +332,8 @@ def plot_reward_curve(history: list[dict], path: str) -> None:
     validation = validation_curves(history)
     trained = [h for h in history if "reward_mean" in h]
     panels = (1 if trained else 0) + (1 if validation else 0)
+    if not panels:  # offline DrPO without --validation_rewards: no reward was called while training
+        return
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.5), dpi=120, squeeze=False)
     axes = list(axes[0])
     if trained:
@@ -411,7 +414,7 @@ def split_validation_prompts(args, prompts: list[str]) -> tuple[list[str], list[
                        f"first {HELD_OUT_PROMPTS} training prompts (give held-out ones with --validation_prompts)")
         return prompts, distinct[:HELD_OUT_PROMPTS]
     held_out = distinct[-HELD_OUT_PROMPTS:]
-    return [p for p in prompts if p not in set(held_out)], held_out
+    return [p for p in prompts if p not in held_out], held_out  # 4 items: a list is as fast as a set
 
 
 def validation_seeds(args) -> list[int]:
@@ -431,30 +434,34 @@ def log_images(accelerator, name: str, image, step: int) -> None:
             tracker.log({name: wandb.Image(image)}, step=step)
 
 
-def log_validation(accelerator, pipe, prompts: list[str], args, step: int, validation_rewards: dict) -> dict:
-    """Validation grid (per prompt, the base model's row above the LoRA's row, same held-out seeds) and
-    the --validation_rewards of both on those images; returns the rewards' means to log.
+class Validation:
+    """Every --validation_steps, on the main process: the grid (per prompt, the base model's row above the
+    LoRA's, same held-out seeds) and the --validation_rewards of both. The base's images and scores are
+    computed once. No autocast: each module runs in its own dtype (an fp32 SDXL VAE stays fp32)."""
 
-    No autocast: the pipeline runs each module in its own dtype (an fp32-kept SDXL VAE stays fp32),
-    and peft casts the LoRA branch itself.
-    """
-    if not accelerator.is_main_process:
-        return {}
-    seeds = validation_seeds(args)
-    with lora_disabled(pipe.unet):
-        base = generate_images(pipe, prompts, seeds, args.resolution)
-    tuned = generate_images(pipe, prompts, seeds, args.resolution)
-    grid = labelled_grid(prompts, {"base": base, "LoRA": tuned}, len(seeds))
-    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    files.save_image(grid, os.path.join(args.output_dir, "validation", f"step-{step:06d}.png"))
-    log_images(accelerator, "validation/base_vs_lora", grid, step)
-    per_image = [p for p in prompts for _ in seeds]
-    scores = {}
-    for name, reward_fn in validation_rewards.items():
-        for label, images in (("", tuned), ("_base", base)):
-            reported = score_candidates(reward_fn, images, per_image, name).reported
-            scores[f"validation/{name}{label}"] = reported.mean().item()
-    return scores
+    def __init__(self, accelerator, pipe, prompts: list[str], args, rewards: dict):
+        self.accelerator, self.pipe, self.prompts, self.args = accelerator, pipe, prompts, args
+        self.rewards, self.seeds, self.base_images, self.base_scores = rewards, validation_seeds(args), None, {}
+
+    def scores(self, images: torch.Tensor, suffix: str) -> dict[str, float]:
+        per_image = [p for p in self.prompts for _ in self.seeds]
+        return {f"validation/{name}{suffix}": score_candidates(fn, images, per_image, name).reported.mean().item()
+                for name, fn in self.rewards.items()}
+
+    def __call__(self, step: int) -> dict[str, float]:
+        """Writes and logs the grid of ``step``; returns the validation rewards' means to log."""
+        if not self.accelerator.is_main_process:
+            return {}
+        if self.base_images is None:
+            with lora_disabled(self.pipe.unet):
+                self.base_images = generate_images(self.pipe, self.prompts, self.seeds, self.args.resolution)
+            self.base_scores = self.scores(self.base_images, "_base")
+        tuned = generate_images(self.pipe, self.prompts, self.seeds, self.args.resolution)
+        grid = labelled_grid(self.prompts, {"base": self.base_images, "LoRA": tuned}, len(self.seeds))
+        os.makedirs(os.path.join(self.args.output_dir, "validation"), exist_ok=True)
+        files.save_image(grid, os.path.join(self.args.output_dir, "validation", f"step-{step:06d}.png"))
+        log_images(self.accelerator, "validation/base_vs_lora", grid, step)
+        return {**self.scores(tuned, ""), **self.base_scores}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,17 +484,13 @@ def hub_base_model(name_or_path: str) -> str | None:
     return f"{match.group(1)}/{match.group(2)}" if match else None
 
 
-KNOWN_LICENCES = {  # the base models' own card metadata, for runs without Hub access
-    "stabilityai/sd-turbo": ("other", "sai-nc-community"),
-    "stabilityai/sdxl-turbo": ("other", "sai-nc-community"),
-}
+# The base models' own card metadata, for runs without Hub access.
+KNOWN_LICENCES = dict.fromkeys(["stabilityai/sd-turbo", "stabilityai/sdxl-turbo"], ("other", "sai-nc-community"))
 
 
 def base_model_licence(base_model: str | None) -> tuple[str, str | None]:
     """(license, license_name) of the base model's Hub card, else of KNOWN_LICENCES, else ("other", None)."""
-    if base_model is None:
-        return "other", None
-    try:
+    try:  # a local model (None) fails here too
         from huggingface_hub import ModelCard
 
         data = ModelCard.load(base_model).data
@@ -589,8 +592,7 @@ def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_i
     if args.output_kohya_format:
         save_kohya_lora(args.output_dir, args.lora_alpha or args.rank)
     save_history(accelerator, args.output_dir, history)
-    if any("reward_mean" in row for row in history) or validation_curves(history):  # offline: no training reward
-        plot_reward_curve(history, os.path.join(args.output_dir, "reward_curve.png"))
+    plot_reward_curve(history, os.path.join(args.output_dir, "reward_curve.png"))
 
     # Final check on a fresh pipeline: exactly what a user gets from load_lora_weights.
     fresh = fresh_pipeline().to(accelerator.device)
