@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -176,8 +177,8 @@ class ImageCache:
         path = self.path(model, prompt, seed)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         pixels = (image.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        Image.fromarray(pixels).save(path + ".tmp", format="PNG")
-        os.replace(path + ".tmp", path)
+        with files.atomic_path(path) as staging:
+            Image.fromarray(pixels).save(staging, format="PNG")
 
     def describe_folder(self, model: EvalModel) -> None:
         os.makedirs(self.folder(model), exist_ok=True)
@@ -227,10 +228,11 @@ def release() -> None:
 
 
 def generate_missing(args, models, prompts, seeds, cache: ImageCache, state) -> int:
-    """Generate this process' share of the (model, prompt, seed) images the cache lacks; returns how many."""
-    mine = range(state.process_index, len(prompts), state.num_processes)
-    todo = {model: [(i, [s for s in seeds if not cache.has(model, prompts[i], s)]) for i in mine] for model in models}
-    todo = {model: [(i, missing) for i, missing in work if missing] for model, work in todo.items()}
+    """Generate this process' share of the (model, prompt, seed) images the cache lacks; returns how many.
+    Processes split the distinct prompts, so a repeated prompt's images are written by one process only."""
+    mine = list(dict.fromkeys(prompts))[state.process_index::state.num_processes]
+    todo = {model: [(p, [s for s in seeds if not cache.has(model, p, s)]) for p in mine] for model in models}
+    todo = {model: [(p, missing) for p, missing in work if missing] for model, work in todo.items()}
     total = sum(len(missing) for work in todo.values() for _, missing in work)
     if total == 0:
         return 0
@@ -243,10 +245,10 @@ def generate_missing(args, models, prompts, seeds, cache: ImageCache, state) -> 
                 continue
             bar.set_postfix_str(model.label)
             with model_weights(pipe, model, dtype, state.device):
-                for index, missing in work:
-                    images = generate_images(pipe, [prompts[index]], missing, args.resolution)
+                for prompt, missing in work:
+                    images = generate_images(pipe, [prompt], missing, args.resolution)
                     for seed, image in zip(missing, images):
-                        cache.save(model, prompts[index], seed, image)
+                        cache.save(model, prompt, seed, image)
                     bar.update(len(missing))
     del pipe
     release()
@@ -447,8 +449,10 @@ def default_seeds(args) -> list[int]:
 def run(args) -> dict | None:
     """The whole evaluation; returns the metrics.json content on the main process (None elsewhere)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
+    # as Accelerator does: without cpu=True, torchrun on a CPU-only machine gives N unconnected processes
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available())
     models = parse_models(args.lora, args.unet)
     if args.judge and len(models) < 2:
         raise ValueError("--judge compares models with the base: give at least one --lora or --unet")
@@ -465,7 +469,8 @@ def run(args) -> dict | None:
         for model in models:
             cache.describe_folder(model)
     state.wait_for_everyone()
-    generate_missing(args, models, prompts, seeds, cache, state)
+    generated = generate_missing(args, models, prompts, seeds, cache, state)
+    print(f"process {state.process_index + 1}/{state.num_processes}: generated {generated} images", file=sys.stderr)
     state.wait_for_everyone()
     scores = score_metrics(args, specs, models, prompts, seeds, cache, state)
     geneval = run_geneval(args, models, prompt_set, seeds, cache, state) if args.geneval else None
