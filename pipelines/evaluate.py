@@ -177,8 +177,7 @@ class ImageCache:
         path = self.path(model, prompt, seed)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         pixels = (image.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        with files.atomic_path(path) as staging:
-            Image.fromarray(pixels).save(staging, format="PNG")
+        files.save_image(Image.fromarray(pixels), path)
 
     def describe_folder(self, model: EvalModel) -> None:
         os.makedirs(self.folder(model), exist_ok=True)
