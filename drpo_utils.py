@@ -82,6 +82,11 @@ def kernel_logits(distances: torch.Tensor, cosine: torch.Tensor | None, radius: 
     raise ValueError(f"Unknown drift kernel {kernel!r}; choose one of {', '.join(DRIFT_KERNELS)}.")
 
 
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (exact comparisons in tests); every other dtype (bf16, fp16, fp32) computes in fp32."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 def _support_weights(weight: float | torch.Tensor, count: int, like: torch.Tensor) -> torch.Tensor:
     """Per-support weights w_j (Eq. 19/22): a scalar for every support, or one value per support."""
     weight = torch.as_tensor(weight, dtype=like.dtype, device=like.device)
@@ -151,9 +156,9 @@ def drift_field(
     if mask_paired_positive and len(pos) < len(z):
         raise ValueError("mask_paired_positive needs a positive per query")
 
-    compute_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-    queries = z.detach().to(compute_dtype)
-    supports = torch.cat([neg, pos]).detach().to(compute_dtype)  # B = [B-; B+]
+    dtype = compute_dtype(z)
+    queries = z.detach().to(dtype)
+    supports = torch.cat([neg, pos]).detach().to(dtype)  # B = [B-; B+]
     num_neg, dim = len(neg), z.shape[1]
     weights = torch.cat(
         [_support_weights(neg_weight, num_neg, supports), _support_weights(pos_weight, len(pos), supports)]
@@ -351,8 +356,8 @@ def reference_field(z: torch.Tensor, z_ref: torch.Tensor, config: DriftConfig) -
 
 def coordinate_scale(z: torch.Tensor, supports: dict, config: DriftConfig) -> torch.Tensor:
     """s_z (Eq. 20) of a drift_field call with these supports: its normalised coordinates are z / s_z."""
-    queries = z.detach().float()
-    pos, neg = supports["pos"].float(), supports["neg"].float()
+    queries = z.detach().to(compute_dtype(z))
+    pos, neg = supports["pos"].to(queries.dtype), supports["neg"].to(queries.dtype)
     weights = torch.cat([_support_weights(supports["neg_weight"], len(neg), queries),
                          _support_weights(supports["pos_weight"], len(pos), queries)])
     delta = torch.cdist(queries, torch.cat([neg, pos]))
@@ -364,7 +369,7 @@ class RegressionTerm:
     """One detached target of Eq. 16 for one feature tensor: z~ = z / coord_scale, target z~ + eta V."""
 
     coord_scale: torch.Tensor  # s_z, a scalar
-    velocity: torch.Tensor  # V [K, d] in those coordinates, float32, no gradient
+    velocity: torch.Tensor  # V [K, d] in those coordinates, float32 (float64 for float64 z), no gradient
     weight: float = 1.0
 
 
@@ -405,8 +410,8 @@ def _field_targets(features: Mapping[str, torch.Tensor], ref_features: Mapping[s
     for name, z in features.items():
         z, z_ref = z.detach().flatten(1), ref_features[name].detach().flatten(1)
         pos, neg = (supports.flatten(1) for supports in pair_sets[name])
-        v_pref = preference_field(z, pos, neg, config).float()
-        v_ref = reference_field(z, z_ref, config).float()
+        v_pref = preference_field(z, pos, neg, config).to(compute_dtype(z))
+        v_ref = reference_field(z, z_ref, config).to(compute_dtype(z))
         ref_scale = coordinate_scale(z, reference_supports(z, z_ref, config), config)
         pref_scale = coordinate_scale(z, preference_supports(z, pos, neg, config), config) if len(pos) \
             else ref_scale
@@ -440,7 +445,7 @@ def regression_loss(
         features = {"features": features}
     total = 0.0
     for name, z in features.items():
-        z = z.flatten(1).float()
+        z = z.flatten(1).to(compute_dtype(z))
         count = num_candidates or len(z)
         for term in targets[name]:
             z_normalised = z / term.coord_scale
@@ -501,14 +506,14 @@ def one_step_latents(unet, scheduler, noise: torch.Tensor, condition: dict) -> t
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode latents to images in [0, 1], differentiably, in the VAE's own dtype (no autocast:
-    an fp32-kept SDXL VAE must not be run in fp16)."""
+    """VAE-decode latents to images in [0, 1] (fp32; fp64 from an fp64 VAE), differentiably, in the VAE's
+    own dtype (no autocast: an fp32-kept SDXL VAE must not be run in fp16)."""
     latents = latents.to(vae.dtype) / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):
         latents = latents + vae.config.shift_factor
     with torch.autocast(latents.device.type, enabled=False):
         images = vae.decode(latents, return_dict=False)[0]
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    return (images.to(compute_dtype(images)) / 2 + 0.5).clamp(0, 1)
 
 
 def encode_prompts_sd(pipe, prompts: list[str], device, resolution: int | None = None) -> dict:

@@ -45,7 +45,7 @@ class LatentFeatures(FeatureMap):
     """phi(x) = the raw x0 latent (Table 3b "Latent")."""
 
     def forward(self, latents: torch.Tensor, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {"latent": latents.float().flatten(1)}
+        return {"latent": latents.to(drpo_utils.compute_dtype(latents)).flatten(1)}
 
 
 class ImageFeatures(FeatureMap):
@@ -63,7 +63,7 @@ class ImageFeatures(FeatureMap):
         self.fine, self.coarse = fine, coarse
 
     def forward(self, latents: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        images = images.float()
+        images = images.to(drpo_utils.compute_dtype(images))
         return {
             "image_fine": F.adaptive_avg_pool2d(images, self.fine).flatten(1),
             "image_coarse": F.adaptive_avg_pool2d(images, self.coarse).flatten(1),
@@ -161,14 +161,14 @@ class DINOv2Features(ImageTransformerFeatures):
 
 
 def activation_statistics(name: str, activation: torch.Tensor, patch_sizes=(2, 4)) -> dict[str, torch.Tensor]:
-    """The drifting models' pooled features of one activation [N, C, H, W], in float32.
+    """The drifting models' pooled features of one activation [N, C, H, W], in float32 (float64 for float64 activations).
 
     ``{name}_mean`` / ``{name}_std``: per-channel mean and std over space, [N, C]; ``{name}_mean_{p}`` /
     ``{name}_std_{p}``: the same inside each p x p patch, row-major patches flattened to [N, H*W/p^2 * C]
     (only when p divides H and W). std = sqrt(var + 1e-6), as in the release, so it stays differentiable
     where an activation is constant.
     """
-    x = activation.float()
+    x = activation.to(drpo_utils.compute_dtype(activation))
     n, c, h, w = x.shape
 
     def mean_and_std(values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,8 +276,8 @@ class TeacherUNetFeatures(FeatureMap):
 
     def pooled(self, activation: torch.Tensor) -> torch.Tensor:
         if min(activation.shape[-2:]) >= self.pool:
-            return F.avg_pool2d(activation.float(), self.pool).flatten(1)
-        return F.adaptive_avg_pool2d(activation.float(), 1).flatten(1)
+            return F.avg_pool2d(activation.to(drpo_utils.compute_dtype(activation)), self.pool).flatten(1)
+        return F.adaptive_avg_pool2d(activation.to(drpo_utils.compute_dtype(activation)), 1).flatten(1)
 
     def forward(self, latents: torch.Tensor, images: torch.Tensor | None, condition: dict) -> dict[str, torch.Tensor]:
         (unet,) = self._unet

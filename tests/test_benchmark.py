@@ -34,16 +34,15 @@ def test_chunked_step_needs_less_memory_than_the_one_pass(tmp_path):
     assert "DrPO, C = 2" in render_scaling({"rows": {8: row}})
 
 
-def test_overlapped_scoring_hides_a_slow_remote_reward(tmp_path):
-    """--mode=latency, reduced: a server reward that sleeps 1.5 s per call; overlapped steps wait less."""
-    result = main(["--mode=latency", f"--model={TINY_SD}", "--num_candidates=4", "--num_pairs=3", "--latency=1.5",
-                   "--accumulation=3", "--steps=2", "--chunk=2"])
-    serial, overlapped = result["per_micro_step"]["serial"], result["per_micro_step"]["overlapped"]
-    # serial = L + compute; overlapped over a window of 3 -> L + compute / 3 (the first call is not hidden)
-    hidden = (serial - overlapped) / result["compute_per_micro_step"]
-    assert hidden > 0.4, result
-    assert result["overlapped_over_bound"] < 1.3, result
-    assert result["runs"]["overlapped"]["reward_wait"] < result["runs"]["serial"]["reward_wait"]
+def test_latency_benchmark_runs_reduced(tmp_path):
+    """--mode=latency, reduced, so it cannot rot: serial and overlapped runs against a slow reward server.
+    Its speed figures belong to the README; what overlap guarantees is tested without a clock in
+    test_chunking.py (the order of events, and the serial LoRA)."""
+    result = main(["--mode=latency", f"--model={TINY_SD}", "--num_candidates=4", "--num_pairs=3", "--latency=0.1",
+                   "--accumulation=2", "--steps=1", "--chunk=2"])
+    assert set(result["per_micro_step"]) == set(result["runs"]) == {"serial", "overlapped"}
+    numbers = [result["compute_per_micro_step"], result["overlapped_over_bound"], *result["per_micro_step"].values()]
+    assert all(math.isfinite(value) and value > 0 for value in numbers), result
 
 
 def test_feature_memory_benchmark_runs_every_mode(tmp_path):
