@@ -161,7 +161,7 @@ class DINOv2Features(ImageTransformerFeatures):
 
 
 def activation_statistics(name: str, activation: torch.Tensor, patch_sizes=(2, 4)) -> dict[str, torch.Tensor]:
-    """The drifting models' pooled features of one activation [N, C, H, W], in float32 (float64 for float64 activations).
+    """The drifting models' pooled features of one activation [N, C, H, W], in float32 (float64 stays float64).
 
     ``{name}_mean`` / ``{name}_std``: per-channel mean and std over space, [N, C]; ``{name}_mean_{p}`` /
     ``{name}_std_{p}``: the same inside each p x p patch, row-major patches flattened to [N, H*W/p^2 * C]
