@@ -544,7 +544,16 @@ def test_a_finetuned_unet_folder_and_a_dataset_prompt_set(first_run, tmp_path):
         for seed in (0, 1):
             torch.testing.assert_close(cached(out / "images", "same-unet", prompt, seed),
                                        cached(out / "images", "base", prompt, seed), atol=1 / 255, rtol=0)
-    assert result["win_rates"]["color_match"]["same-unet"]["tie"] > 0.5
+    # Scores follow the images: each cached pixel differs by at most 1/255 per channel (PNG rounding of
+    # float-kernel noise; which pixels round differently depends on the CPU), and color_match is Lipschitz
+    # in a pixel with constant max ||grad|| = e^(-1/2) / width = 2.43, so a score moves at most
+    # 2.43 * sqrt(3) / 255 = 0.0165. (Exact ties are not guaranteed: they were 100 % on one machine, 50 % on another.)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    score = {(row["model"], row["prompt"], row["seed"]): row["color_match"] for row in rows}
+    bound = math.exp(-0.5) / 0.25 * math.sqrt(3) / 255
+    for prompt in prompts:
+        for seed in (0, 1):
+            assert abs(score["same-unet", prompt, seed] - score["base", prompt, seed]) <= bound
 
 
 def test_model_and_metric_names():

@@ -3,6 +3,7 @@ file holds only the method, and no module reaches into sys.path."""
 
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -125,3 +126,89 @@ def test_method_file_and_modules_stay_small():
     sizes = {name: sum(1 for _ in open(path)) for name, path in project_modules().items()}
     assert sizes["drpo_utils"] <= 550, sizes["drpo_utils"]  # the online and offline method, and nothing else
     assert max(sizes.values()) <= 620, max(sizes.items(), key=lambda item: item[1])
+
+
+CLOCKS = {"time", "perf_counter", "monotonic", "process_time", "time_ns", "perf_counter_ns", "monotonic_ns"}
+TIMED_KEYS = re.compile(r"seconds|latency|per_micro_step|elapsed|speedup|over_bound|_time$")  # benchmark results
+ORDERINGS = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+
+
+def clock_assertions(source: str) -> list[int]:
+    """Lines of ``assert`` statements that depend on a clock: one that calls time.time() / perf_counter() /
+    monotonic() (or their _ns forms), or that orders (<, >) a duration against anything but 0 — a duration
+    being a name assigned from a clock reading or from a benchmark result's timing key (``["..._seconds"]``),
+    or derived from one. ``duration > 0`` is allowed: it holds on any machine."""
+
+    def calls_clock(node) -> bool:
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Call):
+                func = sub.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if name in CLOCKS and (not isinstance(func, ast.Attribute) or getattr(func.value, "id", "") == "time"):
+                    return True
+        return False
+
+    def is_duration(node, timed_names) -> bool:
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and sub.id in timed_names:
+                return True
+            key = getattr(sub, "slice", None) if isinstance(sub, ast.Subscript) else None
+            if isinstance(key, ast.Constant) and isinstance(key.value, str) and TIMED_KEYS.search(key.value):
+                return True
+        return calls_clock(node)
+
+    def orders_a_duration(node, timed_names) -> bool:
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Compare) and any(isinstance(op, ORDERINGS) for op in sub.ops):
+                operands = [sub.left, *sub.comparators]
+                others = [o for o in operands if not is_duration(o, timed_names)]
+                if len(others) < len(operands) and not all(isinstance(o, ast.Constant) and o.value == 0
+                                                           for o in others):
+                    return True
+        return False
+
+    def own_nodes(scope):
+        """The scope's nodes, without those of functions defined inside it (they are scopes of their own)."""
+        stack = list(ast.iter_child_nodes(scope))
+        while stack:
+            node = stack.pop()
+            yield node
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                stack.extend(ast.iter_child_nodes(node))
+
+    lines = set()
+    tree = ast.parse(source)
+    for scope in [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))]:
+        timed = set()  # per function: a name means what it was assigned there
+        for _ in range(3):  # names derived from timed names (start -> elapsed -> ratio)
+            for node in own_nodes(scope):
+                if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value is not None \
+                        and is_duration(node.value, timed):
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    timed |= {t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name)}
+        lines |= {node.lineno for node in own_nodes(scope) if isinstance(node, ast.Assert)
+                  and (calls_clock(node) or orders_a_duration(node, timed))}
+    return sorted(lines)
+
+
+def test_no_test_asserts_a_wall_clock_time():
+    """Timing belongs to benchmarks/ and the README: a test that asserts a duration fails on a busy machine."""
+    offenders = {}
+    for name in sorted(os.listdir(os.path.join(ROOT, "tests"))):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, "tests", name), encoding="utf-8") as handle:
+                if lines := clock_assertions(handle.read()):
+                    offenders[name] = lines
+    assert offenders == {}
+
+
+def test_the_clock_rule_sees_timed_assertions():
+    assert clock_assertions("import time\nstart = time.time()\nwork()\nassert time.time() - start < 5\n") == [4]
+    assert clock_assertions("from time import perf_counter\nt0 = perf_counter()\nelapsed = perf_counter() - t0\n"
+                            "ratio = elapsed / 2\nassert ratio < 1\n") == [5]
+    assert clock_assertions("import time\ndeadline = time.time() + 5\nwhile time.time() < deadline:\n    pass\n"
+                            "assert done()\n") == []
+    assert clock_assertions("def a():\n    start = time.time()\n\n\ndef b(start):\n    assert start\n") == []
+    # a benchmark's timing result: ordered against a threshold is flagged, positivity is not
+    assert clock_assertions("serial = result['per_micro_step']['serial']\nhidden = (serial - 1) / 2\n"
+                            "assert hidden > 0.4\nassert result['drpo_seconds'] > 0\n") == [3]
