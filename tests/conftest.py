@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -9,6 +10,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_SD = os.path.join(ROOT, "assets", "tiny-sd-turbo")
 TINY_SDXL = os.path.join(ROOT, "assets", "tiny-sdxl-turbo")
 PROMPTS = os.path.join(ROOT, "assets", "tiny_prompts.txt")
+
+# The training seed of the behavioural tests (``@pytest.mark.behaviour``): 0 in the suite.
+# ``python -m benchmarks.behaviour_margins`` runs them at other seeds, with $DRPO_MARGIN_LOG set, to measure
+# how far each one's statistic stays from its threshold (the README's Tests section quotes the result).
+TRAINING_SEED = int(os.environ.get("DRPO_TEST_SEED", "0"))
+
+
+def assert_above(statistic: float, threshold: float, context=None) -> None:
+    """``assert statistic > threshold``, recorded to $DRPO_MARGIN_LOG (when set) for the margins benchmark."""
+    log = os.environ.get("DRPO_MARGIN_LOG")
+    if log:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"test": test, "seed": TRAINING_SEED, "statistic": float(statistic),
+                                     "threshold": float(threshold)}) + "\n")
+    assert statistic > threshold, (statistic, threshold, context)
 
 
 @pytest.fixture(scope="session")
