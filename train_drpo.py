@@ -27,7 +27,7 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 import drpo_utils
-from pipelines import candidates, checkpoints, features, memory, offline, preference_data, rewards, training
+from pipelines import candidates, checkpoints, features, flags, memory, offline, preference_data, rewards, training
 from pipelines.baselines import dpo, draft, grpo, vggflow
 from pipelines.prompts import load_prompts
 
@@ -42,13 +42,13 @@ METHOD_NAMES = ("drpo", "draft", "vggflow", "dpo", "grpo")
 
 # Each drift flag overrides one field of the --drift_preset's DriftConfig (None: keep the preset's value).
 DRIFT_FLAGS = {
-    "drift_radii": ("radii", lambda v: tuple(float(r) for r in v.split(",")),
+    "drift_radii": ("radii", flags.list_of(flags.positive_float, "positive radii"),
                     "Comma-separated kernel radii rho (Appendix A)."),
     "drift_kernel": ("kernel", str, "rbf (Eq. 21), laplacian, exponential (alias of laplacian), cosine."),
-    "ref_weight": ("ref_weight", float, "lambda: weight of the reference drift (Eq. 15)."),
-    "velocity_scale": ("velocity_scale", float, "eta: target step z + eta V (Eq. 16)."),
-    "pair_weight": ("pair_weight", float, "Support weight of A+/A- and of the reference drift's supports, relative to "
-                                          "the unit-weight self-negatives."),
+    "ref_weight": ("ref_weight", flags.non_negative_float, "lambda: weight of the reference drift (Eq. 15)."),
+    "velocity_scale": ("velocity_scale", flags.positive_float, "eta: target step z + eta V (Eq. 16)."),
+    "pair_weight": ("pair_weight", flags.positive_float, "Support weight of A+/A- and of the reference drift's "
+                                                         "supports, relative to the unit-weight self-negatives."),
     "self_negatives": ("self_negatives", None, "Add sg(Z) as unit-weight negatives of both fields, each query's own "
                                                "copy masked (the released code)."),
     "mask_self": ("mask_self", None, "Mask each sample's own copy in the reference drift's negatives sg(Z); "
@@ -59,18 +59,27 @@ DRIFT_FLAGS = {
                                                     "candidates and feature dimensions (the released code)."),
     "separate_branch_losses": ("separate_branch_losses", None, "Regress V_pref and lambda V_ref as two losses, each in "
                                                                "its own call's coordinates (the released code)."),
-    "drift_scale_floor": ("scale_floor", float, "Floor of the batch scale s and of s_z (Eqs. 19-20)."),
-    "drift_rms_floor": ("rms_floor", float, "Floor of each radius' mean square before the root (Eq. 25)."),
-    "affinity_floor": ("affinity_floor", float, "Floor of softmax_j * softmax_i before the root (Eq. 22)."),
-    "self_penalty": ("self_penalty", float, "Logit penalty / rho on a masked copy; inf removes it (Appendix A)."),
+    "drift_scale_floor": ("scale_floor", flags.non_negative_float, "Floor of the batch scale s and of s_z "
+                                                                   "(Eqs. 19-20)."),
+    "drift_rms_floor": ("rms_floor", flags.non_negative_float, "Floor of each radius' mean square before the root "
+                                                               "(Eq. 25)."),
+    "affinity_floor": ("affinity_floor", flags.non_negative_float, "Floor of softmax_j * softmax_i before the root "
+                                                                   "(Eq. 22)."),
+    "self_penalty": ("self_penalty", flags.positive_float_or_inf, "Logit penalty / rho on a masked copy; inf removes "
+                                                                  "it (Appendix A)."),
 }
 NUMERICS_FIELDS = {field.name for field in dataclasses.fields(drpo_utils.DriftNumerics)}
 
 
 def preset_value(preset: str, field: str):
+    """A preset's value of a DriftConfig field, as the flag holds it (a list for the radii)."""
     config = drpo_utils.DRIFT_PRESETS[preset]
     value = getattr(config.numerics if field in NUMERICS_FIELDS else config, field)
-    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+    return list(value) if isinstance(value, tuple) else value
+
+
+def shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def add_drift_flags(group) -> None:
@@ -78,14 +87,14 @@ def add_drift_flags(group) -> None:
                        help="paper: Appendix A exactly (leave-one-out reference drift); authors: the released "
                             "code's estimator (UGVly/DrPO).")
     for flag, (field, parse, text) in DRIFT_FLAGS.items():
-        presets = f"(paper: {preset_value('paper', field)}; authors: {preset_value('authors', field)})"
+        presets = f"(paper: {shown(preset_value('paper', field))}; authors: {shown(preset_value('authors', field))})"
         if parse is None:
             group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
                                help=f"{text} {presets}")
         else:
             choices = {"kernel": drpo_utils.DRIFT_KERNELS, "loss_reduction": drpo_utils.LOSS_REDUCTIONS}.get(field)
             group.add_argument(f"--{flag}", default=None, choices=choices, help=f"{text} {presets}",
-                               type=None if choices else (str if field == "radii" else parse))
+                               type=None if choices else parse)
 
 
 def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
@@ -100,13 +109,13 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                        help="Where downloaded models are stored (default: the Hugging Face cache).")
     model.add_argument("--output_dir", default="drpo-output",
                        help="Where the LoRA, checkpoints, samples and logs go.")
-    model.add_argument("--seed", type=int, default=None,
+    model.add_argument("--seed", type=flags.seed, default=None,
                        help="Seed for LoRA init, prompt/noise draws and pairs (a run is reproducible with it).")
-    model.add_argument("--resolution", type=int, default=None,
+    model.add_argument("--resolution", type=flags.positive_int, default=None,
                        help="Image size; default: the model's own (UNet sample_size x VAE scale factor; SD-Turbo 512).")
-    model.add_argument("--rank", type=int, default=16, help="LoRA rank (paper: 16).")
-    model.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default: equal to --rank).")
-    model.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout of the LoRA layers.")
+    model.add_argument("--rank", type=flags.positive_int, default=16, help="LoRA rank (paper: 16).")
+    model.add_argument("--lora_alpha", type=flags.positive_int, default=None, help="LoRA alpha (default: equal to --rank).")
+    model.add_argument("--lora_dropout", type=flags.fraction, default=0.0, help="Dropout of the LoRA layers.")
     model.add_argument("--lora_target_modules", default=training.LORA_TARGET_MODULES,
                        help="Comma-separated module names that get LoRA.")
 
@@ -122,15 +131,18 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
     drpo.add_argument("--method", default="drpo", choices=METHOD_NAMES,
                       help="drpo (Algorithm 1) or one of the paper's baselines (Appendix C, pipelines/baselines/): "
                            "draft and vggflow backpropagate a differentiable reward, dpo and grpo only rank.")
-    drpo.add_argument("--reward", default="color_match", help=rewards.reward_help())
+    drpo.add_argument("--reward", required=True, help=rewards.reward_help())
+    drpo.add_argument("--max_tied_steps", type=flags.non_negative_int, default=10,
+                      help="Stop the run when, for this many consecutive steps, every prompt's K candidates got the "
+                           "same reward (it gives no ranking: nothing is learnt); 0: never stop.")
     drpo.add_argument("--reward_device", default=None,
                       help="Device of the named model rewards (--reward, --validation_rewards), e.g. cuda:1 for a "
                            "large reward on its own GPU (default: the process' accelerator device).")
-    drpo.add_argument("--reward_timeout", type=float, default=60.0,
+    drpo.add_argument("--reward_timeout", type=flags.positive_float, default=60.0,
                       help="Seconds a remote reward (--reward http://...) has for a whole request, however slowly it "
                            "answers; a request past it is retried twice with backoff (each retry logged), then the "
                            "run stops naming the URL.")
-    drpo.add_argument("--reward_weights", type=lambda v: [float(x) for x in v.split(",")], default=None,
+    drpo.add_argument("--reward_weights", type=flags.list_of(flags.finite_float, "finite weights"), default=None,
                       help="Weights of a mixture's components (default: all 1); components are standardised "
                            "per prompt.")
     drpo.add_argument("--feature_extractor", default=default_feature_extractor,
@@ -139,8 +151,8 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                       help="The feature network's weights: a local folder, a Hub id, or for latent_mae a Flax release "
                            "folder (local or 'owner/repo/folder' on the Hub) or a converted .safetensors file. "
                            "Default: the published weights.")
-    drpo.add_argument("--num_candidates", type=int, default=24, help="K candidates per prompt (paper: 24).")
-    drpo.add_argument("--num_pairs", type=int, default=12,
+    drpo.add_argument("--num_candidates", type=flags.positive_int, default=24, help="K candidates per prompt (paper: 24).")
+    drpo.add_argument("--num_pairs", type=flags.positive_int, default=12,
                       help="M reward-ordered pairs per prompt (paper: 12); offline: at most M of the prompt's "
                            "dataset pairs.")
     add_drift_flags(parser.add_argument_group(
@@ -149,13 +161,13 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
         baseline.add_flags(parser)
     preference_data.add_flags(parser)
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--train_batch_size", type=int, default=1,
+    optimisation.add_argument("--train_batch_size", type=flags.positive_int, default=1,
                               help="Prompts per process per micro-step (K candidates each).")
-    optimisation.add_argument("--gradient_accumulation_steps", type=int, default=1,
+    optimisation.add_argument("--gradient_accumulation_steps", type=flags.positive_int, default=1,
                               help="Micro-steps per optimisation step (paper: 8).")
     optimisation.add_argument("--gradient_checkpointing", action="store_true",
                               help="Trade UNet (and feature network, VAE decoder) compute for memory.")
-    optimisation.add_argument("--candidate_chunk_size", type=int, default=None,
+    optimisation.add_argument("--candidate_chunk_size", type=flags.positive_int, default=None,
                               help="C: generate and score the K candidates without gradient, then recompute and "
                                    "backpropagate them C at a time (same gradient; memory flat in K; one more "
                                    "generator forward). Default: one pass with all K.")
@@ -163,53 +175,53 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                               help="With --candidate_chunk_size: score the next prompt's candidates in a background "
                                    "thread while the current prompt trains (same results; needs more than one "
                                    "prompt per optimiser step).")
-    optimisation.add_argument("--max_train_steps", type=int, default=1000, help="Optimisation steps.")
-    optimisation.add_argument("--learning_rate", type=float, default=1e-4,
+    optimisation.add_argument("--max_train_steps", type=flags.positive_int, default=1000, help="Optimisation steps.")
+    optimisation.add_argument("--learning_rate", type=flags.positive_float, default=1e-4,
                               help="AdamW learning rate (paper: 1e-4; 3e-5 for HPSv3).")
     optimisation.add_argument("--lr_scheduler", default="constant",
+                              type=flags.lazily_checked(flags.lr_scheduler_name, "diffusers scheduler name"),
                               help="diffusers scheduler name: constant, linear, cosine, constant_with_warmup, ...")
-    optimisation.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the scheduler.")
-    optimisation.add_argument("--lr_num_cycles", type=int, default=1,
+    optimisation.add_argument("--lr_warmup_steps", type=flags.non_negative_int, default=0, help="Warm-up steps of the scheduler.")
+    optimisation.add_argument("--lr_num_cycles", type=flags.positive_int, default=1,
                               help="Hard resets of the cosine_with_restarts scheduler.")
-    optimisation.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    optimisation.add_argument("--lr_power", type=flags.positive_float, default=1.0, help="Power of the polynomial scheduler.")
     optimisation.add_argument("--scale_lr", action="store_true",
                               help="Multiply the learning rate by accumulation steps x batch size x processes.")
     optimisation.add_argument("--use_8bit_adam", action="store_true",
                               help="bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a GPU).")
-    optimisation.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    optimisation.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    optimisation.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    optimisation.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    optimisation.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping.")
+    optimisation.add_argument("--adam_beta1", type=flags.fraction, default=0.9, help="AdamW beta1.")
+    optimisation.add_argument("--adam_beta2", type=flags.fraction, default=0.999, help="AdamW beta2.")
+    optimisation.add_argument("--adam_weight_decay", type=flags.non_negative_float, default=1e-2, help="AdamW weight decay.")
+    optimisation.add_argument("--adam_epsilon", type=flags.positive_float, default=1e-8, help="AdamW epsilon.")
+    optimisation.add_argument("--max_grad_norm", type=flags.positive_float, default=1.0, help="Gradient clipping.")
     optimisation.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                               help="Frozen weights in that dtype, LoRA in fp32 (fp16 needs a GPU). "
                                    "Default: accelerate's configuration.")
     optimisation.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
 
     run = parser.add_argument_group("checkpoints, logging, validation, Hub")
-    run.add_argument("--checkpointing_steps", type=int, default=500,
+    run.add_argument("--checkpointing_steps", type=flags.positive_int, default=500,
                      help="Save checkpoint-N every N steps (and at the end).")
-    run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    run.add_argument("--checkpoints_total_limit", type=flags.positive_int, default=None, help="Keep only the newest N checkpoints.")
     run.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a path / name like checkpoint-500.')
     run.add_argument("--overwrite_output_dir", action="store_true",
                      help="Start a new run in an --output_dir that holds another run's checkpoints, deleting them "
                           "(without it such a run is refused, naming how the runs differ).")
-    run.add_argument("--ddp_timeout", type=int, default=1800,
+    run.add_argument("--ddp_timeout", type=flags.positive_int, default=1800,
                      help="Seconds a collective operation may wait for the other processes before the run stops "
                           "with a message naming the rank and step (the process-group timeout).")
     run.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
     run.add_argument("--logging_dir", default="logs", help="Tracker logs, under --output_dir.")
     run.add_argument("--tracker_project_name", default="drpo", help="Project name given to the trackers.")
-    run.add_argument("--validation_prompts", default=None,
+    run.add_argument("--validation_prompts", type=flags.prompt_list, default=None,
                      help="'|'-separated prompts for sample grids and --validation_rewards (default: the last 4 "
                           "prompts, held out of training, when there are 100+; else the first 4).")
-    run.add_argument("--validation_rewards", default=None,
-                     type=lambda v: [spec.strip() for spec in v.split(",") if spec.strip()],
+    run.add_argument("--validation_rewards", default=None, type=flags.names,
                      help="Comma-separated rewards (any --reward spec but a mixture) scored on the validation "
                           "prompts x seeds at every --validation_steps, base and LoRA, logged beside the training "
                           "reward: reward hacking shows while it happens.")
-    run.add_argument("--validation_steps", type=int, default=100, help="Base-vs-LoRA grid every N steps (0: never).")
-    run.add_argument("--num_validation_seeds", type=int, default=4,
+    run.add_argument("--validation_steps", type=flags.non_negative_int, default=100, help="Base-vs-LoRA grid every N steps (0: never).")
+    run.add_argument("--num_validation_seeds", type=flags.positive_int, default=4,
                      help="Seeds per validation prompt (held-out 10000+).")
     run.add_argument("--push_to_hub", action="store_true",
                      help="Create the repo at start (fails early without credentials), upload LoRA + model card "
@@ -235,8 +247,31 @@ def check_reward_for_method(args) -> None:
                              f"or a file.py:function returning a tensor computed from the images)")
 
 
-def check_args(args) -> None:
-    """Fail on bad input before any model is loaded."""
+def idle_flag_rules(args) -> list[tuple[list[str], bool, str]]:
+    """(flags, whether they act in this run, when they do): a flag given where it does nothing is an error."""
+    offline = args.preference_dataset is not None
+    jsonl_or_dataset = args.dataset_name is not None or offline or str(args.prompts_file).endswith(".jsonl")
+    rules = [
+        ([*preference_data.LAYOUT, "streaming", "max_train_samples", "feature_cache_dir", "offline_neighbours"],
+         offline, "with --preference_dataset"),
+        (["prompt_column"], jsonl_or_dataset, "with a .jsonl --prompts_file or --dataset_name"),
+        (["dataset_split"], args.dataset_name is not None or offline, "with --dataset_name or --preference_dataset"),
+        (["lr_num_cycles"], args.lr_scheduler == "cosine_with_restarts", "with --lr_scheduler cosine_with_restarts"),
+        (["lr_power"], args.lr_scheduler == "polynomial", "with --lr_scheduler polynomial"),
+        (["lr_warmup_steps"], args.lr_scheduler != "constant", "with an --lr_scheduler that warms up (not constant)"),
+        (["overlap_reward"], args.candidate_chunk_size is not None and not offline, "with --candidate_chunk_size"),
+        (["hub_model_id", "hub_token"], args.push_to_hub, "with --push_to_hub"),
+        (["tracker_project_name", "logging_dir"], args.report_to != "none", "with a tracker (--report_to)"),
+    ]
+    for method in METHODS.values():
+        rules.append((method.flags, args.method == method.name, f"with --method {method.name}"))
+    return rules
+
+
+def check_args(args, given: set[str] = frozenset()) -> None:
+    """Fail on bad input before any model is loaded. ``given``: the flags on the command line (a flag
+    that does nothing in this run is refused; flags left at their defaults are never refused)."""
+    flags.refuse_idle_flags(given, idle_flag_rules(args))
     if args.num_candidates < 2:
         raise ValueError(f"--num_candidates (K) must be at least 2, got {args.num_candidates}")
     if not 1 <= args.num_pairs <= drpo_utils.max_pairs(args.num_candidates):
@@ -251,32 +286,25 @@ def check_args(args) -> None:
     drift_config(args)  # validates kernel, radii, reduction and numerics
     rewards.check_reward_spec(args.reward, args.reward_weights)  # unknown names list the choices; files must exist
     for spec in args.validation_rewards or []:
-        rewards.check_reward_spec(spec, None)
+        rewards.check_reward_spec(spec, None, flag="--validation_rewards")
     if args.reward_device is not None:
         try:
             torch.device(args.reward_device)
         except RuntimeError as error:
             raise ValueError(f"--reward_device {args.reward_device!r} is no torch device: {error}") from error
     check_reward_for_method(args)
-    if args.candidate_chunk_size is not None and not 1 <= args.candidate_chunk_size <= args.num_candidates:
+    if args.candidate_chunk_size is not None and args.candidate_chunk_size > args.num_candidates:
         raise ValueError(f"--candidate_chunk_size must be in [1, K={args.num_candidates}], "
                          f"got {args.candidate_chunk_size}")
-    for flag in ("checkpointing_steps", "max_train_steps", "gradient_accumulation_steps", "train_batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.prompts_file is None and args.dataset_name is None and args.preference_dataset is None:
         raise ValueError("give prompts with --prompts_file or --dataset_name (or preference pairs with "
                          "--preference_dataset)")
     if args.preference_dataset is not None and args.method not in offline.OFFLINE_METHODS:
         raise ValueError(f"--method {args.method} learns from the current generator's own samples; with "
                          f"--preference_dataset use --method {' or '.join(offline.OFFLINE_METHODS)}")
-    preference_data.check_flags(args)
     if args.preference_dataset is not None and features.FEATURE_MAPS[args.feature_extractor].needs_condition:
         raise ValueError(f"--feature_extractor {args.feature_extractor} depends on the prompt, which offline "
                          "encoding does not give it; choose another feature map with --preference_dataset")
-    for flag in ("reward_timeout", "ddp_timeout"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag} must be a positive number of seconds, got {getattr(args, flag)}")
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         raise ValueError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would resume from; "
                          "give only one of them")
@@ -295,9 +323,11 @@ def check_args(args) -> None:
         raise ValueError("--push_to_hub needs Hub credentials: run `hf auth login`, set HF_TOKEN, or pass --hub_token")
 
 
-def parse_args(input_args=None):
-    args = build_parser().parse_args(input_args)
-    check_args(args)
+def parse_args(input_args=None, parser: argparse.ArgumentParser | None = None):
+    """Parse and check the flags (``parser``: the SDXL script's, which extends this one)."""
+    parser = parser or build_parser()
+    args = parser.parse_args(input_args)
+    check_args(args, flags.explicit_flags(parser, input_args))
     return args
 
 
@@ -312,9 +342,9 @@ def resolve_drift_flags(args) -> None:
 def drift_config(args) -> drpo_utils.DriftConfig:
     """The DriftConfig of the (resolved) drift flags: Eqs. 15-17 and Appendix A's estimator options."""
     fields, numerics = {}, {}
-    for flag, (field, parse, _) in DRIFT_FLAGS.items():
+    for flag, (field, _, _) in DRIFT_FLAGS.items():
         value = getattr(args, flag)
-        value = parse(value) if parse is not None else value
+        value = tuple(value) if isinstance(value, list) else value
         (numerics if field in NUMERICS_FIELDS else fields)[field] = value
     return drpo_utils.DriftConfig(numerics=drpo_utils.DriftNumerics(**numerics), **fields)
 
@@ -384,8 +414,11 @@ def optimisation_step(ctx: candidates.StepContext, prompts: list[str], base_seed
                 following = next(upcoming, None)
                 ahead = propose(*following) if following and ctx.scorer.background else None
                 sync = accelerator.sync_gradients and index == args.train_batch_size - 1
-                step_stats.append(training.backpropagate(accelerator, ctx.unet, ctx.method.update(ctx, current),
-                                                         1 / args.train_batch_size, sync, global_step))
+                stats = training.backpropagate(accelerator, ctx.unet, ctx.method.update(ctx, current),
+                                               1 / args.train_batch_size, sync, global_step)
+                if (tied := ctx.scorer.take_tie_flag()) is not None:
+                    stats["tied"] = tied  # all K candidates scored the same: no preference (Contract 3)
+                step_stats.append(stats)
                 current = ahead or (propose(*following) if following else None)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -486,6 +519,7 @@ def train(accelerator, args, record: dict, prompts: list[str] | None, own_resolu
         scorer=candidates.RewardScorer(reward_fn, args.reward, background=overlap), config=drift_config(args),
         encode_prompts=encode_prompts, method=method,
     )
+    tie_watch = candidates.TieWatch(args.max_tied_steps, args.reward)
     prompts, validation_prompts = training.split_validation_prompts(args, prompts)
     validation = training.Validation(accelerator, pipe, validation_prompts, args, {  # main process only
         spec: rewards.load_reward(spec, reward_device, remote_timeout=args.reward_timeout)
@@ -506,6 +540,7 @@ def train(accelerator, args, record: dict, prompts: list[str] | None, own_resolu
             logs = training.step_logs(accelerator, step_stats, lr_scheduler, time.time() - start)
             history.append({"step": global_step, **logs})
             accelerator.log(logs, step=global_step)
+            tie_watch.after_step(logs, ctx.scorer, args.num_candidates)
             progress.set_postfix({"loss": f"{logs['loss']:.3g}", **({"reward": f"{logs['reward_mean']:.4g}"}
                                                                      if "reward_mean" in logs else {})})
 

@@ -35,9 +35,7 @@ def build_parser():
 
 
 def parse_args(input_args=None):
-    args = build_parser().parse_args(input_args)
-    train_drpo.check_args(args)
-    return args
+    return train_drpo.parse_args(input_args, build_parser())
 
 
 def load_pipeline(args, weight_dtype):

@@ -50,7 +50,7 @@ def publish(result: dict, table: str, output_json: str | None) -> dict:
     print(table)
     if output_json:
         with open(output_json, "w") as handle:
-            json.dump(result, handle, indent=2)
+            json.dump(result, handle, indent=2, allow_nan=False)
     return result
 
 

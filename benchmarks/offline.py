@@ -23,7 +23,8 @@ TINY_SD = os.path.join(ROOT, "assets", "tiny-sd-turbo")
 HIDDEN_REWARD = "benchmarks.rewards:brightness"
 # The trainers' settings (the tests train with them too): features and learning rates at the tiny model's scale.
 OFFLINE_FLAGS = ["--resolution=64", "--feature_extractor=image", "--num_candidates=8", "--num_pairs=8",
-                 "--learning_rate=1e-3", "--validation_steps=0", "--seed=0"]
+                 "--learning_rate=1e-3", "--validation_steps=0", "--seed=0",
+                 f"--reward={HIDDEN_REWARD}"]  # offline, the reward only scores the final check
 METHOD_FLAGS = {"drpo": ["--method=drpo"], "dpo": ["--method=dpo", "--dpo_beta=0.1"]}
 
 

@@ -33,7 +33,7 @@ def save_result(name: str, result: dict, markdown: str, update_readme: bool = Fa
     path = os.path.join(RESULTS_DIR, f"{name}.json")
     staging = path + ".tmp"
     with open(staging, "w", encoding="utf-8") as handle:
-        json.dump({**result, "markdown": markdown}, handle, indent=2)
+        json.dump({**result, "markdown": markdown}, handle, indent=2, allow_nan=False)
     os.replace(staging, path)
     if update_readme:
         text = open(README, encoding="utf-8").read()

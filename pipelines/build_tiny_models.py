@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from drpo_utils import encode_prompts_sd, encode_prompts_sdxl, one_step_latents
+from pipelines import flags
 from pipelines.rewards.rules import COLORS
 
 SHAPES = ("circle", "square", "triangle")
@@ -275,16 +276,20 @@ def train_generator(pipe, encode_prompts, steps: int, batch_size: int, generator
             progress.set_postfix(loss=f"{loss.item():.5f}")
 
 
-def main(args=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--architecture", default="sd-turbo", choices=sorted(ARCHITECTURES))
     parser.add_argument("--output_dir", default="assets/tiny-sd-turbo")
     parser.add_argument("--vae_from", default=None, help="Reuse a trained tiny VAE folder instead of training one.")
-    parser.add_argument("--vae_steps", type=int, default=1000)
-    parser.add_argument("--generator_steps", type=int, default=3000)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(args)
+    parser.add_argument("--vae_steps", type=flags.positive_int, default=1000)
+    parser.add_argument("--generator_steps", type=flags.positive_int, default=3000)
+    parser.add_argument("--batch_size", type=flags.positive_int, default=32)
+    parser.add_argument("--seed", type=flags.seed, default=0)
+    return parser
+
+
+def main(args=None):
+    args = build_parser().parse_args(args)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     build_pipeline, encode_prompts = ARCHITECTURES[args.architecture]

@@ -31,21 +31,26 @@ class RewardScorer:
     The background thread runs its own torch CPU work on one thread, so it does not oversubscribe the
     cores the training thread's ops use (measured: without this, overlapping slowed the compute by as
     much as it hid of a remote reward's latency).
+
+    It also notes whether the last prompt's candidates all tied (no ranking: nothing to learn from them),
+    for ``TieWatch``.
     """
 
     def __init__(self, reward_fn: Callable, name: str, background: bool):
         self.reward_fn, self.name = reward_fn, name
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward",
                                            initializer=torch.set_num_threads, initargs=(1,)) if background else None
+        self.last_tie: tuple[str, float] | None = None  # (prompt, the score every candidate got)
+        self.scored_since_taken = False
 
     @property
     def background(self) -> bool:
         return self.executor is not None
 
-    def _timed_score(self, images: torch.Tensor, prompts: list[str]) -> tuple[rewards.RewardScores, float]:
+    def _timed_score(self, images: torch.Tensor, prompts: list[str]):
         start = time.perf_counter()
         scores = rewards.score_candidates(self.reward_fn, images, prompts, self.name)
-        return scores, time.perf_counter() - start
+        return scores, time.perf_counter() - start, prompts[0]
 
     def submit(self, images: torch.Tensor, prompts: list[str]) -> Future:
         """Start scoring ``images``; in series the call runs now and the future is already done."""
@@ -58,12 +63,43 @@ class RewardScorer:
     def result(self, future: Future) -> tuple[rewards.RewardScores, float]:
         """The scores, and how long the trainer waited for them (in series: the whole reward call)."""
         start = time.perf_counter()
-        scores, seconds = future.result()
+        scores, seconds, prompt = future.result()
+        ranking = scores.ranking
+        self.last_tie = (prompt, ranking[0].item()) if bool((ranking == ranking[0]).all()) else None
+        self.scored_since_taken = True
         return scores, seconds if self.executor is None else time.perf_counter() - start
+
+    def take_tie_flag(self) -> float | None:
+        """1.0 if the prompt scored last had all candidates tied, 0.0 if not, None if none was scored since."""
+        if not self.scored_since_taken:
+            return None
+        self.scored_since_taken = False
+        return float(self.last_tie is not None)
 
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=True)
+
+
+class TieWatch:
+    """Stops a run whose reward gives no ranking: every prompt of ``limit`` consecutive optimisation steps
+    (on every process) had all K candidates tied, so nothing was learnt in them (``--max_tied_steps``).
+    A prompt tied now and then is a logged skip (its ``tied`` share of the step)."""
+
+    def __init__(self, limit: int, reward: str):
+        self.limit, self.reward, self.run = limit, reward, 0
+
+    def after_step(self, logs: dict, scorer: RewardScorer, num_candidates: int) -> None:
+        if "tied" not in logs or not self.limit:
+            return
+        self.run = self.run + 1 if logs["tied"] >= 1.0 else 0
+        if self.run >= self.limit:
+            prompt, score = scorer.last_tie or ("?", float("nan"))
+            raise rewards.RewardError(
+                f"reward {self.reward!r} tied all K={num_candidates} candidates of every prompt for {self.run} "
+                f"consecutive steps (e.g. {prompt[:80]!r}: every candidate scored {score:g}): it gives no ranking on "
+                f"these prompts, so the run learns nothing. Check that the reward fits the prompts (color_match "
+                f"scores 0 on a prompt that names no colour); --max_tied_steps sets this limit (0: never stop).")
 
 
 @dataclass(frozen=True)
@@ -248,9 +284,20 @@ class Method:
     ``propose(ctx, prompt, rng)`` does the part without gradient (samples, reward calls handed to the
     scorer, so they can overlap compute); ``update(ctx, proposal)`` yields (loss, is_last) pieces to
     backpropagate and returns the stats to log. ``reward_gradient``: the reward is differentiated.
+    ``add_flags(parser)`` adds the method's own flags (an argument group).
     """
 
     name: str
     propose: Callable
     update: Callable
     reward_gradient: bool = False
+    add_flags: Callable | None = None
+
+    @property
+    def flags(self) -> list[str]:
+        """The ``dest`` of each of the method's own flags."""
+        if self.add_flags is None:
+            return []
+        probe = argparse.ArgumentParser(add_help=False)
+        self.add_flags(probe)
+        return [action.dest for action in probe._actions]  # noqa: SLF001 - argparse has no public list

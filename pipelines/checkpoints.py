@@ -17,6 +17,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -51,10 +52,17 @@ class CheckpointError(RuntimeError):
 
 def run_record(args, prompt_encoding: str, num_processes: int) -> dict:
     """The run a checkpoint belongs to: every flag that changes the result, plus what the flags do not say."""
-    record = {key: value for key, value in sorted(vars(args).items())
+    record = {key: json_value(value) for key, value in sorted(vars(args).items())
               if key not in NOT_PART_OF_THE_RUN and isinstance(value, (str, int, float, bool, list, type(None)))}
     record.update(prompt_encoding=prompt_encoding, num_processes=num_processes)
     return record
+
+
+def json_value(value):
+    """A flag value as standard JSON holds it: an infinite float (``--self_penalty inf``) as "inf"."""
+    if isinstance(value, float) and math.isinf(value):
+        return str(value)
+    return [json_value(item) for item in value] if isinstance(value, list) else value
 
 
 def record_differences(recorded: dict, current: dict) -> list[str]:

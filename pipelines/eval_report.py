@@ -31,16 +31,17 @@ def header(metric: str, scale: float, markdown: bool = True) -> str:
     return f"{name} ×{scale:g}" if scale != 1 else name
 
 
-def decimals(se: float) -> int:
+def decimals(se: float | None) -> int:
     """Digits after the point that show a standard error to two significant figures."""
-    if not math.isfinite(se) or se <= 0:
+    if se is None or not math.isfinite(se) or se <= 0:
         return 3
     return max(0, min(6, 1 - math.floor(math.log10(se))))
 
 
 def mean_se(entry: dict, bold: bool) -> str:
     digits = decimals(entry["se"])
-    text = f"{entry['mean']:.{digits}f} ± {entry['se']:.{digits}f}"
+    spread = f"{entry['se']:.{digits}f}" if entry["se"] is not None else "n/a"  # one prompt: no SE
+    text = f"{entry['mean']:.{digits}f} ± {spread}"
     return f"**{text}**" if bold else text
 
 
@@ -50,6 +51,8 @@ def percent(value: float | None) -> str:
 
 
 def rate_cell(entry: dict) -> str:
+    if entry.get("ci") is None:
+        return f"{percent(entry['rate'])} [n/a]"
     low, high = entry["ci"]
     return f"{percent(entry['rate'])} [{percent(low)}, {percent(high)}]"
 

@@ -9,6 +9,8 @@ the resampled statistic; intervals are its 2.5 % / 97.5 % percentiles.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 CONFIDENCE = 0.95
@@ -47,7 +49,10 @@ def mean_and_se(values: torch.Tensor, indices: torch.Tensor) -> dict[str, float]
     """Mean of a [prompts, seeds] table and its standard error by bootstrapping prompts."""
     values = values.double()
     counts = torch.full((values.shape[0],), float(values.shape[1]), dtype=torch.float64)
-    return {"mean": values.mean().item(), "se": spread(resampled_ratio(values.sum(1), counts, indices))}
+    se = spread(resampled_ratio(values.sum(1), counts, indices))
+    if math.isfinite(se):
+        return {"mean": values.mean().item(), "se": se}
+    return {"mean": values.mean().item(), "se": None, "se_undefined": "fewer than two prompts to resample"}
 
 
 def bootstrap_se(values: torch.Tensor, num_samples: int = 1000, seed: int = 0) -> float:
@@ -68,11 +73,16 @@ def outcome_rates(outcomes: torch.Tensor, indices: torch.Tensor) -> dict:
     outcomes = outcomes.double()
     counted = torch.isfinite(outcomes)
     total = int(counted.sum())
-    fraction = (lambda value: (outcomes == value).sum().item() / total if total else float("nan"))
+    fraction = (lambda value: (outcomes == value).sum().item() / total)
     scores = torch.where(counted, outcomes, torch.zeros_like(outcomes))
     resampled = resampled_ratio(scores.sum(1), counted.double().sum(1), indices)
-    return {"win": fraction(1.0), "tie": fraction(0.5), "loss": fraction(0.0),
-            "rate": scores.sum().item() / total if total else float("nan"), "ci": interval(resampled)}
+    if not total:
+        return {"win": None, "tie": None, "loss": None, "rate": None, "ci": None,
+                "undefined": "no outcome was counted (every judgement unparsed)"}
+    ci = interval(resampled)
+    rates = {"win": fraction(1.0), "tie": fraction(0.5), "loss": fraction(0.0), "rate": scores.sum().item() / total,
+             "ci": ci if all(map(math.isfinite, ci)) else None}
+    return rates if rates["ci"] is not None else {**rates, "ci_undefined": "no resampling had a counted outcome"}
 
 
 def win_outcomes(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ a later run that adds a metric, a model or the judge only generates what is miss
 ``accelerate launch`` / ``torchrun`` the prompts (and the scoring batches) are split across processes
 and gathered; only the main process writes the reports. See the README section "Evaluation".
 
-The single-reward helpers other code uses (``parse_seeds``, ``reward_table``, ``summarize``,
+The single-reward helpers other code uses (``reward_table``, ``summarize``,
 ``evaluate``) are kept at the top.
 """
 
@@ -23,6 +23,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -32,21 +33,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import files
+from pipelines import files, flags
 from pipelines.eval_report import labelled_rows, render_markdown, save_delta_plot, scale_of
 from pipelines.eval_sets import (GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_summary, geneval_tag,
                                  load_prompt_set)
 from pipelines.eval_stats import bootstrap_indices, mean_and_se, outcome_rates, paired_difference, win_rate
 from pipelines.inference import generate_images, load_lora, load_one_step_pipeline
-from pipelines.rewards import REWARDS, is_url, load_reward, score_candidates
+from pipelines.rewards import REWARDS, check_reward_spec, is_url, load_reward, score_candidates
 
-
-def parse_seeds(spec: str) -> list[int]:
-    """"1000-1015" or "1,2,3"."""
-    if "-" in spec:
-        start, stop = (int(x) for x in spec.split("-"))
-        return list(range(start, stop + 1))
-    return [int(x) for x in spec.split(",")]
+logger = logging.getLogger(__name__)
 
 
 def reward_table(pipe, reward_fn, reward_name: str, prompts: list[str], seeds: list[int], resolution=None,
@@ -58,27 +53,40 @@ def reward_table(pipe, reward_fn, reward_name: str, prompts: list[str], seeds: l
     return scores.view(len(prompts), len(seeds)), images
 
 
-def summarize(base: torch.Tensor, tuned: torch.Tensor) -> dict[str, float]:
-    """Means, standard errors, the paired difference and the effect size of tuned - base."""
+def summarize(base: torch.Tensor, tuned: torch.Tensor) -> dict:
+    """Means, standard errors, the paired difference and the effect size of tuned - base.
+
+    A ratio whose denominator is zero is ``None`` with a ``<name>_undefined`` entry saying why (strict
+    JSON has no NaN): an unchanged model has no paired z, a reward that does not vary has no effect size.
+    """
     n = base.numel()
-    difference = (tuned - base).flatten()
-    base_se = base.std() / n**0.5
-    tuned_se = tuned.std() / n**0.5
-    change = difference.mean()
+    difference = (tuned - base).flatten().double()
+    base_se, tuned_se = base.double().std() / n**0.5, tuned.double().std() / n**0.5
+    change, change_se = difference.mean(), difference.std() / n**0.5
     # Across-seed spread of the base reward, averaged over prompts (the noise DrPO can exploit).
-    seed_std = base.std(dim=1).mean() if base.shape[1] > 1 else base.std()
-    return {
-        "samples": n,
-        "base_mean": base.mean().item(),
-        "base_se": base_se.item(),
-        "lora_mean": tuned.mean().item(),
-        "lora_se": tuned_se.item(),
-        "change": change.item(),
-        "change_se": (difference.std() / n**0.5).item(),
-        "z_unpaired": (change / (base_se**2 + tuned_se**2).sqrt()).item(),
-        "z_paired": (change / (difference.std() / n**0.5)).item(),
-        "effect_size": (change / seed_std).item(),
-    }
+    seed_std = base.double().std(dim=1).mean() if base.shape[1] > 1 else base.double().std()
+    result = {"samples": n, "base_mean": base.mean().item(), "base_se": base_se.item(),
+              "lora_mean": tuned.mean().item(), "lora_se": tuned_se.item(), "change": change.item(),
+              "change_se": change_se.item()}
+    ratios = {"z_unpaired": (change, (base_se**2 + tuned_se**2).sqrt(), "the reward is the same for every image"),
+              "z_paired": (change, change_se, "the LoRA changes no score (every paired difference is equal)"),
+              "effect_size": (change, seed_std, "the base reward does not vary across seeds")}
+    for name, (numerator, denominator, reason) in ratios.items():
+        defined = bool(denominator > 0) and bool(torch.isfinite(numerator / denominator))
+        result[name] = (numerator / denominator).item() if defined else None
+        if not defined:
+            result[f"{name}_undefined"] = reason
+    return result
+
+
+def describe_change(metrics: dict) -> str:
+    """'effect size 1.23, paired z 4.5', or the reason a figure is undefined, in words."""
+    parts = []
+    for name, label, digits in (("effect_size", "effect size", 2), ("z_paired", "paired z", 1)):
+        value = metrics[name]
+        parts.append(f"{label} {value:.{digits}f}" if value is not None
+                     else f"{label} undefined: {metrics[f'{name}_undefined']}")
+    return ", ".join(parts)
 
 
 def evaluate(model: str, lora: str, reward: str, prompts: list[str], seeds: list[int], resolution=None,
@@ -144,53 +152,111 @@ def resolved(path: str | None) -> str | None:
     return os.path.abspath(path) if path is not None and os.path.exists(path) else path
 
 
-class ImageCache:
-    """PNG images per (model, prompt, seed): ``<root>/<model>-<config hash>/<prompt hash>-<seed>.png``.
+PIXELS_KEY = "drpo-pixels-sha256"  # a PNG text chunk: the SHA-256 of the image's RGB bytes
 
-    The folder's hash covers everything that changes a model's images (base model, LoRA/UNet, resolution,
-    dtype, revision, variant), so a changed setting never reads stale images; ``model.json`` in each
-    folder says what it holds. Writes go through a temporary file, so an interrupted run leaves no
-    half-written image behind.
+
+def pixel_digest(pixels) -> str:
+    """SHA-256 of an [H, W, 3] uint8 array's bytes."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+class ImageCache:
+    """PNG images per (model, prompt, seed): ``<root>/<model>-<key hash>/<prompt hash>-<seed>.png``.
+
+    The folder's key is the *content* of everything that changes a model's images (``pipelines.content``):
+    the base model's files or Hub commit, the LoRA's / UNet's files (the same path retrained is another
+    key), resolution, dtype, variant and the diffusers version; ``model.json`` in each folder says what
+    it holds. Each PNG carries the SHA-256 of its pixels: an image that is cut short or altered is named,
+    removed and generated again. Writes go through a temporary file (never a half-written image).
     """
 
     def __init__(self, root: str, base_model: str, resolution: int | None, dtype: str, revision=None, variant=None):
-        self.root = root
-        self.setting = {"base_model": resolved(base_model), "resolution": resolution, "dtype": dtype,
-                        "revision": revision, "variant": variant}
+        import diffusers
+
+        from pipelines.content import source_key
+
+        self.root, self.keys = root, {}
+        self.setting = {"base_model": resolved(base_model), "base_model_content": source_key(base_model, revision),
+                        "resolution": resolution, "dtype": dtype, "revision": revision, "variant": variant,
+                        "diffusers": diffusers.__version__}
 
     def describe(self, model: EvalModel) -> dict:
-        return {**self.setting, "kind": model.kind, "path": resolved(model.path)}
+        """What the model's images depend on (its weights by content), computed once per model."""
+        from pipelines.content import source_key
+
+        if model not in self.keys:
+            weights = None if model.path is None else source_key(model.path)
+            self.keys[model] = {**self.setting, "kind": model.kind, "path": resolved(model.path), "weights": weights}
+        return self.keys[model]
 
     def folder(self, model: EvalModel) -> str:
-        digest = hashlib.sha1(json.dumps(self.describe(model), sort_keys=True).encode()).hexdigest()[:10]
+        key = {name: value for name, value in self.describe(model).items() if name not in ("path", "base_model")}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         return os.path.join(self.root, f"{slug(model.label)}-{digest}")
 
     def path(self, model: EvalModel, prompt: str, seed: int) -> str:
         return os.path.join(self.folder(model), f"{hashlib.sha1(prompt.encode()).hexdigest()[:16]}-{seed}.png")
 
     def has(self, model: EvalModel, prompt: str, seed: int) -> bool:
-        return os.path.isfile(self.path(model, prompt, seed))
+        """A whole, unaltered cached image exists; a damaged one is named, removed and so generated again."""
+        path = self.path(model, prompt, seed)
+        if not os.path.isfile(path):
+            return False
+        if self.read(path) is None:
+            logger.warning(f"cached image {path} is damaged (cut short or altered): generating it again")
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            return False
+        return True
+
+    @staticmethod
+    def read(path: str):
+        """The image's [H, W, 3] uint8 pixels if the file decodes and matches its stored checksum, else None."""
+        import numpy as np
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                image.load()
+                pixels, stored = np.asarray(image.convert("RGB")), image.text.get(PIXELS_KEY)
+        except (OSError, SyntaxError, ValueError):  # PIL's errors for truncated or invalid files
+            return None
+        return pixels if stored == pixel_digest(pixels) else None
 
     def save(self, model: EvalModel, prompt: str, seed: int, image: torch.Tensor) -> None:
-        from PIL import Image
+        from PIL import Image, PngImagePlugin
 
         path = self.path(model, prompt, seed)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         pixels = (image.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        files.save_image(Image.fromarray(pixels), path)
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PIXELS_KEY, pixel_digest(pixels))
+        with files.atomic_path(path) as staging:
+            Image.fromarray(pixels).save(staging, format="PNG", pnginfo=info)
 
     def describe_folder(self, model: EvalModel) -> None:
         os.makedirs(self.folder(model), exist_ok=True)
-        with open(os.path.join(self.folder(model), "model.json"), "w") as handle:
-            json.dump({"label": model.label, **self.describe(model)}, handle, indent=2)
+        files.write_json(os.path.join(self.folder(model), "model.json"), {"label": model.label, **self.describe(model)})
 
     def load(self, model: EvalModel, pairs: list[tuple[str, int]]) -> torch.Tensor:
-        """[len(pairs), 3, H, W] float32 in [0, 1] for (prompt, seed) pairs."""
+        """[len(pairs), 3, H, W] float32 in [0, 1] for (prompt, seed) pairs (checked when generation ended)."""
         import numpy as np
-        from PIL import Image
 
-        arrays = [np.asarray(Image.open(self.path(model, p, s)).convert("RGB")) for p, s in pairs]
+        arrays = []
+        for prompt, seed in pairs:
+            path = self.path(model, prompt, seed)
+            pixels = self.read(path)
+            if pixels is None:
+                raise CacheError(f"cached image {path} is damaged (cut short or altered); run the evaluation again: "
+                                 "it generates the damaged images anew")
+            arrays.append(pixels)
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float() / 255.0
+
+
+class CacheError(RuntimeError):
+    """A cache entry that is damaged."""
 
 
 @contextlib.contextmanager
@@ -369,15 +435,21 @@ def run_judge(args, models, prompts, seeds, cache, state) -> dict[str, list[dict
 # ---------------------------------------------------------------------------------------------
 
 
-def finite_or_none(value):
-    """JSON without NaN: non-finite floats become null."""
+def nonfinite_paths(value, path: str = "") -> list[str]:
+    """Dotted paths of the non-finite floats in a nested result."""
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(item) for item in value]
-    return value
+        return [] if math.isfinite(value) else [path]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [found for key, item in items for found in nonfinite_paths(item, f"{path}.{key}" if path else str(key))]
+
+
+def with_reasons_for_nonfinite(result: dict) -> dict:
+    """Strict JSON: the known undefined figures carry their own reasons (``*_undefined``); any other
+    non-finite value becomes null and is listed under ``undefined``, so none is dropped silently."""
+    paths = nonfinite_paths(result)
+    if not paths:
+        return result
+    return {**files.finite_or_none(result), "undefined": {path: "not a finite number" for path in paths}}
 
 
 def summarize_run(args, models, prompt_set, seeds, specs, scores, geneval, judged) -> dict:
@@ -408,12 +480,13 @@ def summarize_run(args, models, prompt_set, seeds, specs, scores, geneval, judge
             rates = outcome_rates(outcome_table(records, len(prompt_set.prompts), len(seeds)), indices)
             unparsed = sum(record["outcome"] is None for record in records)
             result["judge"][label] = {**rates, "unparsed": unparsed, "parsed": len(records) - unparsed}
-    return finite_or_none(result)
+    return with_reasons_for_nonfinite(result)
 
 
 def write_jsonl(path: str, records) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    files.write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    files.write_text(path, "".join(json.dumps(files.finite_or_none(record), ensure_ascii=False, allow_nan=False) + "\n"
+                                   for record in records))
 
 
 def write_reports(args, result, models, prompts, seeds, scores, geneval, judged, cache) -> None:
@@ -441,7 +514,7 @@ def write_reports(args, result, models, prompts, seeds, scores, geneval, judged,
 def default_seeds(args) -> list[int]:
     """``--seeds``, else the paper's five matched seeds, or GenEval's four images per prompt."""
     if args.seeds:
-        return parse_seeds(args.seeds)
+        return args.seeds
     return list(range(GENEVAL_IMAGES_PER_PROMPT if args.geneval else 5))
 
 
@@ -507,21 +580,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="A datasets dataset (Hub id, local data folder or save_to_disk folder) to read prompts from.")
     data.add_argument("--dataset_split", default="test", help="Split of --dataset_name.")
     data.add_argument("--prompt_column", default="prompt", help="Column (or .jsonl key) holding the prompt.")
-    data.add_argument("--max_prompts", type=int, default=None, help="Evaluate only the first N prompts.")
+    data.add_argument("--max_prompts", type=flags.positive_int, default=None, help="Evaluate only the first N prompts.")
     data.add_argument("--unique_prompts", action="store_true", help="Drop repeated prompts (presets say if they do).")
-    data.add_argument("--seeds", default=None,
+    data.add_argument("--seeds", type=flags.seed_list, default=None,
                       help="Seeds, '0-4' or '0,1,2'; one image per (prompt, seed) and model. Default 0-4 "
                            "(five matched seeds), 0-3 with --geneval (GenEval's 4 images per prompt).")
-    data.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's own).")
+    data.add_argument("--resolution", type=flags.positive_int, default=None, help="Image size (default: the model's own).")
     data.add_argument("--mixed_precision", choices=sorted(DTYPES), default="no",
                       help="dtype of the generator and the judge (fp16 / bf16) or float32 ('no').")
     scoring = parser.add_argument_group("metrics")
     scoring.add_argument("--metrics", default="pickscore,clip,aesthetic,imagereward,hpsv2",
                          help="Comma-separated metrics, each any --reward spec of the trainer (a name, "
                               "file.py:function, module:function, a URL), optionally as name=spec; 'none' for none.")
-    scoring.add_argument("--metric_batch_size", type=int, default=16, help="Images per metric / GenEval call.")
-    scoring.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples of the prompts.")
-    scoring.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap and of the judge's A/B order.")
+    scoring.add_argument("--metric_batch_size", type=flags.positive_int, default=16, help="Images per metric / GenEval call.")
+    scoring.add_argument("--bootstrap", type=flags.positive_int, default=1000, help="Bootstrap resamples of the prompts.")
+    scoring.add_argument("--seed", type=flags.seed, default=0, help="Seed of the bootstrap and of the judge's A/B order.")
     scoring.add_argument("--raw_scores", action="store_true",
                          help="Report raw scores instead of the paper's scale (CLIP, HPS v2 x100; ImageReward x10).")
     scoring.add_argument("--geneval", action="store_true",
@@ -533,21 +606,43 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--judge", default=None,
                          help="Pairwise judge of each model vs the base: a transformers VLM id or folder (Qwen3-VL, "
                               "Qwen2.5-VL), a judge server URL, or file.py:function.")
-    scoring.add_argument("--judge_max_new_tokens", type=int, default=64, help="Longest judge answer, in tokens.")
+    scoring.add_argument("--judge_max_new_tokens", type=flags.positive_int, default=64, help="Longest judge answer, in tokens.")
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="evaluation", help="Where metrics.json, metrics.md, grids, plot go.")
     output.add_argument("--image_cache_dir", default=None,
                         help="Image cache, shareable between evaluations (default: <output_dir>/images).")
-    output.add_argument("--num_grids", type=int, default=16, help="Per-prompt image grids to write (-1: all).")
+    output.add_argument("--num_grids", type=flags.count_or_all, default=16, help="Per-prompt image grids to write (-1: all).")
     return parser
+
+
+def missing_local_path(path: str) -> bool:
+    """A --lora / --unet that names a file or folder which does not exist (offline, any missing name does:
+    it cannot be a Hub id)."""
+    if os.path.exists(path):
+        return False
+    looks_local = path.startswith(("/", ".", "~")) or path.endswith(".safetensors") or path.count("/") > 1
+    return looks_local or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def check_args(args) -> None:
+    """Every metric spec and model path checked before anything loads or is generated."""
+    for item in args.metrics.split(","):
+        if item.strip() and item.strip() != "none":
+            check_reward_spec(metric_label(item.strip())[1], None, flag="--metrics")
+    for model in parse_models(args.lora, args.unet)[1:]:
+        if missing_local_path(model.path):
+            offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+            raise ValueError(f"--{model.kind} {model.path!r}: no such file or folder"
+                             + (" (HF_HUB_OFFLINE is set, so it is no Hub id either)" if offline else ""))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("metric_batch_size", "bootstrap"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+    try:
+        check_args(args)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     return args
 
 

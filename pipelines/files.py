@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 
@@ -43,7 +44,20 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, data) -> None:
-    write_text(path, json.dumps(data, indent=2))
+    """Standard JSON only: a NaN or infinity raises here (say why a value is undefined and write null)."""
+    write_text(path, json.dumps(data, indent=2, allow_nan=False))
+
+
+def finite_or_none(value):
+    """``value`` with every non-finite float replaced by None (null): for logged data, where a value can
+    be undefined (a spread of one sample) and strict JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
 
 
 def save_image(image, path: str) -> None:

@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from pipelines import flags
 from pipelines.rewards import is_url, load_custom_reward
 from pipelines.rewards.remote import TOKEN_ENV, decode_png, encode_png
 
@@ -282,16 +283,20 @@ def serve(judge, host: str = "127.0.0.1", port: int = 8001, token: str | None = 
     return ThreadingHTTPServer((host, port), make_handler(judge, token, max_bytes))
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve a pairwise image judge over HTTP (POST /judge).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--judge", required=True, help="transformers VLM id or folder, or file.py:function.")
     parser.add_argument("--host", default="127.0.0.1", help="Address to bind.")
-    parser.add_argument("--port", type=int, default=8001, help="Port to listen on.")
+    parser.add_argument("--port", type=flags.port, default=8001, help="Port to listen on.")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"Shared token (default ${TOKEN_ENV}).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Judge device.")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="Longest answer, in tokens.")
-    args = parser.parse_args(argv)
+    parser.add_argument("--max_new_tokens", type=flags.positive_int, default=64, help="Longest answer, in tokens.")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     server = serve(load_judge(args.judge, args.device, max_new_tokens=args.max_new_tokens), args.host, args.port,
                    args.token)
     print(f"judging on http://{args.host}:{server.server_port}/judge", flush=True)

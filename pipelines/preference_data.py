@@ -30,14 +30,16 @@ from typing import Callable, Iterable, Iterator
 import torch
 from PIL import Image, ImageOps
 
-from pipelines import files
+from pipelines import files, flags
+from pipelines.content import sha256_file
 
 logger = logging.getLogger(__name__)
 
 LAYOUT = {"caption_column": "caption", "image_0_column": "jpg_0", "image_1_column": "jpg_1",
           "label_0_column": "label_0"}  # flag -> Pick-a-Pic v2 column
 SHARD_PAIRS = 1024  # pairs per cache file
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by content, files checksummed
+INDEX, STAGING_PREFIX = "index.json", ".building-"
 
 
 def add_flags(parser) -> None:
@@ -53,20 +55,13 @@ def add_flags(parser) -> None:
     group.add_argument("--streaming", action="store_true",
                        help="Stream --preference_dataset record by record (no download or Arrow copy of the whole "
                             "set).")
-    group.add_argument("--max_train_samples", type=int, default=None,
+    group.add_argument("--max_train_samples", type=flags.positive_int, default=None,
                        help="Read only the first N records of --preference_dataset.")
     group.add_argument("--feature_cache_dir", default=None,
                        help="Where encoded preference pairs are cached (default: $HF_HOME/drpo-features).")
-    group.add_argument("--offline_neighbours", type=int, default=0,
+    group.add_argument("--offline_neighbours", type=flags.non_negative_int, default=0,
                        help="Also use the pairs of the N captions nearest in text-embedding cosine (the paper's "
                             "\"larger pair neighborhoods\" for sparse data; 0, the paper's setting: the prompt's own).")
-
-
-def check_flags(args) -> None:
-    if args.max_train_samples is not None and args.max_train_samples < 1:
-        raise ValueError(f"--max_train_samples must be at least 1, got {args.max_train_samples}")
-    if args.offline_neighbours < 0:
-        raise ValueError(f"--offline_neighbours must be 0 or more, got {args.offline_neighbours}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,34 +166,35 @@ def checked_pairs(records: Iterable[dict], args, counts: collections.Counter) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def dataset_signature(name: str) -> list:
-    """A local dataset's files with size and mtime (a Hub id is named by itself), so edited data is re-encoded."""
-    if not os.path.exists(name):
-        return []
-    paths = [name] if os.path.isfile(name) else sorted(
-        os.path.join(root, file) for root, _, names in os.walk(name) for file in names)
-    return [[os.path.relpath(path, name), os.path.getsize(path), os.stat(path).st_mtime_ns] for path in paths]
-
-
 def cache_key(args, space: str) -> dict:
-    """Everything the cached encodings depend on: model, resolution, preference space, precision, data."""
+    """Everything the cached encodings depend on, by content (``pipelines.content``): the model's files or
+    Hub commit (its VAE and the feature map read them), the feature network's weights, resolution,
+    preference space, precision, and the dataset's files or commit with its split, columns and record cap."""
+    from pipelines.content import source_key
+
+    feature_weights = getattr(args, "feature_extractor_path", None)
+    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
     return {
-        "format": CACHE_FORMAT, "model": args.pretrained_model_name_or_path, "revision": args.revision,
-        "variant": args.variant, "vae": getattr(args, "pretrained_vae_model_name_or_path", None),
+        "format": CACHE_FORMAT, "model": source_key(args.pretrained_model_name_or_path, args.revision),
+        "variant": args.variant, "vae": None if vae is None else source_key(vae),
+        "feature_weights": None if feature_weights is None else source_key(feature_weights),
         "resolution": args.resolution, "space": space, "mixed_precision": args.mixed_precision,
-        "dataset": args.preference_dataset, "split": args.dataset_split, "max_train_samples": args.max_train_samples,
-        "columns": [getattr(args, flag) for flag in LAYOUT], "files": dataset_signature(args.preference_dataset),
+        "dataset": source_key(args.preference_dataset, repo_type="dataset"), "split": args.dataset_split,
+        "max_train_samples": args.max_train_samples, "columns": [getattr(args, flag) for flag in LAYOUT],
     }
 
 
-def cache_folder(args, key: dict) -> str:
-    root = args.feature_cache_dir
-    if root is None:
-        from huggingface_hub import constants
+def cache_root(args) -> str:
+    if args.feature_cache_dir is not None:
+        return args.feature_cache_dir
+    from huggingface_hub import constants
 
-        root = os.path.join(constants.HF_HOME, "drpo-features")
+    return os.path.join(constants.HF_HOME, "drpo-features")
+
+
+def cache_folder(args, key: dict) -> str:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return os.path.join(root, digest)
+    return os.path.join(cache_root(args), digest)
 
 
 class ShardWriter:
@@ -237,7 +233,7 @@ def build_cache(folder: str, key: dict, pairs: Iterable[PreferencePair], encode:
     embedding into ``folder``, written in a staging folder and renamed into place when complete (an
     interrupted build leaves no cache behind)."""
     os.makedirs(os.path.dirname(folder), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(folder))
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=os.path.dirname(folder))
     try:
         writer, groups, embeddings = ShardWriter(staging), {}, []
 
@@ -260,9 +256,10 @@ def build_cache(folder: str, key: dict, pairs: Iterable[PreferencePair], encode:
         from safetensors.torch import save_file
 
         save_file({"embeddings": torch.stack(embeddings)}, os.path.join(staging, "captions.safetensors"))
-        files.write_json(os.path.join(staging, "index.json"), {
+        checksums = {name: sha256_file(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
+        files.write_json(os.path.join(staging, INDEX), {
             "key": key, "pairs": writer.rows, "shard_pairs": SHARD_PAIRS, "counts": dict(counts),
-            "groups": [{"caption": caption, "rows": rows} for caption, rows in groups.items()]})
+            "checksums": checksums, "groups": [{"caption": caption, "rows": rows} for caption, rows in groups.items()]})
         try:
             os.rename(staging, folder)
         except OSError:  # another process finished the same cache first: keep theirs
@@ -284,7 +281,7 @@ class PreferenceStore:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with open(os.path.join(folder, "index.json")) as handle:
+        with open(os.path.join(folder, INDEX), encoding="utf-8") as handle:  # verified by load_store
             index = json.load(handle)
         self.folder, self.counts, self.num_pairs = folder, index["counts"], index["pairs"]
         self.shard_pairs = index["shard_pairs"]
@@ -331,10 +328,70 @@ def nearest_captions(embeddings: torch.Tensor, count: int) -> list[list[int]]:
     return nearest
 
 
+class CacheError(RuntimeError):
+    """A cache folder that is incomplete or whose files do not match their checksums."""
+
+
+def verified_index(folder: str) -> dict:
+    """The cache's index, after checking every file against the SHA-256 it was written with (hashing the
+    whole cache: ~0.5 GB/s, paid once per run, so a shard altered on disk is never trained on)."""
+    try:
+        with open(os.path.join(folder, INDEX), encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise CacheError(f"feature cache {folder}: {INDEX} is missing or damaged ({error})") from error
+    for name, digest in index.get("checksums", {}).items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or sha256_file(path) != digest:
+            raise CacheError(f"feature cache {folder}: {name} is missing or does not match its checksum")
+    if "checksums" not in index:
+        raise CacheError(f"feature cache {folder} has no checksums (written by an older version)")
+    return index
+
+
+def remove_stale_staging(root: str) -> None:
+    """Staging folders of builds whose process is gone (killed mid-build) are removed."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if name.startswith(STAGING_PREFIX):
+            owner = name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+            if not owner.isdigit() or not process_alive(int(owner)):
+                logger.info(f"removing {os.path.join(root, name)}, left by an interrupted cache build")
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def discard_if_damaged(folder: str) -> None:
+    """A cache folder that fails its checks is named, removed, and so built again."""
+    if not os.path.isdir(folder):
+        return
+    try:
+        verified_index(folder)
+    except CacheError as error:
+        logger.warning(f"{error}: removing it and encoding the dataset again")
+        doomed = f"{folder}.damaged-{os.getpid()}"
+        os.replace(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
 def load_store(args, space: str, encode: Callable, embed_caption: Callable, main_process: bool) -> PreferenceStore:
-    """The cache for this run (built now by the main process if absent), opened. Logs the data counts."""
+    """The cache for this run (built now by the main process if absent or damaged), opened. Logs the data
+    counts."""
     key = cache_key(args, space)
     folder = cache_folder(args, key)
+    if main_process:
+        remove_stale_staging(cache_root(args))
+        discard_if_damaged(folder)
     if main_process and not os.path.isdir(folder):
         counts = collections.Counter()
         logger.info(f"encoding --preference_dataset {args.preference_dataset} into {folder}")

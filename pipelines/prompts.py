@@ -7,21 +7,42 @@ its file and line number instead of crashing the run when it is drawn.
 from __future__ import annotations
 
 import json
+import logging
 import os
+
+logger = logging.getLogger(__name__)
+
+
+MAX_PROMPT_CHARACTERS = 2000  # CLIP reads 77 tokens (a few hundred characters); longer text is never seen
 
 
 def read_prompts_file(path: str, key: str = "prompt") -> list[str]:
-    """``.txt``: one prompt per non-blank line. ``.jsonl``: one JSON object per line, prompt under ``key``."""
+    """``.txt``: one prompt per non-blank line. ``.jsonl``: one JSON object per line, prompt under ``key``.
+    A file that is not UTF-8 is refused naming the line; a prompt longer than MAX_PROMPT_CHARACTERS is cut
+    there, with a warning naming the line (the text encoders keep 77 tokens, far fewer characters)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path!r} does not exist")
     prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"--prompts_file {path}, line {number}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                                 "save the prompts file as UTF-8") from None
             if not line.strip():
                 continue
             prompt = _jsonl_prompt(line, key, path, number) if path.endswith(".jsonl") else line.strip()
-            prompts.append(prompt)
+            prompts.append(_capped(prompt, f"{path}, line {number}"))
     return prompts
+
+
+def _capped(prompt: str, where: str) -> str:
+    if len(prompt) <= MAX_PROMPT_CHARACTERS:
+        return prompt
+    logger.warning(f"{where}: a prompt of {len(prompt):,} characters, cut to {MAX_PROMPT_CHARACTERS:,} (the text "
+                   "encoder reads 77 tokens, a few hundred characters)")
+    return prompt[:MAX_PROMPT_CHARACTERS]
 
 
 def _jsonl_prompt(line: str, key: str, path: str, number: int) -> str:
@@ -44,7 +65,8 @@ def read_prompts_dataset(name: str, split: str = "train", column: str = "prompt"
     dataset = load_dataset(name, split=split)
     if column not in dataset.column_names:
         raise ValueError(f"prompt column {column!r} not in {dataset.column_names} of {name!r}")
-    return [p.strip() for p in dataset[column] if isinstance(p, str) and p.strip()]
+    return [_capped(p.strip(), f"{name} row {row}") for row, p in enumerate(dataset[column])
+            if isinstance(p, str) and p.strip()]
 
 
 def load_prompts(prompts_file: str | None = None, dataset_name: str | None = None, split: str = "train",

@@ -17,7 +17,7 @@ import torch
 
 from drpo_utils import lora_disabled
 from pipelines import files
-from pipelines.evaluate import reward_table, summarize
+from pipelines.evaluate import describe_change, reward_table, summarize
 from pipelines.inference import generate_images, load_lora
 from pipelines.rewards import score_candidates
 
@@ -302,7 +302,8 @@ def load_history(output_dir: str, up_to_step: int) -> list[dict]:
 
 def save_history(accelerator, output_dir: str, history: list[dict]) -> None:
     if accelerator.is_main_process:
-        files.write_text(os.path.join(output_dir, HISTORY_FILE), "".join(json.dumps(row) + "\n" for row in history))
+        rows = (json.dumps(files.finite_or_none(row), allow_nan=False) + "\n" for row in history)  # undefined: null
+        files.write_text(os.path.join(output_dir, HISTORY_FILE), "".join(rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def split_validation_prompts(args, prompts: list[str]) -> tuple[list[str], list[
     4 distinct prompts, held out of training, when it has at least 100 (a smaller set validates on its
     first 4 training prompts, with a warning)."""
     if args.validation_prompts:
-        return prompts, [p.strip() for p in args.validation_prompts.split("|") if p.strip()]
+        return prompts, list(args.validation_prompts)
     distinct = list(dict.fromkeys(prompts))
     if len(distinct) < MIN_PROMPTS_TO_HOLD_OUT:
         logger.warning(f"{len(distinct)} prompts: too few to hold {HELD_OUT_PROMPTS} out, so validation uses the "
@@ -606,14 +607,13 @@ def finish_training(accelerator, args, pipe, history, prompts, reward_fn, repo_i
     files.write_json(os.path.join(args.output_dir, "final_metrics.json"), metrics)
     files.save_image(labelled_grid(prompts, {"base": base_images, "LoRA": tuned_images}, len(seeds)),
                      os.path.join(args.output_dir, "samples_before_after.png"))
-    accelerator.print(
-        f"held-out {args.reward}: base {metrics['base_mean']:.4f} -> LoRA {metrics['lora_mean']:.4f} "
-        f"(effect size {metrics['effect_size']:.2f}, paired z {metrics['z_paired']:.1f})"
-    )
+    accelerator.print(f"held-out {args.reward}: base {metrics['base_mean']:.4f} -> LoRA {metrics['lora_mean']:.4f} "
+                      f"({describe_change(metrics)})")
     widget = save_widget_samples(args.output_dir, prompts, tuned_images, len(seeds))
     write_model_card(args, args.output_dir, "samples_before_after.png", {
         f"held-out {args.reward} (base -> LoRA)": f"{metrics['base_mean']:.4f} -> {metrics['lora_mean']:.4f}",
-        "effect size (change / across-seed std)": f"{metrics['effect_size']:.2f}",
+        "effect size (change / across-seed std)": (f"{metrics['effect_size']:.2f}" if metrics["effect_size"] is not None
+                                                   else f"undefined: {metrics['effect_size_undefined']}"),
     }, widget)
     if repo_id is not None:
         push_to_hub(args, repo_id)

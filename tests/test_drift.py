@@ -45,7 +45,7 @@ def reference_drift(z, pos, neg, radii, kernel="rbf", weights=None, mask_self=Fa
 def test_hand_computed_two_queries():
     # z = {0, 2}, B+ = {1}, B- = {3}, d = 1, one radius rho = 1, RBF kernel.
     # Delta = [[3, 1], [1, 1]] over B = [B-; B+]  ->  s = 1.5, s_z = 1.5, D = Delta / 1.5.
-    z, pos, neg = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0]]), torch.tensor([[3.0]])
+    z, pos, neg = (torch.tensor(x, dtype=torch.float64) for x in ([[0.0], [2.0]], [[1.0]], [[3.0]]))
     logit = [[-2.0, -2.0 / 9.0], [-2.0 / 9.0, -2.0 / 9.0]]  # -D^2 / 2
     e = [[math.exp(x) for x in r] for r in logit]
     row = [[e[i][j] / (e[i][0] + e[i][1]) for j in range(2)] for i in range(2)]
@@ -54,16 +54,16 @@ def test_hand_computed_two_queries():
     # V_i = m-_i * A+_i * b+/s_z - m+_i * A-_i * b-/s_z with m- = A[i][0], m+ = A[i][1]
     v = [a[i][0] * a[i][1] * (1.0 - 3.0) / 1.5 for i in range(2)]
     rms = math.sqrt((v[0] ** 2 + v[1] ** 2) / 2)
-    expected = torch.tensor([[v[0] / rms], [v[1] / rms]])
+    expected = torch.tensor([[v[0] / rms], [v[1] / rms]], dtype=torch.float64)
     got = drift_field(z, pos, neg, [1.0])
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)  # float64 on both sides: measured 6e-17
     assert got[0, 0] < 0 and got[1, 0] < 0  # both pulled toward B+ = 1 and away from B- = 3
 
 
 def test_symmetric_dipole_is_exactly_one():
     # One query midway between one positive and one negative: V = 1 per radius after RMS (Eq. 25).
     got = drift_field(torch.zeros(1, 1), torch.ones(1, 1), -torch.ones(1, 1), [0.1, 0.5, 2.0])
-    torch.testing.assert_close(got, torch.full((1, 1), 3.0))
+    torch.testing.assert_close(got, torch.full((1, 1), 3.0))  # float32 log/exp rounding only: measured 0
 
 
 @pytest.mark.parametrize("kernel", ["rbf", "laplacian"])
@@ -72,6 +72,7 @@ def test_matches_loop_reference_on_random_inputs(kernel):
     z, pos, neg = (torch.randn(n, 5, generator=g, dtype=torch.float64) for n in (6, 4, 3))
     radii = [0.05, 0.2, 1.0]
     expected = reference_drift(z, pos, neg, radii, kernel)
+    # float64 on both sides: measured 5e-15 (the default bound is 1e-7; a wrong formula moves V by O(1))
     torch.testing.assert_close(drift_field(z, pos, neg, radii, kernel=kernel), expected)
 
 
@@ -81,13 +82,14 @@ def test_support_weights_match_reference():
     weights = torch.tensor([1.0, 2.0, 1.0, 1.0], dtype=torch.float64)  # B = [B-; B+]
     expected = reference_drift(z, pos, neg, [0.3], weights=weights)
     got = drift_field(z, pos, neg, [0.3], neg_weight=weights[:2], pos_weight=weights[2:])
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, expected)  # float64: measured 1e-15 (default bound 1e-7)
 
 
 def test_repeated_supports_count_repeatedly():
     g = torch.Generator().manual_seed(1)
     z, pos, neg = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (5, 2, 2))
     repeated = torch.cat([neg, neg[1:]])  # a sample in two pairs stays in B- twice (Appendix A)
+    # float64: measured 2e-15 (default bound 1e-7); counting the copy once instead moves V by 0.35 (measured)
     torch.testing.assert_close(drift_field(z, pos, repeated, [0.3]), reference_drift(z, pos, repeated, [0.3]))
     assert not torch.allclose(drift_field(z, pos, repeated, [0.3]), drift_field(z, pos, neg, [0.3]))
 
@@ -97,11 +99,11 @@ def test_each_radius_term_has_unit_rms():
     z, pos, neg = torch.randn(8, 16, generator=g), torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
     for radius in (0.1, 0.2, 0.5, 1.0):
         v = drift_field(z, pos, neg, [radius])
-        assert v.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-5)
+        assert v.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-5)  # float32: measured 6e-8
     # At rho = 0.02 the true field is ~1e-14 (m+ m- ~ exp(-1250 D^2)): below sqrt(eps_v) Eq. 25 does
     # not amplify it to unit RMS, it stays numerically negligible (and finite).
     tiny = drift_field(z, pos, neg, [0.02])
-    assert torch.isfinite(tiny).all() and tiny.square().mean().sqrt() < 0.1
+    assert torch.isfinite(tiny).all() and tiny.square().mean().sqrt() < 0.1  # measured 0.012 (amplified: 1)
 
 
 def test_reference_drift_is_zero_when_the_model_equals_the_base():
@@ -109,6 +111,7 @@ def test_reference_drift_is_zero_when_the_model_equals_the_base():
     from drpo_utils import reference_field
 
     z = torch.randn(8, 5, generator=torch.Generator().manual_seed(3))
+    # B+ = R and B- = sg(Z) are the same points: exactly 0 (measured); a residue would be scaled to unit RMS
     assert reference_field(z, z.clone(), DriftConfig(radii=(0.05, 0.2, 1.0))).abs().max() < 1e-6
     moved = reference_field(z + 0.3, z, DriftConfig(radii=(0.2, 1.0)))
     assert (moved.sum(0) < 0).all()  # shifted samples are pulled back toward the base distribution
@@ -120,16 +123,19 @@ def test_invariant_to_global_rescaling(kernel):
     z, pos, neg = (torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (6, 3, 3))
     v = drift_field(z, pos, neg, [0.05, 0.2], kernel=kernel)
     v_scaled = drift_field(z * 1e3, pos * 1e3, neg * 1e3, [0.05, 0.2], kernel=kernel)
-    torch.testing.assert_close(v, v_scaled)
-    # Scaling every support weight by the same factor leaves V unchanged too.
+    torch.testing.assert_close(v, v_scaled)  # float64: measured 5e-15 (default bound 1e-7)
+    # Scaling every support weight by the same factor leaves V unchanged too (float64: measured 2e-10, from the
+    # log-space masses of RBF logits down to -384 at rho = 0.05; default bound 1e-7).
     torch.testing.assert_close(v, drift_field(z, pos, neg, [0.05, 0.2], kernel=kernel, pos_weight=7.0, neg_weight=7.0))
 
 
 def test_permutation_equivariant_over_queries():
     g = torch.Generator().manual_seed(4)
-    z, pos, neg = torch.randn(7, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    z, pos, neg = (torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (7, 3, 3))
     perm = torch.randperm(7, generator=g)
-    torch.testing.assert_close(drift_field(z[perm], pos, neg, [0.1, 0.5]), drift_field(z, pos, neg, [0.1, 0.5])[perm])
+    # float64: measured 2e-16 (in float32 the reordered rows differ by 2e-7)
+    torch.testing.assert_close(drift_field(z[perm], pos, neg, [0.1, 0.5]), drift_field(z, pos, neg, [0.1, 0.5])[perm],
+                               rtol=1e-10, atol=1e-10)
 
 
 def test_locality_far_query_is_finite_and_small():
@@ -138,7 +144,7 @@ def test_locality_far_query_is_finite_and_small():
     z = torch.tensor([[0.0, 0.0], [0.1, 0.1], [1e4, 1e4]])
     v = drift_field(z, pos, neg, [0.02, 0.05, 0.2])
     assert torch.isfinite(v).all()
-    assert v[2].norm() < 1e-3 * v[0].norm()  # far from the evidence: negligible update (Sec. 4.1)
+    assert v[2].norm() < 1e-3 * v[0].norm()  # far from the evidence: negligible update (Sec. 4.1; measured 0)
     assert v[0, 0] > 0 and v[1, 0] > 0  # near queries move from B- toward B+
     # A lone far query (no near competitor) still gets a finite drift along the dipole axis B- -> B+.
     lone = drift_field(torch.tensor([[1e4, 0.0]]), pos, neg, [0.02, 0.05, 0.2])
@@ -149,6 +155,7 @@ def test_mask_self_removes_the_query_from_its_own_negatives():
     g = torch.Generator().manual_seed(5)
     z, pos = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
     masked = drift_field(z, pos, z, [0.5], mask_self=True)
+    # float64: measured 5e-16 (default bound 1e-7); without the mask V moves by 1.9 (measured)
     torch.testing.assert_close(masked, reference_drift(z, pos, z, [0.5], mask_self=True))
     assert not torch.allclose(masked, drift_field(z, pos, z, [0.5]))
 
@@ -196,8 +203,9 @@ def test_pairs_reject_bad_k_and_m(k, m):
 def test_loss_gradient_is_minus_eta_v_times_jacobian():
     """dL/dtheta = -(eta / K) sum_i V_i dz~_i/dtheta (Eq. 3 with the 1/(2K) of Eq. 17)."""
     g = torch.Generator().manual_seed(6)
-    noise, weight = torch.randn(6, 3, generator=g), torch.randn(3, 4, generator=g, requires_grad=True)
-    z_ref = torch.randn(6, 4, generator=g)
+    noise = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    z_ref = torch.randn(6, 4, generator=g, dtype=torch.float64)
     config = DriftConfig(radii=(0.1, 0.5), velocity_scale=3.0, ref_weight=0.5)
     rewards = torch.tensor([0.3, 0.1, 0.9, 0.4, 0.2, 0.8])
     winners, losers = sample_reward_pairs(rewards, 8, torch.Generator().manual_seed(0))
@@ -211,7 +219,7 @@ def test_loss_gradient_is_minus_eta_v_times_jacobian():
     s_z = coordinate_scale(z, preference_supports(z, z[winners], z[losers], config), config)
     # z~ = noise @ weight / s_z, so dL/dweight = noise^T (-(eta / K) V / s_z).
     expected = noise.T @ (-(3.0 / 6) * v / s_z)
-    torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-10, atol=1e-10)  # float64: measured 4e-16 (1e-15 rel)
 
 
 def test_all_ties_leave_only_the_reference_drift():
@@ -234,7 +242,7 @@ def test_multi_tensor_features_sum_their_losses():
     both, _ = drpo_loss({"a": a, "b": b}, {"a": a_ref, "b": b_ref}, winners, losers, config)
     only_a, _ = drpo_loss(a, a_ref, winners, losers, config)
     only_b, _ = drpo_loss(b, b_ref, winners, losers, config)
-    torch.testing.assert_close(both, only_a + only_b)
+    torch.testing.assert_close(both, only_a + only_b)  # float32, the same losses added: measured 0 (default 1.3e-6 rel)
 
 
 def test_self_negatives_match_explicit_supports():
@@ -248,4 +256,5 @@ def test_self_negatives_match_explicit_supports():
         z, z[winners], torch.cat([z, z[losers]]), [0.2], pos_weight=3000.0,
         neg_weight=torch.tensor([1.0] * 5 + [3000.0] * 2), mask_self=True,
     )
+    # float32, the same drift_field call: measured 0 (default bound 1.3e-6 rel)
     torch.testing.assert_close(preference_field(z, z[winners], z[losers], config), expected)

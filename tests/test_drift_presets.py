@@ -79,9 +79,10 @@ def test_affinity_floor_by_hand():
     v0 = m_neg * 1.0 * (1.0 / 5) - m_pos * 1e-3 * (9.0 / 5)  # m-_0 A+ b+ / s_z - m+_0 A- b- / s_z
     v1 = 1.0 * 1e-3 * (1.0 / 5) - 1e-3 * 1.0 * (9.0 / 5)  # query 1: A(neg) = 1, A(pos) = 1e-3
     rms = math.sqrt((v0**2 + v1**2) / 2)
+    # float64; the terms the hand values drop are ~e^-160: measured 0, bound 1e-6 rel (no floor: 1 apart)
     torch.testing.assert_close(v, torch.tensor([[v0 / rms], [v1 / rms]], dtype=torch.float64), rtol=1e-6, atol=1e-9)
     exact = drift_field(z, pos, neg, [0.01], kernel="laplacian")
-    assert not torch.allclose(v, exact, atol=1e-3)  # without the floor the far support has no pull at all
+    assert not torch.allclose(v, exact, atol=1e-3)  # without the floor the far support has no pull at all (1 apart)
 
 
 def test_finite_self_penalty_by_hand():
@@ -100,9 +101,9 @@ def test_finite_self_penalty_by_hand():
     b = torch.cat([z, pos]) / (s / r2)
     field = torch.stack([a[i, :2].sum() * a[i, 2] * b[2] - a[i, 2] * (a[i, :2, None] * b[:2]).sum(0) for i in range(2)])
     expected = field / field.square().mean().sqrt()
-    torch.testing.assert_close(v, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(v, expected, rtol=1e-9, atol=1e-12)  # float64 by hand: measured 2e-16
     removed = drift_field(z, pos, z, [50.0], kernel="laplacian", mask_self=True)
-    assert not torch.allclose(v, removed, atol=1e-3)  # the exact estimator drops the copy instead
+    assert not torch.allclose(v, removed, atol=1e-3)  # the exact estimator drops the copy instead (0.15 apart)
 
 
 def test_clamps_keep_a_collapsed_batch_finite():
@@ -110,11 +111,12 @@ def test_clamps_keep_a_collapsed_batch_finite():
     z = torch.tensor([[0.0, 0.0], [1e-7, 0.0]], dtype=torch.float64)
     pos, neg = torch.tensor([[2e-7, 0.0]], dtype=torch.float64), torch.tensor([[-1e-7, 0.0]], dtype=torch.float64)
     supports = dict(pos=pos, neg=neg, pos_weight=1.0, neg_weight=1.0)
-    assert coordinate_scale(z, supports, DriftConfig(numerics=RELEASED_NUMERICS)).item() == pytest.approx(1e-3)
+    assert coordinate_scale(z, supports, DriftConfig(numerics=RELEASED_NUMERICS)).item() == 1e-3  # the clamp: exact
     v = drift_field(z, pos, neg, [0.5], kernel="laplacian", numerics=RELEASED_NUMERICS)
     # With s = 1e-3 the distances D ~ 1e-4 are ~0: uniform affinities 1/2, masses 1/2, and
     # V_i = 1/4 (b+ - b-) / s_z = 1/4 * 3e-7 / 1e-3 = 7.5e-5 along x, below the RMS floor 1e-4: not amplified.
-    torch.testing.assert_close(v[:, 0], torch.full((2,), 7.5e-5 / 1e-4, dtype=torch.float64), rtol=1e-3, atol=0)
+    # Taking D ~ 1e-4 as 0 costs 1e-8 rel (measured, float64); bound 1e-6 (amplified to unit RMS it would be 1.33x).
+    torch.testing.assert_close(v[:, 0], torch.full((2,), 7.5e-5 / 1e-4, dtype=torch.float64), rtol=1e-6, atol=0)
     assert v[:, 1].abs().max() == 0
 
 
@@ -127,7 +129,7 @@ def test_released_numerics_match_the_documented_formulas_on_random_inputs(kernel
     got = drift_field(z, pos, negatives, [0.02, 0.05, 0.2], kernel=kernel, pos_weight=weights[9:],
                       neg_weight=weights[:9], mask_self=True, numerics=RELEASED_NUMERICS)
     expected = released_drift(z, pos, negatives, [0.02, 0.05, 0.2], kernel, weights, self_copies=1)
-    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)  # float64 vs the loops: measured 1e-14 rel
 
 
 def test_authors_reference_field_matches_the_formulas():
@@ -138,6 +140,7 @@ def test_authors_reference_field_matches_the_formulas():
     config = DRIFT_PRESETS["authors"]
     weights = torch.tensor([1.0] * 4 + [3000.0] * 4 + [3000.0] * 4, dtype=torch.float64)
     expected = released_drift(z, z_ref, torch.cat([z, z]), config.radii, "laplacian", weights, self_copies=2)
+    # float64 vs the loops: measured 3e-15 rel, bound 1e-7
     torch.testing.assert_close(reference_field(z, z_ref, config), expected, rtol=1e-7, atol=1e-9)
     assert reference_supports(z, z_ref, config).get("mask_paired_positive") is False
 
@@ -151,12 +154,12 @@ def test_small_radii_live_with_the_floor_and_underflow_without_it():
 
     def moved(field):  # queries whose drift is not negligible next to the largest one
         norms = field.norm(dim=1)
-        return int((norms > 1e-3 * norms.max()).sum())
+        return int((norms > 1e-3 * norms.max()).sum())  # measured: exact 1, 2e-5, 2e-6, ...; floored >= 3.8e-3
 
     exact = drift_field(z, pos, neg, [0.02], kernel="rbf")
     floored = drift_field(z, pos, neg, [0.02], kernel="rbf", numerics=RELEASED_NUMERICS)
     assert moved(exact) <= 2 and moved(floored) == 16
-    assert floored.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)
+    assert floored.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-4)  # float32: measured 0 (noise 1e-7)
     toward = ((pos.mean(0) - neg.mean(0)) * floored).sum(1)
     assert (toward > 0).all()
 
@@ -165,8 +168,8 @@ def test_authors_loss_is_two_mean_regressions_in_their_own_coordinates():
     """L = mean((z~p - sg(z~p + V_pref))^2) + lambda mean((z~r - sg(z~r + V_ref))^2): the gradient is
     -(2 / (K d)) (V_pref / s_p + lambda V_ref / s_r)."""
     g = torch.Generator().manual_seed(14)
-    z = torch.randn(6, 4, generator=g, requires_grad=True)
-    z_ref = torch.randn(6, 4, generator=g)
+    z = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    z_ref = torch.randn(6, 4, generator=g, dtype=torch.float64)
     config = DRIFT_PRESETS["authors"]
     winners, losers = sample_reward_pairs(torch.arange(6.0), 6, torch.Generator().manual_seed(0))
     loss, _ = drpo_loss(z, z_ref, winners, losers, config)
@@ -175,8 +178,9 @@ def test_authors_loss_is_two_mean_regressions_in_their_own_coordinates():
     s_r = coordinate_scale(z, reference_supports(z, z_ref, config), config)
     v_pref, v_ref = preference_field(z, z[winners], z[losers], config), reference_field(z, z_ref, config)
     expected = -(2.0 / (6 * 4)) * (v_pref / s_p + config.ref_weight * v_ref / s_r)
-    torch.testing.assert_close(z.grad, expected, rtol=1e-5, atol=1e-7)
-    assert loss.item() == pytest.approx(((v_pref.square().mean() + 0.2 * v_ref.square().mean())).item(), rel=1e-5)
+    # float64: measured 6e-17 (4e-16 rel) for the gradient, 0 for the loss
+    torch.testing.assert_close(z.grad, expected, rtol=1e-10, atol=1e-10)
+    assert loss.item() == pytest.approx(((v_pref.square().mean() + 0.2 * v_ref.square().mean())).item(), rel=1e-10)
 
 
 def test_presets_differ_only_where_documented():

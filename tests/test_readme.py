@@ -98,4 +98,4 @@ def test_drift_flag_rows_state_both_presets():
     for flag, (field, _, _) in train_drpo.DRIFT_FLAGS.items():
         cell = FLAG_ROWS[f"--{flag}"]
         for preset in ("paper", "authors"):
-            assert f"{preset}: `{train_drpo.preset_value(preset, field)}`" in cell, (flag, cell)
+            assert f"{preset}: `{train_drpo.shown(train_drpo.preset_value(preset, field))}`" in cell, (flag, cell)

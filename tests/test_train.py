@@ -24,7 +24,7 @@ HELD_OUT_SEEDS = list(range(5000, 5016))
 def training_args(model, output_dir, *extra):
     return [
         f"--pretrained_model_name_or_path={model}", f"--prompts_file={PROMPTS}", f"--output_dir={output_dir}",
-        "--resolution=64", "--num_candidates=8", "--num_pairs=8", f"--seed={TRAINING_SEED}", "--report_to=none",
+        "--reward=color_match", "--resolution=64", "--num_candidates=8", "--num_pairs=8", f"--seed={TRAINING_SEED}", "--report_to=none",
         "--validation_steps=0", "--num_validation_seeds=2", "--checkpointing_steps=1000", "--feature_extractor=image",
         *extra,
     ]

@@ -27,7 +27,7 @@ REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
 def args_for(tmp_path, *extra, model=TINY_SD):
     return [
         f"--pretrained_model_name_or_path={model}", f"--prompts_file={PROMPTS}", f"--output_dir={tmp_path}",
-        "--resolution=64", "--num_candidates=4", "--num_pairs=3", "--seed=0", "--report_to=none",
+        "--reward=color_match", "--resolution=64", "--num_candidates=4", "--num_pairs=3", "--seed=0", "--report_to=none",
         "--validation_steps=0", "--num_validation_seeds=1", "--max_train_steps=1", "--feature_extractor=image", *extra,
     ]
 
@@ -49,12 +49,11 @@ def no_model_loading(*args, **kwargs):
     "extra,error,message",
     [
         (["--reward=pickscorez"], ValueError, "choose one of color_match, jpeg_compressibility"),
-        (["--reward=missing_file.py:score"], FileNotFoundError, "missing_file.py"),
+        (["--reward=missing_file.py:score"], ValueError, "missing_file.py"),
         ([f"--reward={REWARDS}:no_such_function"], ValueError, "no_such_function"),
         (["--feature_extractor=dino"], ValueError, "choose one of latent_mae, latent_mae1, latent_mae2, latent_mae3, latent, image"),
         (["--num_candidates=1"], ValueError, "at least 2"),
         (["--num_candidates=4", "--num_pairs=7"], ValueError, r"\[1, 6\]"),
-        (["--drift_radii=0.1,-1"], ValueError, "positive"),
         (["--resume_from_checkpoint=checkpoint-99"], FileNotFoundError, "checkpoint-99"),
         (["--mixed_precision=fp16"], ValueError, "bf16"),
     ],
@@ -186,6 +185,8 @@ def test_saved_lora_loads_into_a_stock_pipeline_with_the_right_scale(tmp_path, a
         return fresh(prompt, num_inference_steps=1, guidance_scale=0.0, height=64, width=64, output_type="latent",
                      generator=torch.Generator().manual_seed(seed)).images
 
+    # the same weights through the same float32 UNet: measured 0; 1e-4 leaves room for another op order, while
+    # no LoRA (7.2) or a lost alpha (4.3) move the latents by O(1) (measured)
     torch.testing.assert_close(stock_latents(str(lora_dir)), trained, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(stock_latents(None), trained, atol=1e-3)
     stripped = tmp_path / "stripped"
@@ -197,7 +198,8 @@ def test_saved_lora_loads_into_a_stock_pipeline_with_the_right_scale(tmp_path, a
 def test_sdxl_defaults_to_pixel_mae_and_trains_with_local_weights(tmp_path):
     from test_features import tiny_vit_mae
 
-    defaults = train_drpo_sdxl.parse_args(["--pretrained_model_name_or_path=x", f"--prompts_file={PROMPTS}"])
+    defaults = train_drpo_sdxl.parse_args(["--pretrained_model_name_or_path=x", f"--prompts_file={PROMPTS}",
+                                           "--reward=color_match"])
     assert defaults.feature_extractor == "vit_mae" and defaults.resolution is None  # None: the model's own
     weights = tiny_vit_mae(tmp_path / "vit-mae")
     args = train_drpo_sdxl.parse_args(args_for(tmp_path / "out", "--feature_extractor=vit_mae",
@@ -244,7 +246,7 @@ def test_resolution_defaults_to_the_models_own(tmp_path, monkeypatch, script):
     assert seen["resolution"] == 64  # tiny models: sample_size 16 x VAE factor 4
 
 
-@pytest.mark.parametrize("resolution", ["60", "0", "-64", "36"])
+@pytest.mark.parametrize("resolution", ["60", "36"])  # 0 and negative: refused by the parser (test_flags.py)
 def test_bad_resolution_fails_before_the_model_loads(tmp_path, resolution):
     args = train_drpo.parse_args(args_for(tmp_path, f"--resolution={resolution}"))
     with pytest.raises(ValueError, match="--resolution must be a positive multiple of 8"):
@@ -299,7 +301,7 @@ def test_saved_activation_peak_counts_what_is_alive_not_what_was_ever_saved():
 
 def test_no_secret_reaches_the_tracker_files_and_the_diffusers_flags_reach_their_objects(tmp_path, monkeypatch):
     """A planted --hub_token appears in no file the run writes (TensorBoard's event files included), a
-    credential in a reward URL is masked in the tracker config; --lr_num_cycles, --lr_power,
+    credential in a reward URL is masked in the tracker config; --lr_num_cycles (--lr_power's default),
     --lora_dropout and --tracker_project_name reach the scheduler, the LoRA and the trackers."""
     from accelerate import Accelerator
     from peft import LoraConfig
@@ -312,14 +314,16 @@ def test_no_secret_reaches_the_tracker_files_and_the_diffusers_flags_reach_their
         project=name, config=config) or original_init(self, name, config=config, **k))
     monkeypatch.setattr(LoraConfig, "__post_init__", lambda self, original=LoraConfig.__post_init__: seen.update(
         dropout=self.lora_dropout) or original(self))
-    args = train_drpo.parse_args(args_for(tmp_path, f"--hub_token={planted}", "--report_to=tensorboard",
-                                          "--lr_scheduler=polynomial", "--lr_num_cycles=3", "--lr_power=2.0",
+    monkeypatch.setattr("huggingface_hub.create_repo", lambda repo_id, **kwargs: type("Repo", (), {"repo_id": repo_id}))
+    monkeypatch.setattr("huggingface_hub.upload_folder", lambda **kwargs: None)
+    args = train_drpo.parse_args(args_for(tmp_path, "--push_to_hub", f"--hub_token={planted}", "--report_to=tensorboard",
+                                          "--lr_scheduler=cosine_with_restarts", "--lr_num_cycles=3",
                                           "--lora_dropout=0.1", "--tracker_project_name=mine",
                                           "--output_kohya_format"))
     train_drpo.main(args)
     assert (tmp_path / training.KOHYA_FILE).is_file()
-    assert (seen["num_cycles"], seen["power"], seen["dropout"], seen["project"]) == (3, 2.0, 0.1, "mine")
-    assert "hub_token" not in seen["config"] and seen["config"]["lr_power"] == 2.0
+    assert (seen["num_cycles"], seen["power"], seen["dropout"], seen["project"]) == (3, 1.0, 0.1, "mine")
+    assert "hub_token" not in seen["config"] and seen["config"]["lr_num_cycles"] == 3
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert any("events.out.tfevents" in path.name for path in written)  # the tracker did write
     assert not [path for path in written if planted.encode() in path.read_bytes()]
@@ -329,7 +333,7 @@ def test_no_secret_reaches_the_tracker_files_and_the_diffusers_flags_reach_their
 
 def test_wandb_with_a_hub_token_and_8bit_adam_without_a_gpu_are_refused(tmp_path):
     with pytest.raises(ValueError, match="would upload the token"):
-        train_drpo.parse_args(args_for(tmp_path, "--hub_token=hf_x", "--report_to=wandb"))
+        train_drpo.parse_args(args_for(tmp_path, "--push_to_hub", "--hub_token=hf_x", "--report_to=wandb"))
     with pytest.raises((ImportError, ValueError), match="bitsandbytes|needs a GPU"):
         train_drpo.parse_args(args_for(tmp_path, "--use_8bit_adam"))
 
@@ -350,4 +354,4 @@ def test_the_kohya_file_holds_the_same_lora_under_kohyas_names(tmp_path):
     assert len(downs) == len(ours) // 2 == sum(k.endswith(".alpha") for k in kohya)
     assert all(kohya[k.replace(".lora_down.weight", ".alpha")].item() == 8 for k in downs)
     ours_down = sorted(v.sum().item() for k, v in ours.items() if "lora_A" in k or "lora.down" in k)
-    assert ours_down == pytest.approx(sorted(v.sum().item() for v in downs.values()))
+    assert ours_down == pytest.approx(sorted(v.sum().item() for v in downs.values()))  # the same tensors: measured 0

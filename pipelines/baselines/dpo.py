@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import drpo_utils
-from pipelines import candidates
+from pipelines import candidates, flags
 from pipelines.baselines.draft import latent_anchor
 
 
@@ -44,8 +44,8 @@ def dpo_loss(h_theta: dict, h_ref: dict, h_pos: dict, h_neg: dict, latents: torc
 
 def add_flags(parser) -> None:
     group = parser.add_argument_group("--method dpo (Appendix C.3, Algorithm A3)")
-    group.add_argument("--dpo_beta", type=float, default=30.0, help="beta, the inverse temperature (paper: 30).")
-    group.add_argument("--dpo_ref_weight", type=float, default=0.0, help="lambda_ref of the latent anchor (paper: 0).")
+    group.add_argument("--dpo_beta", type=flags.positive_float, default=30.0, help="beta, the inverse temperature (paper: 30).")
+    group.add_argument("--dpo_ref_weight", type=flags.non_negative_float, default=0.0, help="lambda_ref of the latent anchor (paper: 0).")
     group.add_argument("--dpo_space", default="latent", choices=["latent", "features"],
                        help="psi: the raw latent, or the run's --feature_extractor (the paper tests both).")
 
@@ -103,4 +103,4 @@ def margin_pieces(ctx: candidates.StepContext, condition: dict, rng: torch.Gener
     return (yield from candidates.loss_pieces(ctx, count, loss_of_rows))
 
 
-METHOD = candidates.Method("dpo", propose, update)
+METHOD = candidates.Method("dpo", propose, update, add_flags=add_flags)

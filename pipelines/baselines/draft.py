@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import drpo_utils
-from pipelines import candidates
+from pipelines import candidates, flags
 from pipelines.rewards.protocol import differentiable_scores
 
 
@@ -34,7 +34,7 @@ def draft_loss(rewards: torch.Tensor, latents: torch.Tensor, ref_latents: torch.
 
 def add_flags(parser) -> None:
     group = parser.add_argument_group("--method draft (Appendix C.1)")
-    group.add_argument("--draft_ref_weight", type=float, default=0.0,
+    group.add_argument("--draft_ref_weight", type=flags.non_negative_float, default=0.0,
                        help="lambda_ref of the latent anchor (the paper does not report its value; 0 is plain DRaFT).")
 
 
@@ -69,4 +69,4 @@ def update(ctx: candidates.StepContext, proposal: Proposal):
     return {"loss": loss, "reward_mean": scores.mean().item(), "reward_std": scores.std().item()}
 
 
-METHOD = candidates.Method("draft", propose, update, reward_gradient=True)
+METHOD = candidates.Method("draft", propose, update, reward_gradient=True, add_flags=add_flags)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import drpo_utils
-from pipelines import candidates
+from pipelines import candidates, flags
 from pipelines.baselines.draft import latent_anchor
 
 NORMALISE_EPS = 1e-6  # eps of u_k and eps_r of the advantages
@@ -56,13 +56,13 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
 
 def add_flags(parser) -> None:
     group = parser.add_argument_group("--method grpo (Appendix C.4, Algorithm A4; defaults: the paper's values)")
-    group.add_argument("--grpo_sigma", type=float, default=0.05, help="sigma_a, the action noise.")
-    group.add_argument("--grpo_clip_eps", type=float, default=0.2, help="eps of the clipped ratio.")
-    group.add_argument("--grpo_log_ratio_clip", type=float, default=10.0, help="M, the clip of the log-ratio.")
-    group.add_argument("--grpo_adv_scale", type=float, default=1.0, help="alpha_adv, the advantage scale.")
-    group.add_argument("--grpo_adv_clip", type=float, default=5.0, help="A_max, the advantage clip.")
-    group.add_argument("--grpo_ref_weight", type=float, default=0.05, help="lambda_ref of the latent anchor.")
-    group.add_argument("--grpo_kl_weight", type=float, default=0.0, help="beta_kl of the ratio KL term.")
+    group.add_argument("--grpo_sigma", type=flags.positive_float, default=0.05, help="sigma_a, the action noise.")
+    group.add_argument("--grpo_clip_eps", type=flags.positive_float, default=0.2, help="eps of the clipped ratio.")
+    group.add_argument("--grpo_log_ratio_clip", type=flags.positive_float, default=10.0, help="M, the clip of the log-ratio.")
+    group.add_argument("--grpo_adv_scale", type=flags.positive_float, default=1.0, help="alpha_adv, the advantage scale.")
+    group.add_argument("--grpo_adv_clip", type=flags.positive_float, default=5.0, help="A_max, the advantage clip.")
+    group.add_argument("--grpo_ref_weight", type=flags.non_negative_float, default=0.05, help="lambda_ref of the latent anchor.")
+    group.add_argument("--grpo_kl_weight", type=flags.non_negative_float, default=0.0, help="beta_kl of the ratio KL term.")
     group.add_argument("--grpo_exploration", default="initial_noise", choices=["initial_noise", "fresh"],
                        help="u_k: the normalised initial noise z_k (Algorithm A4, line 6), or a fresh standard "
                             "normal draw independent of z_k (ours: an unbiased exploration direction).")
@@ -109,4 +109,4 @@ def update(ctx: candidates.StepContext, proposal: Proposal):
             "reward_wait": waited}
 
 
-METHOD = candidates.Method("grpo", propose, update)
+METHOD = candidates.Method("grpo", propose, update, add_flags=add_flags)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import drpo_utils
-from pipelines import candidates
+from pipelines import candidates, flags
 from pipelines.baselines.draft import latent_anchor
 from pipelines.rewards.protocol import differentiable_scores
 
@@ -44,10 +44,10 @@ def vggflow_loss(latents: torch.Tensor, target: torch.Tensor, ref_latents: torch
 
 def add_flags(parser) -> None:
     group = parser.add_argument_group("--method vggflow (Appendix C.2; the paper reports no values, these are ours)")
-    group.add_argument("--vggflow_eta", type=float, default=1.0, help="eta(t), fixed at the one-step timestep.")
-    group.add_argument("--vggflow_reward_scale", type=float, default=1.0, help="lambda_r, the reward's scale.")
-    group.add_argument("--vggflow_clip", type=float, default=1.0, help="Per-sample L2 norm clip of grad_mu R.")
-    group.add_argument("--vggflow_ref_weight", type=float, default=0.0, help="lambda_ref of the latent anchor.")
+    group.add_argument("--vggflow_eta", type=flags.positive_float, default=1.0, help="eta(t), fixed at the one-step timestep.")
+    group.add_argument("--vggflow_reward_scale", type=flags.positive_float, default=1.0, help="lambda_r, the reward's scale.")
+    group.add_argument("--vggflow_clip", type=flags.positive_float, default=1.0, help="Per-sample L2 norm clip of grad_mu R.")
+    group.add_argument("--vggflow_ref_weight", type=flags.non_negative_float, default=0.0, help="lambda_ref of the latent anchor.")
 
 
 @dataclass
@@ -98,4 +98,4 @@ def update(ctx: candidates.StepContext, proposal: Proposal):
     return {"loss": loss, "reward_mean": scores.mean().item(), "reward_std": scores.std().item()}
 
 
-METHOD = candidates.Method("vggflow", propose, update, reward_gradient=True)
+METHOD = candidates.Method("vggflow", propose, update, reward_gradient=True, add_flags=add_flags)

@@ -137,13 +137,21 @@ def load_reward(spec: str, device="cpu", weights: Sequence[float] | None = None,
     raise ValueError(f"Unknown reward {spec!r}; choose one of {', '.join(REWARDS)}, or {OTHER_SPECS}.")
 
 
-def check_reward_spec(spec: str, weights: Sequence[float] | None) -> None:
+def check_reward_spec(spec: str, weights: Sequence[float] | None, flag: str = "--reward") -> None:
     """Cheap validation of ``--reward`` / ``--reward_weights`` (no model loading): names, files, weight count."""
     parts = mixture_parts(spec)
     if not parts:
-        raise ValueError("--reward is empty")
+        raise ValueError(f"{flag} is empty")
     if weights is not None and len(weights) != len(parts):
         raise ValueError(f"--reward_weights has {len(weights)} values for {len(parts)} rewards in {spec!r}")
     for part in parts:
-        if part not in REWARDS and not is_url(part):
+        if part in REWARDS or is_url(part):
+            continue
+        location, colon, function = part.rpartition(":")
+        if colon and (not location.strip() or not function.strip()):
+            raise ValueError(f"{flag} {part!r}: a custom reward is path/to/file.py:function or package.module:function "
+                             "(both parts needed)")
+        try:
             load_reward(part)  # custom functions: the file / module must exist; unknown names list the choices
+        except (ImportError, OSError, ValueError) as error:
+            raise ValueError(f"{flag} {part!r}: {error}") from error

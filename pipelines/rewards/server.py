@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from pipelines import flags
 from pipelines.rewards import RewardError, load_reward, score_candidates
 from pipelines.rewards.remote import TOKEN_ENV, open_png, png_pixels, png_size
 
@@ -115,7 +116,7 @@ def make_handler(reward_fns: list, reward_name: str, token: str | None, max_byte
         def answer(self, status: int, payload: dict):
             if status != 200:
                 self.drain()
-            data = json.dumps(payload).encode()
+            data = json.dumps(payload, allow_nan=False).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -163,22 +164,27 @@ def build_server(reward: str, host: str = "127.0.0.1", port: int = 8000, token: 
     return ThreadingHTTPServer((host, port), handler)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reward", required=True, help="Any --reward of train_drpo.py (name, file.py:fn, module:fn).")
     parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (default: loopback only).")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=flags.port, default=8000)
     parser.add_argument("--token", default=None, help=f"Shared secret (default: ${TOKEN_ENV}); none: no check.")
-    parser.add_argument("--max_request_mb", type=float, default=64.0,
+    parser.add_argument("--max_request_mb", type=flags.positive_float, default=64.0,
                         help="Largest request body; a larger one is answered 413 before it is read.")
-    parser.add_argument("--max_batch", type=int, default=64, help="Most images per request.")
-    parser.add_argument("--max_request_pixels", type=int, default=MAX_REQUEST_PIXELS,
+    parser.add_argument("--max_batch", type=flags.positive_int, default=64, help="Most images per request.")
+    parser.add_argument("--max_request_pixels", type=flags.positive_int, default=MAX_REQUEST_PIXELS,
                         help="Most pixels per request, all images together (decoded: 12 bytes each); checked from "
                              "the PNG headers before anything is decoded.")
     parser.add_argument("--devices", default="cuda" if torch.cuda.is_available() else "cpu",
-                        type=lambda v: tuple(d.strip() for d in v.split(",") if d.strip()),
+                        type=flags.names,
                         help="One worker (a copy of the reward) per comma-separated device, e.g. cuda:0,cuda:1; "
                              "requests are scored concurrently, one per worker.")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     try:

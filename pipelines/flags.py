@@ -1,0 +1,173 @@
+"""Checked flag types: a bad value stops ``parse_args`` with ``argument --flag: ...`` before anything loads.
+
+Every numeric flag of the scripts, the evaluation and the servers is declared with one of these types
+(``tests/test_flags.py`` fails on a bare ``type=int`` / ``type=float``), so a new flag gets its check by
+its declaration. Light on purpose: argparse and the standard library only, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable, Iterable
+
+SEED_MAX = 2**32 - 1  # numpy's (and so accelerate.set_seed's) largest seed
+
+
+def _number(text: str, kind: type, what: str, accept: Callable[[float], bool], inf_ok: bool = False):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if math.isnan(value) or (math.isinf(value) and not inf_ok) or not accept(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, "a positive integer", lambda v: v > 0)
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, "an integer >= 0", lambda v: v >= 0)
+
+
+def count_or_all(text: str) -> int:
+    """A count >= 0, or -1 for all."""
+    return _number(text, int, "an integer >= 0, or -1 for all", lambda v: v >= -1)
+
+
+def seed(text: str) -> int:
+    return _number(text, int, f"an integer in [0, {SEED_MAX}]", lambda v: 0 <= v <= SEED_MAX)
+
+
+def port(text: str) -> int:
+    return _number(text, int, "a port number in [0, 65535] (0: any free port)", lambda v: 0 <= v <= 65535)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, "a positive finite number", lambda v: v > 0)
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, "a finite number >= 0", lambda v: v >= 0)
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float, "a finite number", lambda v: True)
+
+
+def positive_float_or_inf(text: str) -> float:
+    return _number(text, float, "a positive number (or inf)", lambda v: v > 0, inf_ok=True)
+
+
+def fraction(text: str) -> float:
+    """In [0, 1): a dropout rate, an Adam beta."""
+    return _number(text, float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def list_of(item: Callable[[str], object], what: str) -> Callable[[str], list]:
+    """A comma-separated, non-empty list whose every item passes ``item``."""
+
+    def parse(text: str) -> list:
+        parts = [part.strip() for part in text.split(",")]
+        if not text.strip() or any(not part for part in parts):
+            raise argparse.ArgumentTypeError(f"must be a comma-separated list of {what} with no empty item, "
+                                             f"got {text!r}")
+        try:
+            return [item(part) for part in parts]
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"every item {str(error).removeprefix('must ')} (in {text!r})") from None
+
+    parse.__name__ = f"list of {what}"
+    return parse
+
+
+def names(text: str) -> list[str]:
+    """Comma-separated names (module names, reward specs): non-empty, no empty item."""
+    return list_of(str, "names")(text)
+
+
+def prompt_list(text: str) -> list[str]:
+    """'|'-separated prompts, at least one that is not blank."""
+    prompts = [part.strip() for part in text.split("|") if part.strip()]
+    if not prompts:
+        raise argparse.ArgumentTypeError(f"must hold at least one prompt ('a cat|a dog'), got {text!r}")
+    return prompts
+
+
+def seed_list(text: str) -> list[int]:
+    """Seeds as 'A-B' (inclusive, A <= B) or 'a,b,c', each in [0, SEED_MAX]."""
+    spec, problem = text.strip(), None
+    try:
+        if "-" in spec:
+            first, _, last = spec.partition("-")
+            start, stop = seed(first.strip()), seed(last.strip())
+            if stop >= start:
+                return list(range(start, stop + 1))
+            problem = "A > B"
+        else:
+            return list_of(seed, "seeds")(spec)
+    except argparse.ArgumentTypeError as error:
+        problem = str(error).removeprefix("must be ")
+    raise argparse.ArgumentTypeError(f"must be 'A-B' (A <= B) or 'a,b,c', seeds in [0, {SEED_MAX}], got {text!r} "
+                                     f"({problem})")
+
+
+def lazily_checked(check: Callable[[str], object], name: str) -> Callable[[str], str]:
+    """A type that calls ``check(text)`` (which imports what it needs only then) and keeps the text."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    parse.__name__ = name
+    return parse
+
+
+def lr_scheduler_name(text: str) -> None:
+    """One of the scheduler names diffusers' ``get_scheduler`` accepts (diffusers' own list)."""
+    from diffusers.optimization import SchedulerType
+
+    accepted = [member.value for member in SchedulerType]
+    if text not in accepted:
+        raise ValueError(f"must be one of {', '.join(accepted)}, got {text!r}")
+
+
+CHECKED_TYPES = {positive_int, non_negative_int, count_or_all, seed, port, positive_float, non_negative_float, finite_float,
+                 positive_float_or_inf, fraction, names, prompt_list, seed_list}
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Iterable[str] | None) -> set[str]:
+    """The ``dest`` of every option given on the command line ``argv`` (not left at its default)."""
+    import sys
+
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for action in parser._actions:  # noqa: SLF001 - argparse offers no public list of actions
+        if not action.option_strings or isinstance(action, argparse._HelpAction):  # noqa: SLF001
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            strings = [s for s in action.option_strings if not s.startswith("--no-")]
+            probe.add_argument(*strings, dest=action.dest, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS)
+        elif action.nargs == 0:  # store_true / store_false / store_const / count
+            probe.add_argument(*action.option_strings, dest=action.dest, action="count", default=argparse.SUPPRESS)
+        else:
+            probe.add_argument(*action.option_strings, dest=action.dest, nargs=action.nargs, action="append",
+                               default=argparse.SUPPRESS)
+    given, _ = probe.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    return set(vars(given))
+
+
+def refuse_idle_flags(given: set[str], rules: Iterable[tuple[Iterable[str], bool, str]]) -> None:
+    """A flag that does nothing in this run is an error: ``rules`` are (flags, applies, when) triples,
+    e.g. (["caption_column"], args.preference_dataset is not None, "with --preference_dataset")."""
+    for flags, applies, when in rules:
+        idle = sorted(flag for flag in flags if flag in given)
+        if idle and not applies:
+            listed = ", ".join(f"--{flag}" for flag in idle)
+            raise ValueError(f"{listed} {'does' if len(idle) == 1 else 'do'} nothing in this run: "
+                             f"{'it applies' if len(idle) == 1 else 'they apply'} only {when}")
