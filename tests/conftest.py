@@ -28,6 +28,32 @@ def assert_above(statistic: float, threshold: float, context=None) -> None:
     assert statistic > threshold, (statistic, threshold, context)
 
 
+def refuse_constant(name):
+    raise ValueError(f"{name} is not standard JSON")
+
+
+def strictly_parsed(path) -> None:
+    """Parse a .json / .jsonl file as standard JSON: NaN, Infinity and -Infinity are errors."""
+    text = path.read_text(encoding="utf-8")
+    documents = [line for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else [text]
+    for document in documents:
+        json.loads(document, parse_constant=refuse_constant)
+
+
+@pytest.fixture(autouse=True)
+def every_json_written_is_standard(request):
+    """After each test that used ``tmp_path``: every JSON file in it (what the project wrote: metrics, run
+    records, checksums, histories, caches' indexes) parses as standard JSON (Issue 20, strict outputs)."""
+    root = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if root is not None:
+        for path in [*root.rglob("*.json"), *root.rglob("*.jsonl")]:
+            try:
+                strictly_parsed(path)
+            except ValueError as error:
+                raise AssertionError(f"{path.relative_to(root)}: {error}") from error
+
+
 @pytest.fixture(scope="session")
 def tiny_sd():
     return TINY_SD

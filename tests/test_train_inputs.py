@@ -355,3 +355,30 @@ def test_the_kohya_file_holds_the_same_lora_under_kohyas_names(tmp_path):
     assert all(kohya[k.replace(".lora_down.weight", ".alpha")].item() == 8 for k in downs)
     ours_down = sorted(v.sum().item() for k, v in ours.items() if "lora_A" in k or "lora.down" in k)
     assert ours_down == pytest.approx(sorted(v.sum().item() for v in downs.values()))  # the same tensors: measured 0
+
+
+def test_a_reward_that_ties_every_candidate_stops_the_run_naming_it(tmp_path):
+    """Without a ranking nothing is learnt: after --max_tied_steps steps of all-tied prompts the run stops with
+    a message naming the reward and the score, and leaves no staging file or half checkpoint behind."""
+    args = train_drpo.parse_args(args_for(tmp_path, f"--reward={REWARDS}:constant", "--max_train_steps=20",
+                                          "--max_tied_steps=3", "--checkpointing_steps=2"))
+    with pytest.raises(RewardError, match=r"tied all K=4 candidates of every prompt for 3 consecutive steps .*"
+                                          r"every candidate scored 0.5.*--max_tied_steps"):
+        train_drpo.main(args)
+    history = [json.loads(line) for line in (tmp_path / "reward_history.jsonl").read_text().splitlines()]
+    assert [row["tied"] for row in history] == [1.0, 1.0]  # saved with checkpoint-2; step 3 stopped the run
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith((".tmp", ".deleting")) or ".tmp" in p.name]
+    assert leftovers == [] and sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = train_drpo.parse_args(args_for(tmp_path, f"--reward={REWARDS}:constant", "--max_train_steps=20",
+                                             "--max_tied_steps=3", "--checkpointing_steps=2",
+                                             "--resume_from_checkpoint=latest"))
+    with pytest.raises(AssertionError, match="the model was loaded"):  # unlocked and whole: a resume gets that far
+        train_drpo.main(resumed, load_pipeline=no_model_loading)
+
+
+def test_a_prompt_tied_now_and_then_is_a_logged_skip(tmp_path):
+    args = train_drpo.parse_args(args_for(tmp_path, "--reward=color_match", "--max_train_steps=2",
+                                          "--max_tied_steps=1"))
+    train_drpo.main(args)  # the tiny prompts all name a colour: their candidates differ
+    history = [json.loads(line) for line in (tmp_path / "reward_history.jsonl").read_text().splitlines()]
+    assert [row["tied"] for row in history] == [0.0, 0.0]

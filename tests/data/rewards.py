@@ -54,3 +54,8 @@ def meet_a_partner(images, prompts):
     finally:
         me.unlink()
     return brightness(images, prompts)
+
+
+def constant(images, prompts):
+    """The same score for every image: no ranking at all."""
+    return [0.5] * len(images)
