@@ -1,6 +1,8 @@
 """The README's flag table and commands stay true to the code."""
 
 import argparse
+import glob
+import os
 import re
 
 import pytest
@@ -99,3 +101,43 @@ def test_drift_flag_rows_state_both_presets():
         cell = FLAG_ROWS[f"--{flag}"]
         for preset in ("paper", "authors"):
             assert f"{preset}: `{train_drpo.shown(train_drpo.preset_value(preset, field))}`" in cell, (flag, cell)
+
+
+DOCUMENTS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+CODE_NAME = re.compile(r"`((?:pipelines|drpo_utils|train_drpo|train_drpo_sdxl|benchmarks)(?:\.[A-Za-z_]\w*)+)`")
+FILE_NAME = re.compile(r"`((?:pipelines|benchmarks|tests|assets|docs|configs)/[\w./-]+\.(?:py|md|json|txt|png|jsonl))`")
+
+
+def resolves(dotted: str) -> bool:
+    """Whether ``a.b.c`` names a module, or an attribute reached from the longest importable module prefix."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(target, name):
+                return False
+            target = getattr(target, name)
+        return True
+    return False
+
+
+def test_every_code_reference_in_the_documents_exists():
+    """`module.function` and `folder/file.py` references in the README and docs/ point at code that exists."""
+    missing = []
+    for document in DOCUMENTS:
+        text = open(document, encoding="utf-8").read()
+        missing += [f"{os.path.basename(document)}: {name}" for name in CODE_NAME.findall(text)
+                    if not name.endswith((".py", ".md")) and not resolves(name)]
+        missing += [f"{os.path.basename(document)}: {path}" for path in FILE_NAME.findall(text)
+                    if not glob.glob(os.path.join(ROOT, path))]
+    assert missing == []
+
+
+def test_the_reference_check_finds_a_moved_function():
+    assert resolves("drpo_utils.drift_field") and resolves("pipelines.rewards.REWARDS")
+    assert not resolves("train_drpo.reference_features_that_moved") and not resolves("pipelines.nowhere.thing")
