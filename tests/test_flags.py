@@ -171,3 +171,18 @@ def test_every_json_a_strict_parser_reads():
     with pytest.raises(ValueError):
         files.write_json("/nonexistent/never-written.json", {"x": float("nan")})
     assert json.loads(json.dumps(files.finite_or_none({"a": [1.0, float("inf")]}))) == {"a": [1.0, None]}
+
+
+def test_an_undefined_figure_is_null_with_its_reason():
+    import torch
+
+    from pipelines.evaluate import describe_change, summarize
+
+    base = torch.tensor([[0.1, 0.2], [0.3, 0.5]])
+    unchanged = summarize(base, base.clone())  # a LoRA that changes nothing
+    assert unchanged["z_paired"] is None and "changes no score" in unchanged["z_paired_undefined"]
+    assert unchanged["effect_size"] == 0.0
+    flat = summarize(torch.zeros(2, 2), torch.ones(2, 2))  # a reward that does not vary across seeds
+    assert flat["effect_size"] is None and "does not vary" in flat["effect_size_undefined"]
+    assert "effect size undefined: the base reward does not vary" in describe_change(flat)
+    json.loads(json.dumps(flat, allow_nan=False))  # standard JSON
