@@ -135,27 +135,14 @@ def drift_field(
          V_i = m-_i sum_j A+_ij b~+_j - m+_i sum_j A-_ij b~-_j          (Eq. 24)
          V <- V + V_rho / RMS(V_rho)                                    (Eqs. 25-26)
 
-    ``mask_self`` excludes support ``neg[i]`` from query ``i`` (for i < Q): use it when the first Q
-    negatives are the queries themselves (the authors' self-negatives, or V_ref's sg(Z)); with
-    ``self_copies = c`` the first c * Q negatives are c stacked copies, each masked on its diagonal.
-    ``mask_paired_positive`` likewise excludes ``pos[i]`` from query ``i`` (V_ref's base sample r_i,
-    which shares z_i's noise): with both, V_ref compares Z and R leave-one-out and is 0 when Z = R.
-    ``pos_weight`` / ``neg_weight`` are scalars or per-support vectors (the authors weight pairs
-    3000x relative to self-negatives). Since V is RMS-normalised per radius, a common rescaling of
-    all weights leaves V unchanged (without an affinity floor). ``numerics`` sets the epsilons, the
-    affinity floor and whether masked copies are removed or only pushed away (``DriftNumerics``).
+    ``mask_self`` excludes ``neg[i]`` from query ``i`` (i < Q) when the first Q negatives are the queries
+    themselves (self-negatives, V_ref's sg(Z); ``self_copies = c``: c stacked copies, each masked);
+    ``mask_paired_positive`` excludes ``pos[i]`` (V_ref's r_i, same noise as z_i): with both, V_ref is
+    leave-one-out and 0 when Z = R. ``pos_weight`` / ``neg_weight``: scalars or per-support vectors; V
+    is RMS-normalised per radius, so a common rescaling of all weights leaves it unchanged (without an
+    affinity floor). ``numerics``: epsilons, affinity floor, masked copies removed or pushed away.
     """
-    if z.ndim != 2 or pos.ndim != 2 or neg.ndim != 2:
-        raise ValueError(f"z, pos, neg must be 2-D [count, dim]; got {z.shape}, {pos.shape}, {neg.shape}")
-    if not (z.shape[1] == pos.shape[1] == neg.shape[1]):
-        raise ValueError(f"feature dims differ: {z.shape[1]}, {pos.shape[1]}, {neg.shape[1]}")
-    if len(pos) == 0 or len(neg) == 0:
-        raise ValueError("drift_field needs at least one positive and one negative support")
-    if mask_self and len(neg) < self_copies * len(z):
-        raise ValueError(f"mask_self needs the first {self_copies} x Q negatives to be copies of the Q queries")
-    if mask_paired_positive and len(pos) < len(z):
-        raise ValueError("mask_paired_positive needs a positive per query")
-
+    _check_supports(z, pos, neg, mask_self, mask_paired_positive, self_copies)
     dtype = compute_dtype(z)
     queries = z.detach().to(dtype)
     supports = torch.cat([neg, pos]).detach().to(dtype)  # B = [B-; B+]
@@ -170,18 +157,8 @@ def drift_field(
     distances = delta / scale
     cosine = F.normalize(queries, dim=1) @ F.normalize(supports, dim=1).T if kernel == "cosine" else None
 
-    self_mask = None
-    if mask_self or mask_paired_positive:
-        self_mask = torch.zeros_like(delta, dtype=torch.bool)
-        eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
-        if mask_self:
-            for copy in range(self_copies):
-                self_mask[:, copy * len(z) : (copy + 1) * len(z)] = eye
-        if mask_paired_positive:
-            self_mask[:, num_neg : num_neg + len(z)] |= eye
-
-    log_weights = weights.log()
-    field = torch.zeros_like(queries)
+    self_mask = _self_mask(delta, num_neg, mask_self, mask_paired_positive, self_copies)
+    log_weights, field = weights.log(), torch.zeros_like(queries)
     for radius in radii:
         logits = kernel_logits(distances, cosine, float(radius), kernel)  # Eq. 21
         if self_mask is not None:
@@ -189,6 +166,35 @@ def drift_field(
                 numerics.self_penalty) else logits.masked_fill(self_mask, float("-inf"))
         field = field + cross_mass_drift(logits, log_weights, supports_normalised, num_neg, numerics)  # Eqs. 22-25
     return field.to(z.dtype)
+
+
+def _check_supports(z, pos, neg, mask_self: bool, mask_paired_positive: bool, self_copies: int) -> None:
+    if z.ndim != 2 or pos.ndim != 2 or neg.ndim != 2:
+        raise ValueError(f"z, pos, neg must be 2-D [count, dim]; got {z.shape}, {pos.shape}, {neg.shape}")
+    if not (z.shape[1] == pos.shape[1] == neg.shape[1]):
+        raise ValueError(f"feature dims differ: {z.shape[1]}, {pos.shape[1]}, {neg.shape[1]}")
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("drift_field needs at least one positive and one negative support")
+    if mask_self and len(neg) < self_copies * len(z):
+        raise ValueError(f"mask_self needs the first {self_copies} x Q negatives to be copies of the Q queries")
+    if mask_paired_positive and len(pos) < len(z):
+        raise ValueError("mask_paired_positive needs a positive per query")
+
+
+def _self_mask(delta: torch.Tensor, num_neg: int, mask_self: bool, mask_paired_positive: bool,
+               self_copies: int) -> torch.Tensor | None:
+    """[Q, N + P]: True where query i meets its own copy among the negatives (``mask_self``, each of the
+    ``self_copies`` stacked copies) or its paired base sample among the positives (``mask_paired_positive``)."""
+    if not (mask_self or mask_paired_positive):
+        return None
+    queries = delta.shape[0]
+    mask = torch.zeros_like(delta, dtype=torch.bool)
+    eye = torch.eye(queries, dtype=torch.bool, device=delta.device)
+    for copy in range(self_copies if mask_self else 0):
+        mask[:, copy * queries:(copy + 1) * queries] = eye
+    if mask_paired_positive:
+        mask[:, num_neg:num_neg + queries] |= eye
+    return mask
 
 
 def cross_mass_drift(logits: torch.Tensor, log_weights: torch.Tensor, supports: torch.Tensor, num_neg: int,

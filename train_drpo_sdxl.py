@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffusers import AutoencoderKL
 
 import drpo_utils
 import train_drpo
+from pipelines import config
 
 encode_prompts = drpo_utils.encode_prompts_sdxl  # condition c: both encoders + pooled text + time ids
 
@@ -38,15 +38,17 @@ def parse_args(input_args=None):
     return train_drpo.parse_args(input_args, build_parser())
 
 
-def load_pipeline(args, weight_dtype):
+def load_pipeline(model: config.ModelConfig, weight_dtype):
     """SDXL-Turbo pipeline; the stock SDXL VAE overflows in fp16, so it stays fp32 unless replaced."""
-    if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=weight_dtype,
-                                            cache_dir=args.cache_dir)
-        return train_drpo.load_pipeline(args, weight_dtype, vae=vae)
-    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision,
-                                        dtype=torch.float32, cache_dir=args.cache_dir)  # loaded in fp32, not rounded through fp16/bf16
-    return train_drpo.load_pipeline(args, weight_dtype, vae=vae)
+    from diffusers import AutoencoderKL
+
+    if model.pretrained_vae_model_name_or_path is not None:
+        vae = AutoencoderKL.from_pretrained(model.pretrained_vae_model_name_or_path, dtype=weight_dtype,
+                                            cache_dir=model.cache_dir)
+        return train_drpo.load_pipeline(model, weight_dtype, vae=vae)
+    vae = AutoencoderKL.from_pretrained(model.pretrained_model_name_or_path, subfolder="vae", revision=model.revision,
+                                        dtype=torch.float32, cache_dir=model.cache_dir)  # fp32, not rounded to 16 bits
+    return train_drpo.load_pipeline(model, weight_dtype, vae=vae)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def compare_to_base(model: str, loras: dict[str, str], rewards: list[str], promp
     Per LoRA: ``summarize`` of every reward (base vs LoRA) and ``image_distance``, the RMS pixel
     difference to the base model's image of the same prompt and seed (how far the LoRA moved).
     """
-    from pipelines.evaluate import summarize
+    from pipelines.scoring import summarize
     from pipelines.inference import generate_images, load_lora, load_one_step_pipeline
     from pipelines.rewards import load_reward, score_candidates
 

@@ -42,7 +42,7 @@ def build_preference_set(folder: str, prompts: list[str], pairs_per_prompt: int,
 
     from pipelines.inference import generate_images, load_one_step_pipeline
     from pipelines.rewards import load_reward, score_candidates
-    from pipelines.training import to_pil
+    from pipelines.images import to_pil
 
     pipe, reward_fn = load_one_step_pipeline(model), load_reward(reward)
     seeds = list(range(first_seed, first_seed + 2 * pairs_per_prompt))

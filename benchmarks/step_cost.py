@@ -18,7 +18,6 @@ GPU: ``max_memory_allocated``), and the peak of what autograd holds saved for ba
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
@@ -27,7 +26,7 @@ import torch
 import drpo_utils
 from benchmarks.harness import peak_bytes, publish, reset_peak, run_isolated
 from benchmarks.readme import save_result
-from pipelines import candidates, features, training
+from pipelines import candidates, features, lora_files, methods, runtime
 from pipelines.inference import load_one_step_pipeline
 from pipelines.memory import SavedActivationPeak
 
@@ -89,21 +88,17 @@ class Bench:
         self.args, self.device = args, torch.device(args.device)
         torch.manual_seed(0)
         self.pipe = load_one_step_pipeline(args.model, device=self.device)
-        training.prepare_frozen_models(self.pipe, self.device)
-        step_args = train_drpo.parse_args(training_flags(args, method, chunk_size))
-        step_args.resolution = args.resolution
-        training.add_lora(self.pipe.unet, step_args)
+        runtime.prepare_frozen_models(self.pipe, self.device)
+        settings = train_drpo.build_config(train_drpo.parse_args(training_flags(args, method, chunk_size)))
+        settings = settings.resolved(model={"resolution": args.resolution})
+        lora_files.add_lora(self.pipe.unet, settings.adapter)
         self.params = [p for p in self.pipe.unet.parameters() if p.requires_grad]
         self.reward_model = RandomRewardModel(args.reward_width, args.reward_depth, args.reward_resolution)
         self.reward_model = self.reward_model.to(self.device).eval().requires_grad_(False)
-        self.ctx = candidates.StepContext(
-            args=step_args, accelerator=Accelerator(cpu=self.device.type == "cpu"), pipe=self.pipe,
-            unet=self.pipe.unet, scheduler=copy.deepcopy(self.pipe.scheduler),
-            feature_map=features.build_feature_map(args.feature_extractor).to(self.device),
-            scorer=candidates.RewardScorer(self.reward_fn, "random-vit", background=False),
-            config=train_drpo.drift_config(step_args), encode_prompts=train_drpo.encode_prompts,
-            method=train_drpo.METHODS[method],
-        )
+        feature_map = features.build_feature_map(args.feature_extractor).to(self.device)
+        self.ctx = train_drpo.step_context(Accelerator(cpu=self.device.type == "cpu"), settings, self.pipe,
+                                           self.pipe.unet, feature_map, self.reward_fn,
+                                           methods.registered()[method], train_drpo.encode_prompts)
 
     def reward_fn(self, images, prompts):
         """A reward as the protocol says: images in, N scores out (with a graph when the images need one)."""
@@ -151,7 +146,7 @@ class Bench:
 
         parts = {"generator forward+backward": generator_fwd_bwd, "reference forward + its features": reference,
                  "reward forward": reward_forward, "decode + feature forward+backward": feature_fwd_bwd,
-                 "drift field": lambda: drpo_utils.drift_targets(z, z_ref, winners, losers, ctx.config)}
+                 "drift field": lambda: drpo_utils.drift_targets(z, z_ref, winners, losers, ctx.drift)}
         return {name: timed(fn, self.device, repeats) for name, fn in parts.items()}
 
 

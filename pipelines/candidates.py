@@ -13,7 +13,6 @@ Two execution details live here too, because every method's loss goes through th
 
 from __future__ import annotations
 
-import argparse
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 
 import drpo_utils
 from pipelines import rewards
+from pipelines.config import MethodConfig
 
 
 class RewardScorer:
@@ -106,31 +106,43 @@ class TieWatch:
 class StepContext:
     """Everything a per-prompt step needs (Algorithm 1, inputs)."""
 
-    args: argparse.Namespace
     accelerator: object
     pipe: object  # the stock pipeline: its UNet with LoRA is g_theta, with LoRA disabled g_ref
     unet: torch.nn.Module  # pipe.unet as prepared by accelerate (DDP-wrapped when distributed)
     scheduler: object  # private copy of the pipeline's scheduler for the differentiable one-step sampler
     feature_map: torch.nn.Module  # phi
     scorer: RewardScorer  # R, only ranks
-    config: drpo_utils.DriftConfig  # lambda, eta, radii, kernel, ...
     encode_prompts: Callable  # prompt -> condition c (SD or SDXL)
-    method: Method  # the per-prompt update: DrPO or a baseline
+    method: object  # pipelines.methods.Method: the per-prompt update, DrPO or a baseline
+    setup: MethodConfig  # K, M, the drift field's config (lambda, eta, radii, kernel, ...), the method's options
+    resolution: int
+    chunk_size: int | None = None  # C: candidates backpropagated together (--candidate_chunk_size)
+    window: tuple[int, int] = (1, 1)  # (micro-steps, prompts per micro-step) of one optimiser step
+    max_grad_norm: float = 1.0
 
     @property
-    def chunk_size(self) -> int | None:
-        return self.args.candidate_chunk_size
+    def drift(self) -> drpo_utils.DriftConfig:
+        return self.setup.drift
+
+    @property
+    def options(self):
+        """The method's own options (its flags' values)."""
+        return self.setup.options
+
+    @property
+    def num_candidates(self) -> int:
+        return self.setup.num_candidates
 
 
 def prompt_condition(ctx: StepContext, prompt: str, count: int) -> dict:
     """Condition c, encoded once and shared by ``count`` candidates."""
-    condition = ctx.encode_prompts(ctx.pipe, [prompt], ctx.accelerator.device, ctx.args.resolution)
+    condition = ctx.encode_prompts(ctx.pipe, [prompt], ctx.accelerator.device, ctx.resolution)
     return {name: value.expand(count, *value.shape[1:]) for name, value in condition.items()}
 
 
 def candidate_noise(ctx: StepContext, count: int, rng: torch.Generator) -> torch.Tensor:
     """Initial noises eps_1..count at the training resolution's latent size."""
-    size = ctx.args.resolution // ctx.pipe.vae_scale_factor
+    size = ctx.resolution // ctx.pipe.vae_scale_factor
     shape = (count, ctx.pipe.unet.config.in_channels, size, size)
     return torch.randn(shape, generator=rng).to(ctx.accelerator.device)
 
@@ -195,7 +207,7 @@ def candidates(ctx: StepContext, prompt: str, rng: torch.Generator, grad: bool |
     The features keep their graph (``grad``) in the single pass, not when chunked. Offline DrPO uses
     the candidates as queries only (``scored=False``: no reward, no decode the features do not need).
     """
-    k = ctx.args.num_candidates
+    k = ctx.num_candidates
     condition, noise = prompt_condition(ctx, prompt, k), candidate_noise(ctx, k, rng)
     grad = ctx.chunk_size is None if grad is None else grad
     rows_list = chunk_rows(k, None if grad else ctx.chunk_size)  # without gradient C at a time: memory flat in K
@@ -264,40 +276,14 @@ def loss_pieces(ctx: StepContext, count: int, loss_of_rows: Callable,
 def regression_pieces(ctx: StepContext, cand: Candidates, targets: dict) -> Iterator[tuple[torch.Tensor, bool]]:
     """Eq. 17 against the detached targets, as loss pieces: on the single pass's graph, or C candidates
     at a time recomputed with gradient (--candidate_chunk_size); returns the loss value."""
-    k = ctx.args.num_candidates
+    k = ctx.num_candidates
     return (yield from loss_pieces(
-        ctx, k, whole=lambda: drpo_utils.regression_loss(cand.features, targets, ctx.config),
+        ctx, k, whole=lambda: drpo_utils.regression_loss(cand.features, targets, ctx.drift),
         loss_of_rows=lambda rows: drpo_utils.regression_loss(recomputed_features(ctx, cand, rows), targets,
-                                                             ctx.config, rows, k)))
+                                                             ctx.drift, rows, k)))
 
 
 def zero_piece(ctx: StepContext, cand_condition: dict, noise: torch.Tensor) -> torch.Tensor:
     """A zero loss through the (DDP-wrapped) generator, for a prompt with nothing to learn from: every
     rank still runs its one synchronising backward."""
     return current_latents(ctx, rows_of(cand_condition, slice(0, 1)), noise[:1]).sum() * 0.0
-
-
-@dataclass(frozen=True)
-class Method:
-    """A per-prompt update plugged into the shared loop (``train_drpo.optimisation_step``).
-
-    ``propose(ctx, prompt, rng)`` does the part without gradient (samples, reward calls handed to the
-    scorer, so they can overlap compute); ``update(ctx, proposal)`` yields (loss, is_last) pieces to
-    backpropagate and returns the stats to log. ``reward_gradient``: the reward is differentiated.
-    ``add_flags(parser)`` adds the method's own flags (an argument group).
-    """
-
-    name: str
-    propose: Callable
-    update: Callable
-    reward_gradient: bool = False
-    add_flags: Callable | None = None
-
-    @property
-    def flags(self) -> list[str]:
-        """The ``dest`` of each of the method's own flags."""
-        if self.add_flags is None:
-            return []
-        probe = argparse.ArgumentParser(add_help=False)
-        self.add_flags(probe)
-        return [action.dest for action in probe._actions]  # noqa: SLF001 - argparse has no public list

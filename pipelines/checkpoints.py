@@ -3,7 +3,7 @@ run they belong to, exact resume, and one writer per output folder.
 
 - Each checkpoint is written to ``checkpoint-N.tmp`` and renamed; a failed write (a full disk)
   removes the partial folder and says which checkpoint is still intact.
-- Each holds ``run.json`` (what defines the run: every flag that changes the result, the prompt
+- Each holds ``run.json`` (what defines the run: every config field declared to change the result, the prompt
   encoding, the number of processes) and ``checksums.json`` (SHA-256 of its files): a resume checks
   both before loading, so another run's checkpoint or a corrupted file is refused with its name.
 - A fresh run refuses an output folder holding checkpoints unless ``--overwrite_output_dir``; a run
@@ -17,7 +17,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -25,20 +24,11 @@ import tempfile
 import zipfile
 
 from pipelines import files
-from pipelines.training import load_lora_into_adapter, save_lora
+from pipelines.config import RunConfig
+from pipelines.lora_files import LORA_FILE, load_lora_into_adapter, save_lora
 
-RUN_FILE, CHECKSUM_FILE, LOCK_FILE, LORA_FILE = "run.json", "checksums.json", ".drpo.lock", \
-    "pytorch_lora_weights.safetensors"
+RUN_FILE, CHECKSUM_FILE, LOCK_FILE = "run.json", "checksums.json", ".drpo.lock"
 STAGING, DELETING = ".tmp", ".deleting"  # suffixes of a checkpoint being written / being removed
-# Flags that manage a run without changing what it computes, and the step budget (a resume may extend it).
-NOT_PART_OF_THE_RUN = frozenset({
-    "output_dir", "logging_dir", "report_to", "max_train_steps", "checkpointing_steps",
-    "checkpoints_total_limit", "resume_from_checkpoint", "overwrite_output_dir",
-    "validation_steps", "num_validation_seeds", "push_to_hub", "hub_model_id", "hub_token",
-    "ddp_timeout", "reward_timeout", "overlap_reward", "gradient_checkpointing", "candidate_chunk_size",
-    "cache_dir", "tracker_project_name", "output_kohya_format", "reward_device", "validation_rewards",
-    "feature_cache_dir", "streaming",
-})
 
 
 class CheckpointError(RuntimeError):
@@ -50,25 +40,23 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_record(args, prompt_encoding: str, num_processes: int) -> dict:
-    """The run a checkpoint belongs to: every flag that changes the result, plus what the flags do not say."""
-    record = {key: json_value(value) for key, value in sorted(vars(args).items())
-              if key not in NOT_PART_OF_THE_RUN and isinstance(value, (str, int, float, bool, list, type(None)))}
-    record.update(prompt_encoding=prompt_encoding, num_processes=num_processes)
-    return record
-
-
-def json_value(value):
-    """A flag value as standard JSON holds it: an infinite float (``--self_penalty inf``) as "inf"."""
-    if isinstance(value, float) and math.isinf(value):
-        return str(value)
-    return [json_value(item) for item in value] if isinstance(value, list) else value
+def flattened(record: dict, prefix: str = "") -> dict:
+    """Nested parts of a record (the drift field's config) as ``drift.radii``-style keys."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(flattened(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def record_differences(recorded: dict, current: dict) -> list[str]:
-    """Human-readable differences between two run records (``--flag: then -> now``)."""
+    """Human-readable differences between two run records (``--flag: then -> now``; ``drift.radii: ...``
+    for a field of the drift field's config)."""
+    recorded, current = flattened(recorded), flattened(current)
     keys = sorted(set(recorded) | set(current))
-    return [f"--{key}: {recorded.get(key)!r} -> {current.get(key)!r}" for key in keys
+    return [f"{'' if '.' in key else '--'}{key}: {recorded.get(key)!r} -> {current.get(key)!r}" for key in keys
             if recorded.get(key) != current.get(key)]
 
 
@@ -97,14 +85,14 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return sorted(names, key=lambda d: int(d.split("-")[1]))
 
 
-def find_resume_checkpoint(args) -> str | None:
+def find_resume_checkpoint(run: RunConfig) -> str | None:
     """The checkpoint to resume from: ``latest`` may find none (fresh start), a named one must exist."""
-    if args.resume_from_checkpoint is None:
+    if run.resume_from_checkpoint is None:
         return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        return os.path.join(args.output_dir, checkpoints[-1]) if checkpoints else None
-    return resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
+    if run.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(run.output_dir)
+        return os.path.join(run.output_dir, checkpoints[-1]) if checkpoints else None
+    return resolve_checkpoint_path(run.output_dir, run.resume_from_checkpoint)
 
 
 def previous_checkpoint(output_dir: str, before: str | None = None) -> str | None:
@@ -120,25 +108,25 @@ def previous_checkpoint(output_dir: str, before: str | None = None) -> str | Non
 # ---------------------------------------------------------------------------------------------
 
 
-def check_output_dir(args, record: dict) -> None:
+def check_output_dir(run: RunConfig, record: dict) -> None:
     """Writable; and a fresh run does not silently share its folder with another run's checkpoints."""
     try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=args.output_dir, prefix=".drpo-write-test-"):
+        os.makedirs(run.output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run.output_dir, prefix=".drpo-write-test-"):
             pass  # every process probes its own file
     except OSError as error:
-        raise ValueError(f"--output_dir {args.output_dir!r} is not writable: {error}") from error
-    if find_resume_checkpoint(args) is not None:
+        raise ValueError(f"--output_dir {run.output_dir!r} is not writable: {error}") from error
+    if find_resume_checkpoint(run) is not None:
         return
-    existing = list_checkpoints(args.output_dir)
-    if not existing or args.overwrite_output_dir:
+    existing = list_checkpoints(run.output_dir)
+    if not existing or run.overwrite_output_dir:
         return
-    recorded = read_run(os.path.join(args.output_dir, existing[-1]))
+    recorded = read_run(os.path.join(run.output_dir, existing[-1]))
     whose = "a run with no record" if recorded is None else (
         "another run" if record_differences(recorded, record) else "this same run")
     differing = "" if recorded is None else "".join(f"\n  {d}" for d in record_differences(recorded, record))
     raise ValueError(
-        f"--output_dir {args.output_dir!r} already holds {', '.join(existing)} of {whose}{differing}\n"
+        f"--output_dir {run.output_dir!r} already holds {', '.join(existing)} of {whose}{differing}\n"
         "A new run there would mix its checkpoints with them. Continue that run with --resume_from_checkpoint=latest, "
         "start over with --overwrite_output_dir (deletes them), or choose another --output_dir.")
 
@@ -179,24 +167,24 @@ class OutputLock:
 
 
 @contextlib.contextmanager
-def claimed_output_dir(accelerator, args, record: dict):
+def claimed_output_dir(accelerator, run: RunConfig, record: dict):
     """Check the output folder (every process), lock it for the run (the main process; every process
     learns whether it was refused), clear it with --overwrite_output_dir; release the lock at the end."""
     from accelerate.utils import broadcast_object_list
 
-    check_output_dir(args, record)
+    check_output_dir(run, record)
     lock, refusal = None, None
     if accelerator.is_main_process:
         try:
-            lock = OutputLock(args.output_dir)
+            lock = OutputLock(run.output_dir)
         except ValueError as error:
             refusal = str(error)
     refusal = broadcast_object_list([refusal])[0] if accelerator.num_processes > 1 else refusal
     if refusal is not None:
         raise ValueError(refusal)
     try:
-        if args.overwrite_output_dir and accelerator.is_main_process:
-            clear_previous_run(args.output_dir)
+        if run.overwrite_output_dir and accelerator.is_main_process:
+            clear_previous_run(run.output_dir)
         accelerator.wait_for_everyone()
         yield
     finally:
@@ -250,39 +238,39 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def writing_checkpoint(args, global_step: int, staging: str):
+def writing_checkpoint(run: RunConfig, global_step: int, staging: str):
     """A failed write (a full disk, say) removes the partial checkpoint and says which one is intact."""
     try:
         yield
     except (OSError, RuntimeError) as error:
         shutil.rmtree(staging, ignore_errors=True)
-        intact = previous_checkpoint(args.output_dir)
+        intact = previous_checkpoint(run.output_dir)
         kept = f"{intact} is intact" if intact else "no earlier checkpoint exists"
         cause = "the disk is full" if is_disk_full(error) else f"{type(error).__name__}: {error}"
-        raise CheckpointError(f"could not write checkpoint-{global_step} in {args.output_dir}: {cause}. The partial "
+        raise CheckpointError(f"could not write checkpoint-{global_step} in {run.output_dir}: {cause}. The partial "
                               f"checkpoint was removed and {kept}; free space, then resume with "
                               "--resume_from_checkpoint=latest") from error
 
 
-def save_checkpoint(accelerator, args, global_step: int, record: dict) -> None:
+def save_checkpoint(accelerator, run: RunConfig, global_step: int, record: dict) -> None:
     """Atomically write ``checkpoint-N`` (state, LoRA, run record, checksums), then prune to
     ``--checkpoints_total_limit``; older checkpoints are removed only after the new one exists."""
-    final = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    final = os.path.join(run.output_dir, f"checkpoint-{global_step}")
     staging = final + STAGING
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    with writing_checkpoint(args, global_step, staging):
+    with writing_checkpoint(run, global_step, staging):
         accelerator.save_state(staging)
     accelerator.wait_for_everyone()  # every process' files are written before they are checksummed
     if accelerator.is_main_process:
-        with writing_checkpoint(args, global_step, staging):
+        with writing_checkpoint(run, global_step, staging):
             files.write_json(os.path.join(staging, RUN_FILE), record)
             files.write_json(os.path.join(staging, CHECKSUM_FILE), file_digests(staging))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+        prune_checkpoints(run.output_dir, run.checkpoints_total_limit)
     accelerator.wait_for_everyone()
 
 
@@ -318,13 +306,13 @@ def verify_checkpoint(path: str, record: dict) -> None:
             raise CheckpointError(f"{name} is corrupted: {relative} does not match its checksum{fallback}")
 
 
-def maybe_resume(accelerator, args, record: dict) -> int:
+def maybe_resume(accelerator, run: RunConfig, record: dict) -> int:
     """Load the checkpoint named by --resume_from_checkpoint (LoRA, optimiser, scheduler, RNG) after
     checking it is this run's and whole; return its step (0: a fresh start)."""
-    path = find_resume_checkpoint(args)
+    path = find_resume_checkpoint(run)
     if path is None:
-        if args.resume_from_checkpoint:
-            accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
+        if run.resume_from_checkpoint:
+            accelerator.print(f"No checkpoint in {run.output_dir}; starting a new run.")
         return 0
     match = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
     if match is None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 import os
 
-import torch
-
 from pipelines.eval_sets import GENEVAL_TASKS
 
 PAPER_SCALE = {"clip": 100.0, "hpsv2": 100.0, "hpsv21": 100.0, "imagereward": 10.0}
@@ -98,28 +96,6 @@ def render_markdown(result: dict) -> str:
             cells = [f"**{percent(row[c])}**" if row[c] == best[c] else percent(row[c]) for c in columns]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def labelled_rows(prompt: str, rows: dict[str, torch.Tensor]):
-    """One prompt: its text on top, then one row of images per model with the model's name on the left."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    height, width = next(iter(rows.values())).shape[-2:]
-    columns = max(len(images) for images in rows.values())
-    font = ImageFont.load_default(size=max(10, min(16, height // 5)))
-    label_width = max(int(font.getlength(label)) for label in rows) + 12
-    caption = font.size + 8
-    canvas = Image.new("RGB", (max(label_width + columns * width, int(font.getlength(prompt)) + 8),
-                               caption + len(rows) * height), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 3), prompt, fill="black", font=font)
-    for row, (label, images) in enumerate(rows.items()):
-        top = caption + row * height
-        draw.text((4, top + height // 2 - font.size // 2), label, fill="black", font=font)
-        for column, image in enumerate(images):
-            pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-            canvas.paste(Image.fromarray(pixels), (label_width + column * width, top))
-    return canvas
 
 
 def save_delta_plot(result: dict, path: str) -> str | None:

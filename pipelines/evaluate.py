@@ -12,274 +12,33 @@ a later run that adds a metric, a model or the judge only generates what is miss
 ``accelerate launch`` / ``torchrun`` the prompts (and the scoring batches) are split across processes
 and gathered; only the main process writes the reports. See the README section "Evaluation".
 
-The single-reward helpers other code uses (``reward_table``, ``summarize``,
-``evaluate``) are kept at the top.
+The single-reward helpers (``reward_table``, ``summarize``, ``evaluate``) are ``pipelines/scoring.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import hashlib
 import json
-import logging
 import math
 import os
-import re
 import sys
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from pipelines import files, flags
-from pipelines.eval_report import labelled_rows, render_markdown, save_delta_plot, scale_of
+from pipelines.cli import from_namespace
+from pipelines.config import EvalConfig
+from pipelines.eval_report import render_markdown, save_delta_plot, scale_of
 from pipelines.eval_sets import (GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_summary, geneval_tag,
                                  load_prompt_set)
+from pipelines.eval_cache import BASE, ImageCache, model_weights, parse_models, slug, split_label
 from pipelines.eval_stats import bootstrap_indices, mean_and_se, outcome_rates, paired_difference, win_rate
-from pipelines.inference import generate_images, load_lora, load_one_step_pipeline
+from pipelines.images import labelled_grid
+from pipelines.inference import generate_images, load_one_step_pipeline
 from pipelines.rewards import REWARDS, check_reward_spec, is_url, load_reward, score_candidates
 
-logger = logging.getLogger(__name__)
-
-
-def reward_table(pipe, reward_fn, reward_name: str, prompts: list[str], seeds: list[int], resolution=None,
-                 progress: bool = False, description: str = "generating"):
-    """Rewards [len(prompts), len(seeds)] and the images they score (a mixture: its reported raw sum,
-    comparable across models)."""
-    images = generate_images(pipe, prompts, seeds, resolution, progress=progress, description=description)
-    scores = score_candidates(reward_fn, images, [p for p in prompts for _ in seeds], reward_name).reported
-    return scores.view(len(prompts), len(seeds)), images
-
-
-def summarize(base: torch.Tensor, tuned: torch.Tensor) -> dict:
-    """Means, standard errors, the paired difference and the effect size of tuned - base.
-
-    A ratio whose denominator is zero is ``None`` with a ``<name>_undefined`` entry saying why (strict
-    JSON has no NaN): an unchanged model has no paired z, a reward that does not vary has no effect size.
-    """
-    n = base.numel()
-    difference = (tuned - base).flatten().double()
-    base_se, tuned_se = base.double().std() / n**0.5, tuned.double().std() / n**0.5
-    change, change_se = difference.mean(), difference.std() / n**0.5
-    # Across-seed spread of the base reward, averaged over prompts (the noise DrPO can exploit).
-    seed_std = base.double().std(dim=1).mean() if base.shape[1] > 1 else base.double().std()
-    result = {"samples": n, "base_mean": base.mean().item(), "base_se": base_se.item(),
-              "lora_mean": tuned.mean().item(), "lora_se": tuned_se.item(), "change": change.item(),
-              "change_se": change_se.item()}
-    ratios = {"z_unpaired": (change, (base_se**2 + tuned_se**2).sqrt(), "the reward is the same for every image"),
-              "z_paired": (change, change_se, "the LoRA changes no score (every paired difference is equal)"),
-              "effect_size": (change, seed_std, "the base reward does not vary across seeds")}
-    for name, (numerator, denominator, reason) in ratios.items():
-        defined = bool(denominator > 0) and bool(torch.isfinite(numerator / denominator))
-        result[name] = (numerator / denominator).item() if defined else None
-        if not defined:
-            result[f"{name}_undefined"] = reason
-    return result
-
-
-def describe_change(metrics: dict) -> str:
-    """'effect size 1.23, paired z 4.5', or the reason a figure is undefined, in words."""
-    parts = []
-    for name, label, digits in (("effect_size", "effect size", 2), ("z_paired", "paired z", 1)):
-        value = metrics[name]
-        parts.append(f"{label} {value:.{digits}f}" if value is not None
-                     else f"{label} undefined: {metrics[f'{name}_undefined']}")
-    return ", ".join(parts)
-
-
-def evaluate(model: str, lora: str, reward: str, prompts: list[str], seeds: list[int], resolution=None,
-             progress: bool = False, device=None):
-    """One reward of the base model vs base + LoRA on the same prompts and seeds (no cache, one process),
-    fp32 on ``device`` (default: the GPU if there is one)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    reward_fn = load_reward(reward, device)
-    pipe = load_one_step_pipeline(model, device=device)
-    base, base_images = reward_table(pipe, reward_fn, reward, prompts, seeds, resolution, progress, "base")
-    load_lora(pipe, lora)
-    tuned, tuned_images = reward_table(pipe, reward_fn, reward, prompts, seeds, resolution, progress, "LoRA")
-    return summarize(base, tuned), base_images, tuned_images
-
-
-# ---------------------------------------------------------------------------------------------
-# Models and the image cache
-# ---------------------------------------------------------------------------------------------
-
-BASE = "base"
-LABEL = re.compile(r"^[\w.+-]+$")
-
-
-@dataclass(frozen=True)
-class EvalModel:
-    label: str
-    kind: str  # "base", "lora" or "unet" (the paper's three sampling modes)
-    path: str | None = None
-
-
-def split_label(item: str) -> tuple[str | None, str]:
-    """``name=spec`` -> (name, spec); a bare spec -> (None, spec)."""
-    name, sep, rest = item.partition("=")
-    return (name, rest) if sep and LABEL.match(name) and rest else (None, item)
-
-
-def default_label(path: str) -> str:
-    """A local folder's (or file's) base name, else the Hub id as given."""
-    if os.path.exists(path):
-        name = os.path.basename(os.path.normpath(path))
-        return os.path.splitext(name)[0] if os.path.isfile(path) else name
-    return path
-
-
-def parse_models(loras: list[str], unets: list[str]) -> list[EvalModel]:
-    models = [EvalModel(BASE, "base")]
-    for kind, items in (("lora", loras), ("unet", unets)):
-        for item in items:
-            name, path = split_label(item)
-            models.append(EvalModel(name or default_label(path), kind, path))
-    labels = [m.label for m in models]
-    repeated = sorted({label for label in labels if labels.count(label) > 1})
-    if repeated:
-        raise ValueError(f"model names {repeated} repeat (one is 'base'): name them with --lora name=path")
-    return models
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^\w.+-]+", "--", text).strip("-") or "model"
-
-
-def resolved(path: str | None) -> str | None:
-    return os.path.abspath(path) if path is not None and os.path.exists(path) else path
-
-
-PIXELS_KEY = "drpo-pixels-sha256"  # a PNG text chunk: the SHA-256 of the image's RGB bytes
-
-
-def pixel_digest(pixels) -> str:
-    """SHA-256 of an [H, W, 3] uint8 array's bytes."""
-    import numpy as np
-
-    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
-
-
-class ImageCache:
-    """PNG images per (model, prompt, seed): ``<root>/<model>-<key hash>/<prompt hash>-<seed>.png``.
-
-    The folder's key is the *content* of everything that changes a model's images (``pipelines.content``):
-    the base model's files or Hub commit, the LoRA's / UNet's files (the same path retrained is another
-    key), resolution, dtype, variant and the diffusers version; ``model.json`` in each folder says what
-    it holds. Each PNG carries the SHA-256 of its pixels: an image that is cut short or altered is named,
-    removed and generated again. Writes go through a temporary file (never a half-written image).
-    """
-
-    def __init__(self, root: str, base_model: str, resolution: int | None, dtype: str, revision=None, variant=None):
-        import diffusers
-
-        from pipelines.content import source_key
-
-        self.root, self.keys = root, {}
-        self.setting = {"base_model": resolved(base_model), "base_model_content": source_key(base_model, revision),
-                        "resolution": resolution, "dtype": dtype, "revision": revision, "variant": variant,
-                        "diffusers": diffusers.__version__}
-
-    def describe(self, model: EvalModel) -> dict:
-        """What the model's images depend on (its weights by content), computed once per model."""
-        from pipelines.content import source_key
-
-        if model not in self.keys:
-            weights = None if model.path is None else source_key(model.path)
-            self.keys[model] = {**self.setting, "kind": model.kind, "path": resolved(model.path), "weights": weights}
-        return self.keys[model]
-
-    def folder(self, model: EvalModel) -> str:
-        key = {name: value for name, value in self.describe(model).items() if name not in ("path", "base_model")}
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-        return os.path.join(self.root, f"{slug(model.label)}-{digest}")
-
-    def path(self, model: EvalModel, prompt: str, seed: int) -> str:
-        return os.path.join(self.folder(model), f"{hashlib.sha1(prompt.encode()).hexdigest()[:16]}-{seed}.png")
-
-    def has(self, model: EvalModel, prompt: str, seed: int) -> bool:
-        """A whole, unaltered cached image exists; a damaged one is named, removed and so generated again."""
-        path = self.path(model, prompt, seed)
-        if not os.path.isfile(path):
-            return False
-        if self.read(path) is None:
-            logger.warning(f"cached image {path} is damaged (cut short or altered): generating it again")
-            with contextlib.suppress(OSError):
-                os.remove(path)
-            return False
-        return True
-
-    @staticmethod
-    def read(path: str):
-        """The image's [H, W, 3] uint8 pixels if the file decodes and matches its stored checksum, else None."""
-        import numpy as np
-        from PIL import Image
-
-        try:
-            with Image.open(path) as image:
-                image.load()
-                pixels, stored = np.asarray(image.convert("RGB")), image.text.get(PIXELS_KEY)
-        except (OSError, SyntaxError, ValueError):  # PIL's errors for truncated or invalid files
-            return None
-        return pixels if stored == pixel_digest(pixels) else None
-
-    def save(self, model: EvalModel, prompt: str, seed: int, image: torch.Tensor) -> None:
-        from PIL import Image, PngImagePlugin
-
-        path = self.path(model, prompt, seed)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        pixels = (image.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        info = PngImagePlugin.PngInfo()
-        info.add_text(PIXELS_KEY, pixel_digest(pixels))
-        with files.atomic_path(path) as staging:
-            Image.fromarray(pixels).save(staging, format="PNG", pnginfo=info)
-
-    def describe_folder(self, model: EvalModel) -> None:
-        os.makedirs(self.folder(model), exist_ok=True)
-        files.write_json(os.path.join(self.folder(model), "model.json"), {"label": model.label, **self.describe(model)})
-
-    def load(self, model: EvalModel, pairs: list[tuple[str, int]]) -> torch.Tensor:
-        """[len(pairs), 3, H, W] float32 in [0, 1] for (prompt, seed) pairs (checked when generation ended)."""
-        import numpy as np
-
-        arrays = []
-        for prompt, seed in pairs:
-            path = self.path(model, prompt, seed)
-            pixels = self.read(path)
-            if pixels is None:
-                raise CacheError(f"cached image {path} is damaged (cut short or altered); run the evaluation again: "
-                                 "it generates the damaged images anew")
-            arrays.append(pixels)
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float() / 255.0
-
-
-class CacheError(RuntimeError):
-    """A cache entry that is damaged."""
-
-
-@contextlib.contextmanager
-def model_weights(pipe, model: EvalModel, dtype, device):
-    """The pipeline as ``model``: a LoRA loaded then unloaded, or a finetuned UNet swapped in then out."""
-    if model.kind == "lora":
-        load_lora(pipe, model.path)
-        try:
-            yield pipe
-        finally:
-            pipe.unload_lora_weights()
-    elif model.kind == "unet":
-        from diffusers import UNet2DConditionModel
-
-        subfolder = "unet" if os.path.isdir(os.path.join(model.path, "unet")) else None
-        original = pipe.unet
-        pipe.unet = UNet2DConditionModel.from_pretrained(model.path, subfolder=subfolder, dtype=dtype).to(device)
-        try:
-            yield pipe
-        finally:
-            pipe.unet = original
-    else:
-        yield pipe
 
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -292,7 +51,7 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def generate_missing(args, models, prompts, seeds, cache: ImageCache, state) -> int:
+def generate_missing(evaluation: EvalConfig, models, prompts, seeds, cache: ImageCache, state) -> int:
     """Generate this process' share of the (model, prompt, seed) images the cache lacks; returns how many.
     Processes split the distinct prompts, so a repeated prompt's images are written by one process only."""
     mine = list(dict.fromkeys(prompts))[state.process_index::state.num_processes]
@@ -301,9 +60,9 @@ def generate_missing(args, models, prompts, seeds, cache: ImageCache, state) -> 
     total = sum(len(missing) for work in todo.values() for _, missing in work)
     if total == 0:
         return 0
-    dtype = DTYPES[args.mixed_precision]
-    pipe = load_one_step_pipeline(args.pretrained_model_name_or_path, dtype=dtype, device=state.device,
-                                  **{k: v for k, v in (("revision", args.revision), ("variant", args.variant)) if v})
+    dtype = DTYPES[evaluation.mixed_precision]
+    pipe = load_one_step_pipeline(evaluation.pretrained_model_name_or_path, dtype=dtype, device=state.device,
+                                  **{k: v for k, v in (("revision", evaluation.revision), ("variant", evaluation.variant)) if v})
     with tqdm(total=total, desc="generating", unit="image", disable=not state.is_main_process) as bar:
         for model, work in todo.items():
             if not work:
@@ -311,7 +70,7 @@ def generate_missing(args, models, prompts, seeds, cache: ImageCache, state) -> 
             bar.set_postfix_str(model.label)
             with model_weights(pipe, model, dtype, state.device):
                 for prompt, missing in work:
-                    images = generate_images(pipe, [prompt], missing, args.resolution)
+                    images = generate_images(pipe, [prompt], missing, evaluation.resolution)
                     for seed, image in zip(missing, images):
                         cache.save(model, prompt, seed, image)
                     bar.update(len(missing))
@@ -350,15 +109,15 @@ def metric_label(item: str) -> tuple[str, str]:
     return spec.rsplit(":", 1)[1], spec
 
 
-def score_metrics(args, metrics: dict[str, str], models, prompts, seeds, cache, state) -> dict:
+def score_metrics(evaluation: EvalConfig, metrics: dict[str, str], models, prompts, seeds, cache, state) -> dict:
     """Raw scores {metric: {model label: float64 [prompts, seeds]}}; one metric model loaded at a time."""
     pairs = [(p, s) for p in prompts for s in seeds]
     scores = {}
     for metric, spec in metrics.items():
         reward = load_reward(spec, state.device)
         if hasattr(reward, "batch_size"):
-            reward.batch_size = args.metric_batch_size
-        batches = my_batches(len(pairs), args.metric_batch_size, state)
+            reward.batch_size = evaluation.metric_batch_size
+        batches = my_batches(len(pairs), evaluation.metric_batch_size, state)
         local = []
         with tqdm(total=len(batches) * len(models), desc=f"scoring {metric}", unit="batch",
                   disable=not state.is_main_process) as bar:
@@ -377,15 +136,15 @@ def score_metrics(args, metrics: dict[str, str], models, prompts, seeds, cache, 
     return scores
 
 
-def run_geneval(args, models, prompt_set, seeds, cache, state) -> dict[str, list[dict]]:
+def run_geneval(evaluation: EvalConfig, models, prompt_set, seeds, cache, state) -> dict[str, list[dict]]:
     """Per model, GenEval's per-image results (tag, correct, reasons) from our ``geneval`` checker."""
     from pipelines.rewards.geneval import GenEvalReward
 
-    checker = GenEvalReward(args.geneval_detector, args.geneval_clip, device=state.device)
+    checker = GenEvalReward(evaluation.geneval_detector, evaluation.geneval_clip, device=state.device)
     prompts = prompt_set.prompts
     tags = [geneval_tag(record, prompt, checker) for record, prompt in zip(prompt_set.records, prompts)]
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
-    batches = my_batches(len(pairs), args.metric_batch_size, state)
+    batches = my_batches(len(pairs), evaluation.metric_batch_size, state)
     local = []
     with tqdm(total=len(batches) * len(models), desc="geneval", unit="batch", disable=not state.is_main_process) as bar:
         for model in models:
@@ -404,11 +163,11 @@ def run_geneval(args, models, prompt_set, seeds, cache, state) -> dict[str, list
     return results
 
 
-def run_judge(args, models, prompts, seeds, cache, state) -> dict[str, list[dict]]:
+def run_judge(evaluation: EvalConfig, models, prompts, seeds, cache, state) -> dict[str, list[dict]]:
     """Per candidate model, one judged pair (candidate vs base, same prompt and seed) per record."""
     from pipelines.judge import judge_pair, load_judge, shows_candidate_second
 
-    judge = load_judge(args.judge, state.device, DTYPES[args.mixed_precision], args.judge_max_new_tokens)
+    judge = load_judge(evaluation.judge, state.device, DTYPES[evaluation.mixed_precision], evaluation.judge_max_new_tokens)
     base, candidates = models[0], models[1:]
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
     mine = pairs[state.process_index::state.num_processes]
@@ -418,7 +177,7 @@ def run_judge(args, models, prompts, seeds, cache, state) -> dict[str, list[dict
             for i, j in mine:
                 prompt, seed = prompts[i], seeds[j]
                 images = cache.load(model, [(prompt, seed)])[0], cache.load(base, [(prompt, seed)])[0]
-                second = shows_candidate_second(args.seed, model.label, prompt, seed)
+                second = shows_candidate_second(evaluation.seed, model.label, prompt, seed)
                 record = judge_pair(judge, images[0], images[1], prompt, second)
                 local.append({"model": model.label, "prompt_index": i, "seed_index": j, "seed": seed, **record})
                 bar.update()
@@ -452,18 +211,18 @@ def with_reasons_for_nonfinite(result: dict) -> dict:
     return {**files.finite_or_none(result), "undefined": {path: "not a finite number" for path in paths}}
 
 
-def summarize_run(args, models, prompt_set, seeds, specs, scores, geneval, judged) -> dict:
+def summarize_run(evaluation: EvalConfig, models, prompt_set, seeds, specs, scores, geneval, judged) -> dict:
     from pipelines.judge import outcome_table
 
     labels = [model.label for model in models]
-    indices = bootstrap_indices(len(prompt_set.prompts), args.bootstrap, args.seed)
+    indices = bootstrap_indices(len(prompt_set.prompts), evaluation.bootstrap, evaluation.seed)
     result = {"models": labels, "model_sources": {m.label: {"kind": m.kind, "path": m.path} for m in models},
-              "pretrained_model_name_or_path": args.pretrained_model_name_or_path, "prompt_source": prompt_set.source,
-              "num_prompts": len(prompt_set.prompts), "seeds": seeds, "resolution": args.resolution,
-              "mixed_precision": args.mixed_precision, "bootstrap": args.bootstrap, "seed": args.seed,
+              "pretrained_model_name_or_path": evaluation.pretrained_model_name_or_path, "prompt_source": prompt_set.source,
+              "num_prompts": len(prompt_set.prompts), "seeds": seeds, "resolution": evaluation.resolution,
+              "mixed_precision": evaluation.mixed_precision, "bootstrap": evaluation.bootstrap, "seed": evaluation.seed,
               "metric_specs": specs, "scale": {}, "metrics": {}, "win_rates": {}}
     for metric, tables in scores.items():
-        scale = scale_of(metric, specs[metric], args.raw_scores)
+        scale = scale_of(metric, specs[metric], evaluation.raw_scores)
         result["scale"][metric] = scale
         scaled = {label: table * scale for label, table in tables.items()}
         base = scaled[BASE]
@@ -474,7 +233,7 @@ def summarize_run(args, models, prompt_set, seeds, specs, scores, geneval, judge
     if geneval is not None:
         result["geneval"] = {label: geneval_summary(records) for label, records in geneval.items()}
     if judged is not None:
-        result["judge_model"] = args.judge
+        result["judge_model"] = evaluation.judge
         result["judge"] = {}
         for label, records in judged.items():
             rates = outcome_rates(outcome_table(records, len(prompt_set.prompts), len(seeds)), indices)
@@ -489,9 +248,9 @@ def write_jsonl(path: str, records) -> None:
                                    for record in records))
 
 
-def write_reports(args, result, models, prompts, seeds, scores, geneval, judged, cache) -> None:
+def write_reports(evaluation: EvalConfig, result, models, prompts, seeds, scores, geneval, judged, cache) -> None:
     """Every report file is written whole or not at all (``pipelines.files``)."""
-    out = args.output_dir
+    out = evaluation.output_dir
     files.write_json(os.path.join(out, "metrics.json"), result)
     files.write_text(os.path.join(out, "metrics.md"), render_markdown(result))
     if scores:
@@ -503,55 +262,55 @@ def write_reports(args, result, models, prompts, seeds, scores, geneval, judged,
         write_jsonl(os.path.join(out, "geneval", f"{slug(label)}.jsonl"), records)
     for label, records in (judged or {}).items():
         write_jsonl(os.path.join(out, "judge", f"{slug(label)}.jsonl"), records)
-    count = len(prompts) if args.num_grids < 0 else min(args.num_grids, len(prompts))
+    count = len(prompts) if evaluation.num_grids < 0 else min(evaluation.num_grids, len(prompts))
     for index in range(count):
         rows = {model.label: cache.load(model, [(prompts[index], seed) for seed in seeds]) for model in models}
         os.makedirs(os.path.join(out, "grids"), exist_ok=True)
-        files.save_image(labelled_rows(prompts[index], rows), os.path.join(out, "grids", f"{index:04d}.png"))
+        files.save_image(labelled_grid([prompts[index]], rows, len(seeds)), os.path.join(out, "grids", f"{index:04d}.png"))
     save_delta_plot(result, os.path.join(out, "metric_deltas.png"))
 
 
-def default_seeds(args) -> list[int]:
+def default_seeds(evaluation: EvalConfig) -> list[int]:
     """``--seeds``, else the paper's five matched seeds, or GenEval's four images per prompt."""
-    if args.seeds:
-        return args.seeds
-    return list(range(GENEVAL_IMAGES_PER_PROMPT if args.geneval else 5))
+    if evaluation.seeds:
+        return list(evaluation.seeds)
+    return list(range(GENEVAL_IMAGES_PER_PROMPT if evaluation.geneval else 5))
 
 
-def run(args) -> dict | None:
+def run(evaluation: EvalConfig) -> dict | None:
     """The whole evaluation; returns the metrics.json content on the main process (None elsewhere)."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     # as Accelerator does: without cpu=True, torchrun on a CPU-only machine gives N unconnected processes
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available())
-    models = parse_models(args.lora, args.unet)
-    if args.judge and len(models) < 2:
+    models = parse_models(evaluation.lora, evaluation.unet)
+    if evaluation.judge and len(models) < 2:
         raise ValueError("--judge compares models with the base: give at least one --lora or --unet")
-    seeds = default_seeds(args)
-    specs = dict(metric_label(item) for item in args.metrics.split(",") if item.strip() and item.strip() != "none")
-    os.makedirs(args.output_dir, exist_ok=True)
-    prompt_set = load_prompt_set(args.prompts_file, args.dataset_name, args.dataset_split, args.prompt_column,
-                                 args.prompt_set, args.max_prompts, args.unique_prompts)
+    seeds = default_seeds(evaluation)
+    specs = dict(metric_label(item) for item in evaluation.metrics.split(",") if item.strip() and item.strip() != "none")
+    os.makedirs(evaluation.output_dir, exist_ok=True)
+    prompt_set = load_prompt_set(evaluation.prompts_file, evaluation.dataset_name, evaluation.dataset_split, evaluation.prompt_column,
+                                 evaluation.prompt_set, evaluation.max_prompts, evaluation.unique_prompts)
     prompts = prompt_set.prompts
-    cache = ImageCache(args.image_cache_dir or os.path.join(args.output_dir, "images"),
-                       args.pretrained_model_name_or_path, args.resolution, args.mixed_precision, args.revision,
-                       args.variant)
+    cache = ImageCache(evaluation.image_cache_dir or os.path.join(evaluation.output_dir, "images"),
+                       evaluation.pretrained_model_name_or_path, evaluation.resolution, evaluation.mixed_precision, evaluation.revision,
+                       evaluation.variant)
     if state.is_main_process:
         for model in models:
             cache.describe_folder(model)
     state.wait_for_everyone()
-    generated = generate_missing(args, models, prompts, seeds, cache, state)
+    generated = generate_missing(evaluation, models, prompts, seeds, cache, state)
     print(f"process {state.process_index + 1}/{state.num_processes}: generated {generated} images", file=sys.stderr)
     state.wait_for_everyone()
-    scores = score_metrics(args, specs, models, prompts, seeds, cache, state)
-    geneval = run_geneval(args, models, prompt_set, seeds, cache, state) if args.geneval else None
-    judged = run_judge(args, models, prompts, seeds, cache, state) if args.judge else None
+    scores = score_metrics(evaluation, specs, models, prompts, seeds, cache, state)
+    geneval = run_geneval(evaluation, models, prompt_set, seeds, cache, state) if evaluation.geneval else None
+    judged = run_judge(evaluation, models, prompts, seeds, cache, state) if evaluation.judge else None
     if not state.is_main_process:
         state.wait_for_everyone()
         return None
-    result = summarize_run(args, models, prompt_set, seeds, specs, scores, geneval, judged)
-    write_reports(args, result, models, prompts, seeds, scores, geneval, judged, cache)
+    result = summarize_run(evaluation, models, prompt_set, seeds, specs, scores, geneval, judged)
+    write_reports(evaluation, result, models, prompts, seeds, scores, geneval, judged, cache)
     print(render_markdown(result))
     state.wait_for_everyone()
     return result
@@ -624,26 +383,27 @@ def missing_local_path(path: str) -> bool:
     return looks_local or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def check_args(args) -> None:
+def check_config(evaluation: EvalConfig) -> None:
     """Every metric spec and model path checked before anything loads or is generated."""
-    for item in args.metrics.split(","):
+    for item in evaluation.metrics.split(","):
         if item.strip() and item.strip() != "none":
             check_reward_spec(metric_label(item.strip())[1], None, flag="--metrics")
-    for model in parse_models(args.lora, args.unet)[1:]:
+    for model in parse_models(evaluation.lora, evaluation.unet)[1:]:
         if missing_local_path(model.path):
             offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
             raise ValueError(f"--{model.kind} {model.path!r}: no such file or folder"
                              + (" (HF_HUB_OFFLINE is set, so it is no Hub id either)" if offline else ""))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> EvalConfig:
+    """The flags as an EvalConfig, every metric and model path checked before anything loads."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    evaluation = from_namespace(EvalConfig, parser.parse_args(argv))
     try:
-        check_args(args)
+        check_config(evaluation)
     except (ValueError, OSError) as error:
         parser.error(str(error))
-    return args
+    return evaluation
 
 
 def main(argv=None):

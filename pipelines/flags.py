@@ -137,6 +137,25 @@ def lr_scheduler_name(text: str) -> None:
         raise ValueError(f"must be one of {', '.join(accepted)}, got {text!r}")
 
 
+def option(default, kind: Callable | None, text: str, choices: Iterable[str] | None = None):
+    """A field of a method's options dataclass that is also its flag ``--<field name>`` (``add_options``):
+    the option is declared once, with its checked type, default and help."""
+    import dataclasses
+
+    return dataclasses.field(default=default, metadata={"type": kind, "help": text,
+                                                        "choices": None if choices is None else list(choices)})
+
+
+def add_options(group, options_type) -> None:
+    """One flag per field of ``options_type`` (fields declared with ``option``)."""
+    import dataclasses
+
+    for item in dataclasses.fields(options_type):
+        meta = item.metadata
+        group.add_argument(f"--{item.name}", default=item.default, type=meta["type"], choices=meta["choices"],
+                           help=meta["help"])
+
+
 CHECKED_TYPES = {positive_int, non_negative_int, count_or_all, seed, port, positive_float, non_negative_float, finite_float,
                  positive_float_or_inf, fraction, names, prompt_list, seed_list}
 

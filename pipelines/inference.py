@@ -46,19 +46,22 @@ def load_lora(pipe, lora: str) -> None:
 
 
 def load_one_step_pipeline(model: str, lora: str | None = None, *, dtype=torch.float32, device="cpu", **kwargs):
-    """``AutoPipelineForText2Image`` with an optional DrPO LoRA loaded by ``load_lora_weights``."""
+    """``AutoPipelineForText2Image`` with an optional DrPO LoRA loaded by ``load_lora_weights``, on ``device``
+    (None: where it loads); the one loader of the project (training, evaluation, tests)."""
     from diffusers import AutoPipelineForText2Image
 
     pipe = AutoPipelineForText2Image.from_pretrained(model, dtype=dtype, **kwargs)
     if lora is not None:
         load_lora(pipe, lora)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe if device is None else pipe.to(device)
 
 
 def default_resolution(pipe) -> int:
-    """The resolution the model was trained at: UNet sample size times the VAE's downsampling factor."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """The resolution the model was trained at (``pipelines.memory.own_resolution`` of its configs)."""
+    from pipelines.memory import own_resolution
+
+    return own_resolution(pipe.unet.config, pipe.vae.config)
 
 
 def initial_noise(pipe, seed: int, height: int, width: int, device="cpu", dtype=torch.float32) -> torch.Tensor:

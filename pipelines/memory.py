@@ -10,17 +10,19 @@ from typing import Callable
 
 import torch
 
+from pipelines.config import ModelConfig
+
 logger = logging.getLogger(__name__)
 
 HEADROOM = 1.25  # transient buffers of the largest layer, the reference pass, reward images
 
 
-def model_configs(args) -> tuple[dict, dict]:
+def model_configs(model: ModelConfig) -> tuple[dict, dict]:
     """The UNet's and the VAE's config dicts, read from the model's config files (no weights)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    location = dict(pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision,
-                    cache_dir=args.cache_dir)
+    location = dict(pretrained_model_name_or_path=model.pretrained_model_name_or_path, revision=model.revision,
+                    cache_dir=model.cache_dir)
     return (UNet2DConditionModel.load_config(subfolder="unet", **location),
             AutoencoderKL.load_config(subfolder="vae", **location))
 
@@ -34,10 +36,10 @@ def own_resolution(unet_config: dict, vae_config: dict) -> int:
     return unet_config["sample_size"] * vae_scale_factor(vae_config)
 
 
-def resolve_resolution(args, unet_config: dict, vae_config: dict) -> int:
+def resolve_resolution(requested: int | None, unet_config: dict, vae_config: dict) -> int:
     """``--resolution``, or the model's own; either way one the pipelines accept (a positive multiple of
     8 and of the VAE's downsampling factor)."""
-    resolution = args.resolution if args.resolution is not None else own_resolution(unet_config, vae_config)
+    resolution = requested if requested is not None else own_resolution(unet_config, vae_config)
     factor = vae_scale_factor(vae_config)
     multiple = max(8, factor)
     if resolution <= 0 or resolution % multiple:
@@ -104,11 +106,11 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_step_memory(args, per_candidate_bytes: int, device, model_resolution: int) -> int:
-    """Warn before the first step (saying what to lower) when the candidates backpropagated together
-    (K, or C with --candidate_chunk_size; prompts go one at a time) likely need more memory than the
+def check_step_memory(per_candidate_bytes: int, together: int, device, resolution: int, model_resolution: int,
+                      checkpointing: bool) -> int:
+    """Warn before the first step (saying what to lower) when the ``together`` candidates backpropagated at
+    once (K, or C with --candidate_chunk_size; prompts go one at a time) likely need more memory than the
     device has free; returns the estimate in bytes."""
-    together = args.candidate_chunk_size or args.num_candidates
     needed = int(HEADROOM * per_candidate_bytes * together)
     free = available_bytes(torch.device(device))
     if free is not None and needed > free:
@@ -116,6 +118,6 @@ def check_step_memory(args, per_candidate_bytes: int, device, model_resolution: 
             "one prompt at --resolution %d with %d candidates backpropagated together keeps about %.1f GB of "
             "activations, but only %.1f GB are free on %s: expect an out-of-memory kill. Lower --resolution (this "
             "model's own is %d), or backpropagate fewer candidates at once with --candidate_chunk_size%s.",
-            args.resolution, together, needed / 2**30, free / 2**30, device, model_resolution,
-            "" if args.gradient_checkpointing else ", or add --gradient_checkpointing")
+            resolution, together, needed / 2**30, free / 2**30, device, model_resolution,
+            "" if checkpointing else ", or add --gradient_checkpointing")
     return needed

@@ -1,23 +1,22 @@
 """Offline DrPO and offline DPO(1-step) on a preference dataset (Section 4, "Offline variant";
 Appendix B; Algorithm A3 with offline triples), as per-prompt methods of the shared training loop.
 
-Offline DrPO: for a prompt, the dataset's chosen images are A+ and its rejected images A- (encoded
-into phi once, ``pipelines/preference_data.py``); the queries are K samples of the current generator
-for that prompt; the reference drift and the regression of Eqs. 16-17 are unchanged. No reward is
-called. Offline DPO(1-step): the same pairs as y+ / y- of the sigmoid margin (``baselines/dpo.py``).
+A method with an offline form (``Method.offline_update``) gets, per prompt, the dataset's chosen / rejected
+images encoded once into its space (``pipelines/preference_data.py``) and, if it asks, the current
+generator's K candidates as queries; no reward is called. Offline DrPO (``train_drpo.offline_drpo_update``):
+A+ / A- from the dataset, the reference drift and the regression of Eqs. 16-17 unchanged. Offline
+DPO(1-step) (``baselines/dpo.py``): the same pairs as y+ / y- of the sigmoid margin.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-import drpo_utils
-from pipelines import candidates, preference_data
-from pipelines.baselines import dpo
-
-OFFLINE_METHODS = ("drpo", "dpo")
+from pipelines import candidates, methods, preference_data
+from pipelines.config import MethodConfig, TrainingConfig
 
 
 @dataclass
@@ -43,11 +42,11 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
     return latents * vae.config.scaling_factor
 
 
-def preference_space(args) -> str:
-    """What the dataset images are encoded into: phi for DrPO (and DPO with --dpo_space features), else the latent."""
-    if args.method == "dpo" and args.dpo_space == "latent":
+def preference_space(method: methods.Method, setup: MethodConfig) -> str:
+    """What the dataset images are encoded into: the method's space, phi (named with its weights) or the latent."""
+    if method.offline_space(setup.options) == "latent":
         return "latent"
-    return f"features:{args.feature_extractor}:{args.feature_extractor_path}"
+    return f"features:{setup.feature_extractor}:{setup.feature_extractor_path}"
 
 
 def image_encoder(pipe, feature_map, space: str, accelerator):
@@ -78,37 +77,22 @@ def caption_embedder(pipe, encode_prompts, accelerator, resolution: int):
     return embed
 
 
-def load_store(args, pipe, feature_map, encode_prompts, accelerator) -> preference_data.PreferenceStore:
+def load_store(config: TrainingConfig, space: str, pipe, feature_map, encode_prompts,
+               accelerator) -> preference_data.PreferenceStore:
     """The run's encoded preference pairs: built once by the main process (the others wait), then read."""
-    space = preference_space(args)
     with accelerator.main_process_first():
         return preference_data.load_store(
-            args, space, image_encoder(pipe, feature_map, space, accelerator),
-            caption_embedder(pipe, encode_prompts, accelerator, args.resolution), accelerator.is_main_process)
+            config, space, image_encoder(pipe, feature_map, space, accelerator),
+            caption_embedder(pipe, encode_prompts, accelerator, config.model.resolution), accelerator.is_main_process)
 
 
-def drpo_update(ctx: candidates.StepContext, proposal: OfflineProposal):
-    """Algorithm 1, lines 8-12, with the dataset's A+ / A- in place of lines 6-7 (Section 4, "Offline variant")."""
-    queries = proposal.queries
-    targets, stats = drpo_utils.offline_drift_targets(queries.features, queries.ref_features, proposal.chosen,
-                                                      proposal.rejected, ctx.config)
-    stats.update(loss=(yield from candidates.regression_pieces(ctx, queries, targets)), num_pairs=proposal.num_pairs)
-    return stats
-
-
-def dpo_update(ctx: candidates.StepContext, proposal: OfflineProposal):
-    """Algorithm A3 on the dataset's triples (p, y+, y-) of the prompt."""
-    condition = candidates.prompt_condition(ctx, proposal.prompt, 1)
-    loss = yield from dpo.margin_pieces(ctx, condition, proposal.rng, proposal.chosen, proposal.rejected)
-    return {"loss": loss, "num_pairs": proposal.num_pairs}
-
-
-def method(name: str, store: preference_data.PreferenceStore) -> candidates.Method:
-    """``--method drpo|dpo`` on ``store``: each prompt draws at most --num_pairs of its pairs."""
+def offline_form(method: methods.Method, store: preference_data.PreferenceStore) -> methods.Method:
+    """``method`` on ``store``'s pairs: each prompt draws at most --num_pairs of them (and, when the method
+    needs them, the current generator's K candidates as queries, without a reward)."""
 
     def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> OfflineProposal:
-        chosen, rejected, count = store.pairs(prompt, ctx.args.num_pairs, rng, ctx.accelerator.device)
-        queries = candidates.candidates(ctx, prompt, rng, scored=False) if name == "drpo" else None
+        chosen, rejected, count = store.pairs(prompt, ctx.setup.num_pairs, rng, ctx.accelerator.device)
+        queries = candidates.candidates(ctx, prompt, rng, scored=False) if method.offline_queries else None
         return OfflineProposal(prompt, rng, chosen, rejected, count, queries)
 
-    return candidates.Method(name, propose, {"drpo": drpo_update, "dpo": dpo_update}[name])
+    return dataclasses.replace(method, propose=propose, update=method.offline_update)

@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipelines import files, flags
+from pipelines.config import DataConfig, TrainingConfig
 from pipelines.content import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -69,20 +70,20 @@ def add_flags(parser) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def open_dataset(args, streaming: bool | None = None):
+def open_dataset(data: DataConfig, cache_dir: str | None = None, streaming: bool | None = None):
     """--preference_dataset's split, its layout columns checked; streamed with --streaming (or
     ``streaming=True``: the start-up check, which reads no more than the schema)."""
     import datasets
 
-    streaming = args.streaming if streaming is None else streaming
-    dataset = datasets.load_dataset(args.preference_dataset, split=args.dataset_split, streaming=streaming,
-                                    cache_dir=args.cache_dir)
+    streaming = data.streaming if streaming is None else streaming
+    dataset = datasets.load_dataset(data.preference_dataset, split=data.dataset_split, streaming=streaming,
+                                    cache_dir=cache_dir)
     features = dataset.features or {}  # a streamed json/csv set may not know its features
     columns = list(features) or dataset.column_names or list(next(iter(dataset), {}))
-    wanted = {flag: getattr(args, flag) for flag in LAYOUT}
+    wanted = {flag: getattr(data, flag) for flag in LAYOUT}
     missing = {flag: column for flag, column in wanted.items() if column not in columns}
     if missing:
-        raise ValueError(f"--preference_dataset {args.preference_dataset!r} has no column "
+        raise ValueError(f"--preference_dataset {data.preference_dataset!r} has no column "
                          + ", ".join(f"{column!r} (--{flag})" for flag, column in missing.items())
                          + f"; its columns are {columns}")
     for flag in ("image_0_column", "image_1_column"):  # undecoded: a broken image is counted, not raised
@@ -127,14 +128,14 @@ class PreferencePair:
     rejected: torch.Tensor
 
 
-def checked_pair(record: dict, args, counts: collections.Counter) -> PreferencePair | None:
+def checked_pair(record: dict, data: DataConfig, resolution: int, counts: collections.Counter) -> PreferencePair | None:
     """The record's (caption, chosen, rejected), or None (counted by reason) when it carries no usable pair."""
-    caption = record.get(args.caption_column)
+    caption = record.get(data.caption_column)
     if not isinstance(caption, str) or not caption.strip():
         counts["missing caption"] += 1
         return None
     try:
-        label = float(record.get(args.label_0_column))
+        label = float(record.get(data.label_0_column))
     except (TypeError, ValueError):
         label = float("nan")
     if label == 0.5:
@@ -143,19 +144,20 @@ def checked_pair(record: dict, args, counts: collections.Counter) -> PreferenceP
     if label not in (0.0, 1.0):
         counts["label not 0, 0.5 or 1"] += 1
         return None
-    images = [decode_image(record.get(getattr(args, flag))) for flag in ("image_0_column", "image_1_column")]
+    images = [decode_image(record.get(getattr(data, flag))) for flag in ("image_0_column", "image_1_column")]
     if any(image is None for image in images):
         counts["undecodable image"] += 1
         return None
-    first, second = (to_pixels(image, args.resolution, counts) for image in images)
+    first, second = (to_pixels(image, resolution, counts) for image in images)
     chosen, rejected = (first, second) if label == 1.0 else (second, first)
     return PreferencePair(caption.strip(), chosen, rejected)
 
 
-def checked_pairs(records: Iterable[dict], args, counts: collections.Counter) -> Iterator[PreferencePair]:
-    for record in itertools.islice(records, args.max_train_samples):
+def checked_pairs(records: Iterable[dict], data: DataConfig, resolution: int,
+                  counts: collections.Counter) -> Iterator[PreferencePair]:
+    for record in itertools.islice(records, data.max_train_samples):
         counts["records"] += 1
-        pair = checked_pair(record, args, counts)
+        pair = checked_pair(record, data, resolution, counts)
         if pair is not None:
             counts["pairs used"] += 1
             yield pair
@@ -166,35 +168,35 @@ def checked_pairs(records: Iterable[dict], args, counts: collections.Counter) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def cache_key(args, space: str) -> dict:
+def cache_key(config: TrainingConfig, space: str) -> dict:
     """Everything the cached encodings depend on, by content (``pipelines.content``): the model's files or
     Hub commit (its VAE and the feature map read them), the feature network's weights, resolution,
     preference space, precision, and the dataset's files or commit with its split, columns and record cap."""
     from pipelines.content import source_key
 
-    feature_weights = getattr(args, "feature_extractor_path", None)
-    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+    model, data, setup = config.model, config.data, config.method
+    vae, weights = model.pretrained_vae_model_name_or_path, setup.feature_extractor_path
     return {
-        "format": CACHE_FORMAT, "model": source_key(args.pretrained_model_name_or_path, args.revision),
-        "variant": args.variant, "vae": None if vae is None else source_key(vae),
-        "feature_weights": None if feature_weights is None else source_key(feature_weights),
-        "resolution": args.resolution, "space": space, "mixed_precision": args.mixed_precision,
-        "dataset": source_key(args.preference_dataset, repo_type="dataset"), "split": args.dataset_split,
-        "max_train_samples": args.max_train_samples, "columns": [getattr(args, flag) for flag in LAYOUT],
+        "format": CACHE_FORMAT, "model": source_key(model.pretrained_model_name_or_path, model.revision),
+        "variant": model.variant, "vae": None if vae is None else source_key(vae),
+        "feature_weights": None if weights is None else source_key(weights),
+        "resolution": model.resolution, "space": space, "mixed_precision": config.run.mixed_precision,
+        "dataset": source_key(data.preference_dataset, repo_type="dataset"), "split": data.dataset_split,
+        "max_train_samples": data.max_train_samples, "columns": [getattr(data, flag) for flag in LAYOUT],
     }
 
 
-def cache_root(args) -> str:
-    if args.feature_cache_dir is not None:
-        return args.feature_cache_dir
+def cache_root(data: DataConfig) -> str:
+    if data.feature_cache_dir is not None:
+        return data.feature_cache_dir
     from huggingface_hub import constants
 
     return os.path.join(constants.HF_HOME, "drpo-features")
 
 
-def cache_folder(args, key: dict) -> str:
+def cache_folder(data: DataConfig, key: dict) -> str:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return os.path.join(cache_root(args), digest)
+    return os.path.join(cache_root(data), digest)
 
 
 class ShardWriter:
@@ -384,22 +386,25 @@ def discard_if_damaged(folder: str) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def load_store(args, space: str, encode: Callable, embed_caption: Callable, main_process: bool) -> PreferenceStore:
+def load_store(config: TrainingConfig, space: str, encode: Callable, embed_caption: Callable,
+               main_process: bool) -> PreferenceStore:
     """The cache for this run (built now by the main process if absent or damaged), opened. Logs the data
     counts."""
-    key = cache_key(args, space)
-    folder = cache_folder(args, key)
+    data = config.data
+    key = cache_key(config, space)
+    folder = cache_folder(data, key)
     if main_process:
-        remove_stale_staging(cache_root(args))
+        remove_stale_staging(cache_root(data))
         discard_if_damaged(folder)
     if main_process and not os.path.isdir(folder):
         counts = collections.Counter()
-        logger.info(f"encoding --preference_dataset {args.preference_dataset} into {folder}")
+        logger.info(f"encoding --preference_dataset {data.preference_dataset} into {folder}")
         from tqdm.auto import tqdm
 
-        records = tqdm(open_dataset(args), desc="encoding preference pairs", unit="record")
-        build_cache(folder, key, checked_pairs(records, args, counts), encode, embed_caption, counts)
-    store = PreferenceStore(folder, args.offline_neighbours)
+        records = tqdm(open_dataset(data, config.model.cache_dir), desc="encoding preference pairs", unit="record")
+        build_cache(folder, key, checked_pairs(records, data, config.model.resolution, counts), encode, embed_caption,
+                    counts)
+    store = PreferenceStore(folder, data.offline_neighbours)
     logger.info(f"preference data {folder}: {len(store.captions)} prompts, {store.num_pairs} pairs "
                 f"({describe_counts(store.counts)})")
     return store

@@ -2,7 +2,6 @@
 path is evaluated anew, a damaged image or feature shard is named and rebuilt, an interrupted build's
 staging folder is removed."""
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -11,7 +10,8 @@ import pytest
 import torch
 from conftest import PROMPTS, TINY_SD, reset_accelerate_state
 
-from pipelines import content, evaluate, preference_data, training
+from pipelines import content, eval_cache, evaluate, lora_files, preference_data
+from pipelines.config import AdapterConfig
 
 BRIGHTNESS = "benchmarks.rewards:brightness"
 
@@ -21,13 +21,12 @@ def random_lora(folder, seed: int) -> str:
     from pipelines.inference import load_one_step_pipeline
 
     pipe = load_one_step_pipeline(TINY_SD)
-    training.add_lora(pipe.unet, argparse.Namespace(rank=4, lora_alpha=None, lora_dropout=0.0,
-                                                    lora_target_modules=training.LORA_TARGET_MODULES))
+    lora_files.add_lora(pipe.unet, AdapterConfig(rank=4, lora_alpha=4))
     generator = torch.Generator().manual_seed(seed)
     for name, parameter in pipe.unet.named_parameters():
         if "lora_B" in name:
             parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
-    training.save_lora(str(folder), pipe.unet, type(pipe))
+    lora_files.save_lora(str(folder), pipe.unet, type(pipe))
     return str(folder)
 
 
@@ -54,11 +53,11 @@ def test_a_lora_replaced_at_the_same_path_is_evaluated_anew(tmp_path, capsys, ca
     mean = (lambda result: result["metrics"]["brightness"]["mine"]["mean"])
     assert mean(second) != mean(first)
 
-    model = evaluate.EvalModel("mine", "lora", str(lora))
+    model = eval_cache.EvalModel("mine", "lora", str(lora))
     prompt = [line.strip() for line in open(PROMPTS)][0]
-    png = Path(evaluate.ImageCache(str(cache), TINY_SD, None, "no").path(model, prompt, 0))  # as the run keys it
+    png = Path(eval_cache.ImageCache(str(cache), TINY_SD, None, "no").path(model, prompt, 0))  # as the run keys it
     png.write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])  # cut short
-    with caplog.at_level(logging.WARNING, logger="pipelines.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.eval_cache"):
         third, generated = evaluate_lora(lora, tmp_path / "third", cache, capsys)
     assert generated == 1 and f"cached image {png} is damaged" in caplog.text
     # the same image generated again, alone rather than beside its other seed: batch-size float noise can
@@ -72,16 +71,16 @@ def test_an_altered_image_fails_its_checksum():
 
     pixels = np.zeros((4, 4, 3), np.uint8)
     info = PngImagePlugin.PngInfo()
-    info.add_text(evaluate.PIXELS_KEY, evaluate.pixel_digest(pixels))
+    info.add_text(eval_cache.PIXELS_KEY, eval_cache.pixel_digest(pixels))
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "x.png")
         Image.fromarray(pixels).save(path, pnginfo=info)
-        assert evaluate.ImageCache.read(path) is not None
+        assert eval_cache.ImageCache.read(path) is not None
         pixels[0, 0, 0] = 1  # same header, other pixels
         Image.fromarray(pixels).save(path, pnginfo=info)
-        assert evaluate.ImageCache.read(path) is None
+        assert eval_cache.ImageCache.read(path) is None
 
 
 def test_content_keys_follow_bytes_not_paths(tmp_path):
@@ -150,20 +149,20 @@ def test_an_interrupted_builds_staging_folder_is_removed_at_start(tmp_path):
 
 
 def test_the_feature_cache_key_follows_the_dataset_and_model_content(tmp_path, preference_set):
-    args = argparse.Namespace(pretrained_model_name_or_path=TINY_SD, revision=None, variant=None,
-                              resolution=64, mixed_precision="no", preference_dataset=preference_set,
-                              dataset_split="train", max_train_samples=None, feature_extractor_path=None,
-                              **{flag: column for flag, column in preference_data.LAYOUT.items()})
-    key = preference_data.cache_key(args, "features:image:None")
-    copy = tmp_path / "copy"
     import shutil
 
+    import train_drpo
+    from test_offline import offline_args
+
+    def key_of(data):
+        settings = train_drpo.build_config(train_drpo.parse_args(offline_args(TINY_SD, tmp_path / "out", data,
+                                                                              tmp_path / "cache")))
+        return preference_data.cache_key(settings.resolved(run={"mixed_precision": "no"}), "features:image:None")
+
+    key = key_of(preference_set)
+    copy = tmp_path / "copy"
     shutil.copytree(preference_set, copy)
-    moved = preference_data.cache_key(argparse.Namespace(**{**vars(args), "preference_dataset": str(copy)}),
-                                      "features:image:None")
-    assert moved == key  # the same data at another path: the same cache
+    assert key_of(str(copy)) == key  # the same data at another path: the same cache
     parquet = next(p for p in copy.rglob("*") if p.is_file())
     parquet.write_bytes(parquet.read_bytes() + b"\0")
-    changed = preference_data.cache_key(argparse.Namespace(**{**vars(args), "preference_dataset": str(copy)}),
-                                        "features:image:None")
-    assert changed != key
+    assert key_of(str(copy)) != key

@@ -1,6 +1,7 @@
 """--candidate_chunk_size gives the unchunked gradient with memory flat in K, and overlapped reward
 scoring gives the serial results."""
 
+import dataclasses
 import json
 import os
 
@@ -12,7 +13,7 @@ from test_train import lora_tensors, train, training_args
 
 import train_drpo
 import train_drpo_sdxl
-from pipelines import candidates, features, training
+from pipelines import candidates, features, lora_files, methods, runtime
 from pipelines.rewards import load_reward
 
 REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
@@ -22,7 +23,7 @@ SCRIPTS = {"sd": (train_drpo, TINY_SD), "sdxl": (train_drpo_sdxl, TINY_SDXL)}
 @pytest.fixture
 def float64(monkeypatch):
     """Train in float64 (frozen weights, LoRA, noises): summation-order noise falls to ~1e-16 relative."""
-    monkeypatch.setattr(training, "weight_dtype", lambda accelerator: torch.float64)
+    monkeypatch.setattr(runtime, "weight_dtype", lambda accelerator: torch.float64)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
@@ -30,34 +31,30 @@ def float64(monkeypatch):
 
 
 def step_context(module, model, tmp_path, *extra, feature_extractor="image"):
-    """A StepContext as train_drpo.main builds it, on the tiny model (LoRA B non-zero so gradients are generic),
+    """A StepContext as train_drpo.train builds it, on the tiny model (LoRA B non-zero so gradients are generic),
     in the default dtype (float64 under the ``float64`` fixture)."""
     reset_accelerate_state()
     args = module.parse_args(training_args(model, tmp_path, f"--reward={REWARDS}:brightness", *extra))
-    args.resolution = 64
+    settings = train_drpo.build_config(args).resolved(model={"resolution": 64})
     accelerator = Accelerator(cpu=True)
-    pipe = module.load_pipeline(args, torch.get_default_dtype())
+    pipe = module.load_pipeline(settings.model, torch.get_default_dtype())
     pipe.vae.to(torch.get_default_dtype())  # SDXL's loader keeps its VAE in fp32 whatever the weight dtype
-    training.prepare_frozen_models(pipe, "cpu")
-    training.add_lora(pipe.unet, args)
+    runtime.prepare_frozen_models(pipe, "cpu")
+    lora_files.add_lora(pipe.unet, settings.adapter)
     torch.manual_seed(0)
     for name, parameter in pipe.unet.named_parameters():
         if "lora_B" in name:
             parameter.data.normal_(std=0.02)
-    reward = load_reward(args.reward)
     feature_map = features.build_feature_map(feature_extractor)
     feature_map.bind(pipe)
-    return candidates.StepContext(
-        args=args, accelerator=accelerator, pipe=pipe, unet=pipe.unet, scheduler=type(pipe.scheduler).from_config(
-            pipe.scheduler.config), feature_map=feature_map,
-        scorer=candidates.RewardScorer(reward, args.reward, background=False), config=train_drpo.drift_config(args),
-        encode_prompts=module.encode_prompts, method=train_drpo.METHODS[args.method])
+    return train_drpo.step_context(accelerator, settings, pipe, pipe.unet, feature_map, load_reward(args.reward),
+                                   methods.registered()[args.method], module.encode_prompts)
 
 
 def with_chunk_size(ctx, chunk_size):
     import dataclasses
 
-    return dataclasses.replace(ctx, args=type(ctx.args)(**{**vars(ctx.args), "candidate_chunk_size": chunk_size}))
+    return dataclasses.replace(ctx, chunk_size=chunk_size)
 
 
 def proposal(ctx, chunk_size):
@@ -73,7 +70,7 @@ def lora_gradient(ctx, chunk_size, cand):
     ctx.unet.zero_grad(set_to_none=True)
     rng = torch.Generator()
     rng.set_state(cand.rng.get_state())  # the same pair draws for every chunk size
-    stats = training.backpropagate(ctx.accelerator, ctx.unet, train_drpo.drpo_step(ctx, dataclasses.replace(cand, rng=rng)),
+    stats = runtime.backpropagate(ctx.accelerator, ctx.unet, train_drpo.drpo_step(ctx, dataclasses.replace(cand, rng=rng)),
                                    1.0, True, 0)
     grads = {n: p.grad.clone() for n, p in ctx.unet.named_parameters() if p.requires_grad}
     return grads, stats
@@ -218,7 +215,7 @@ class EventLog:
                 self.updates_done += 1
             return stats
 
-        return candidates.Method(inner.name, inner.propose, update)
+        return dataclasses.replace(inner, update=update)
 
     def position(self, event):
         return self.events.index(event)
@@ -283,7 +280,7 @@ def test_a_prompt_synchronises_gradients_once_at_its_last_piece(sync, expected):
         return {"loss": 6.0}
 
     accelerator = RecordingAccelerator()
-    stats = training.backpropagate(accelerator, None, pieces(), 0.5, sync, step=0)
+    stats = runtime.backpropagate(accelerator, None, pieces(), 0.5, sync, step=0)
     assert stats == {"loss": 6.0}
     assert [kind for kind, _ in accelerator.calls] == expected
     assert [value for _, value in accelerator.calls] == [0.5, 1.0, 1.5]  # each piece scaled

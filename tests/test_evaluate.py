@@ -15,7 +15,7 @@ import torch
 from conftest import PROMPTS, ROOT, TINY_SD, build_tiny_clip, reset_accelerate_state, tiny_mask2former_config
 from test_train import REWARDS, train, training_args
 
-from pipelines import evaluate
+from pipelines import eval_cache, evaluate
 from pipelines.eval_sets import PROMPT_SETS, geneval_summary, load_prompt_set
 from pipelines.eval_stats import bootstrap_indices, bootstrap_se, outcome_rates, win_rate
 from pipelines.judge import (JUDGE_PROMPT, RemoteJudge, judge_pair, judge_text, parse_verdict, serve,
@@ -562,17 +562,17 @@ def test_a_finetuned_unet_folder_and_a_dataset_prompt_set(first_run, tmp_path):
 
 
 def test_model_and_metric_names():
-    models = evaluate.parse_models([TINY_SD, "mine=org/some-lora"], ["tuned=/nowhere/unet"])
+    models = eval_cache.parse_models([TINY_SD, "mine=org/some-lora"], ["tuned=/nowhere/unet"])
     assert [(m.label, m.kind) for m in models] == [("base", "base"), ("tiny-sd-turbo", "lora"), ("mine", "lora"),
                                                    ("tuned", "unet")]
-    assert evaluate.parse_models(["org/some-lora"], [])[1].label == "org/some-lora"  # a Hub id names itself
+    assert eval_cache.parse_models(["org/some-lora"], [])[1].label == "org/some-lora"  # a Hub id names itself
     with pytest.raises(ValueError, match="repeat"):
-        evaluate.parse_models(["a=x", "a=y"], [])
+        eval_cache.parse_models(["a=x", "a=y"], [])
     assert evaluate.metric_label("pickscore") == ("pickscore", "pickscore")
     assert evaluate.metric_label(f"{REWARDS}:darkness") == ("darkness", f"{REWARDS}:darkness")
     assert evaluate.metric_label("http://127.0.0.1:8000/score?a=b") == ("http://127.0.0.1:8000/score?a=b",) * 2
-    assert evaluate.parse_args(["--pretrained_model_name_or_path=m", "--seeds=0-4"]).seeds == list(range(5))
-    assert evaluate.parse_args(["--pretrained_model_name_or_path=m", "--seeds=3,1"]).seeds == [3, 1]
+    assert evaluate.parse_args(["--pretrained_model_name_or_path=m", "--seeds=0-4"]).seeds == tuple(range(5))
+    assert evaluate.parse_args(["--pretrained_model_name_or_path=m", "--seeds=3,1"]).seeds == (3, 1)
 
 
 def test_every_flag_is_documented_in_the_readme_evaluation_section():

@@ -1,7 +1,6 @@
 """Every bad flag value is refused by the parser, naming the flag and the value, before anything loads;
 every numeric flag is declared with a checked type, so a new flag gets its check by its declaration."""
 
-import argparse
 import json
 import logging
 
@@ -84,8 +83,9 @@ def test_flags_that_act_are_accepted(tmp_path):
 
 @pytest.mark.parametrize("content,line", [(b"a red circle\n\xff\xfe blue\n", 2),
                                           (b'{"prompt": "a"}\n{"prompt": "\xe9t\xe9"}\n', 2)])
-def test_a_prompts_file_that_is_not_utf8_names_the_file_and_line(tmp_path, content, line):
-    path = tmp_path / ("prompts.jsonl" if content.startswith(b"{") else "prompts.txt")
+def test_a_prompts_file_that_is_not_utf8_names_the_file_and_line(tmp_path, tmp_path_factory, content, line):
+    inputs = tmp_path_factory.mktemp("inputs")  # not tmp_path, whose JSON files must all parse (conftest)
+    path = inputs / ("prompts.jsonl" if content.startswith(b"{") else "prompts.txt")
     path.write_bytes(content)
     args = train_drpo.parse_args(training(tmp_path / "out", f"--prompts_file={path}"))
 
@@ -176,7 +176,7 @@ def test_every_json_a_strict_parser_reads():
 def test_an_undefined_figure_is_null_with_its_reason():
     import torch
 
-    from pipelines.evaluate import describe_change, summarize
+    from pipelines.scoring import describe_change, summarize
 
     base = torch.tensor([[0.1, 0.2], [0.3, 0.5]])
     unchanged = summarize(base, base.clone())  # a LoRA that changes nothing

@@ -72,7 +72,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle_among_project_modules():
     graph = import_graph()
-    assert {"drpo_utils", "pipelines.training", "pipelines.rewards", "pipelines.features"} <= set(graph)
+    assert {"drpo_utils", "pipelines.runtime", "pipelines.rewards", "pipelines.features"} <= set(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -122,10 +122,83 @@ def test_the_sys_path_check_sees_insertions(tmp_path):
     assert changes_sys_path(str(tmp_path / "a.py")) and not changes_sys_path(str(tmp_path / "b.py"))
 
 
-def test_method_file_and_modules_stay_small():
-    sizes = {name: sum(1 for _ in open(path)) for name, path in project_modules().items()}
-    assert sizes["drpo_utils"] <= 550, sizes["drpo_utils"]  # the online and offline method, and nothing else
-    assert max(sizes.values()) <= 620, max(sizes.items(), key=lambda item: item[1])
+# Module and function size limits, with the exceptions each justified:
+LINE_LIMIT, FUNCTION_LIMIT = 450, 60
+LONGER_MODULES = {"drpo_utils": 560}  # the method and nothing else, one file, imports no project module (DESIGN)
+LONGER_FUNCTIONS = {("pipelines.rewards.server", "make_handler"): 90}  # the stdlib server, rebuilt by issue 24
+
+
+def function_lengths(path: str) -> dict[str, int]:
+    tree = ast.parse(open(path).read())
+    return {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def test_modules_and_functions_stay_small():
+    too_long = {}
+    for name, path in project_modules().items():
+        lines = sum(1 for _ in open(path))
+        if lines > LONGER_MODULES.get(name, LINE_LIMIT):
+            too_long[name] = lines
+        for function, length in function_lengths(path).items():
+            if length > LONGER_FUNCTIONS.get((name, function), FUNCTION_LIMIT):
+                too_long[f"{name}.{function}"] = length
+    assert too_long == {}
+
+
+def namespace_parameters(path: str) -> list[str]:
+    """Functions taking an argparse namespace: a parameter named ``args`` / ``namespace`` or annotated
+    ``argparse.Namespace`` (``*args`` is not one)."""
+    found = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for arg in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]:
+                annotation = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                if arg.arg in ("args", "namespace") or "Namespace" in annotation:
+                    found.append(f"{node.name}({arg.arg})")
+    return found
+
+
+def test_only_the_configuration_builder_reads_the_argparse_namespace():
+    """Modules take typed configs (pipelines/config.py); pipelines/cli.py builds them from the flags, the
+    scripts and their own ``main`` excepted (a tool's ``main(args=None)`` takes an argv list)."""
+    readers = {name: found for name, path in project_modules().items()
+               if name.startswith("pipelines") and name != "pipelines.cli"
+               and (found := [f for f in namespace_parameters(path) if not f.startswith("main(")])}
+    assert readers == {}
+
+
+def test_the_namespace_rule_sees_an_args_parameter(tmp_path):
+    (tmp_path / "a.py").write_text("import argparse\n\ndef f(args):\n    pass\n\ndef g(x: argparse.Namespace):\n"
+                                   "    pass\n\ndef h(*args):\n    pass\n")
+    assert namespace_parameters(str(tmp_path / "a.py")) == ["f(args)", "g(x)"]
+
+
+# String literals equal to a method's name outside its own module and the registry, allowed for a reason:
+PROJECT_NAME_USES = {("pipelines.cli", "drpo"): "the default tracker project name",
+                     ("pipelines.config", "drpo"): "the default tracker project name",
+                     ("pipelines.report", "drpo"): "the project's tag on the Hub, whatever the method"}
+
+
+def string_constants(path: str) -> set[str]:
+    return {node.value for node in ast.walk(ast.parse(open(path).read()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def test_every_method_name_is_written_only_in_its_own_module():
+    """A method is one entry of pipelines/methods.py: no other module keeps a list of method names."""
+    import importlib
+
+    import train_drpo  # noqa: F401 - registers DrPO
+    from pipelines import methods
+
+    modules = {name: path for name, path in project_modules().items() if not name.startswith("benchmarks")}
+    for name, method in methods.registered().items():
+        home = importlib.import_module(method.update.__module__).__name__
+        elsewhere = sorted(module for module, path in modules.items()
+                           if module not in (home, "pipelines.methods") and name in string_constants(path)
+                           and (module, name) not in PROJECT_NAME_USES)
+        assert elsewhere == [], (name, home)
 
 
 CLOCKS = {"time", "perf_counter", "monotonic", "process_time", "time_ns", "perf_counter_ns", "monotonic_ns"}

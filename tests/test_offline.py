@@ -14,7 +14,7 @@ from test_train import lora_tensors, train
 import drpo_utils
 from benchmarks.offline import METHOD_FLAGS, OFFLINE_FLAGS, build_preference_set
 from pipelines import preference_data
-from pipelines.evaluate import evaluate
+from pipelines.scoring import evaluate
 
 HELD_OUT_SEEDS = list(range(5000, 5016))
 HIDDEN = os.path.join(os.path.dirname(__file__), "data", "rewards.py") + ":brightness"

@@ -10,6 +10,7 @@ from conftest import ROOT
 
 import train_drpo
 import train_drpo_sdxl
+from pipelines import cli
 
 README = open(f"{ROOT}/README.md").read()
 FLAG_ROWS = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(--[a-z0-9_]+)` \| (.*?) \|", README, re.M)}
@@ -66,13 +67,13 @@ def test_loading_snippet_runs_on_the_tiny_model_without_warnings(tmp_path):
 
     from conftest import TINY_SD
 
-    from pipelines import training
+    from pipelines import lora_files
+    from pipelines.config import AdapterConfig
     from pipelines.inference import load_one_step_pipeline
 
     pipe = load_one_step_pipeline(TINY_SD)
-    training.add_lora(pipe.unet, argparse.Namespace(rank=4, lora_alpha=None, lora_dropout=0.0,
-                                                    lora_target_modules=training.LORA_TARGET_MODULES))
-    training.save_lora(str(tmp_path / "lora"), pipe.unet, type(pipe))
+    lora_files.add_lora(pipe.unet, AdapterConfig(rank=4, lora_alpha=4))
+    lora_files.save_lora(str(tmp_path / "lora"), pipe.unet, type(pipe))
     snippet = python_block_after("Load the result anywhere")
     assert '"stabilityai/sd-turbo"' in snippet and '"drpo-sd-turbo"' in snippet
     snippet = snippet.replace('"stabilityai/sd-turbo"', repr(TINY_SD)).replace('"drpo-sd-turbo"', repr(str(tmp_path / "lora")))
@@ -97,10 +98,10 @@ def test_readme_result_blocks_are_the_saved_benchmark_results():
 
 
 def test_drift_flag_rows_state_both_presets():
-    for flag, (field, _, _) in train_drpo.DRIFT_FLAGS.items():
+    for flag, (field, _, _) in cli.DRIFT_FLAGS.items():
         cell = FLAG_ROWS[f"--{flag}"]
         for preset in ("paper", "authors"):
-            assert f"{preset}: `{train_drpo.shown(train_drpo.preset_value(preset, field))}`" in cell, (flag, cell)
+            assert f"{preset}: `{cli.shown(cli.preset_value(preset, field))}`" in cell, (flag, cell)
 
 
 DOCUMENTS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]

@@ -20,7 +20,7 @@ from conftest import ROOT, reset_accelerate_state
 from test_train_inputs import args_for, no_model_loading
 
 import train_drpo
-from pipelines import checkpoints, files, training
+from pipelines import checkpoints, config, files, report
 from pipelines.rewards import RewardError
 from pipelines.rewards.remote import encode_png
 
@@ -46,7 +46,7 @@ def run_main(argv, **kwargs):
 def no_final_check(monkeypatch):
     """Skip the final held-out check (a fresh pipeline and two reward tables): these tests need the steps
     and the checkpoints only."""
-    monkeypatch.setattr(training, "finish_training", lambda *args, **kwargs: {})
+    monkeypatch.setattr(report, "finish_training", lambda *args, **kwargs: {})
 
 
 def free_port() -> int:
@@ -91,11 +91,12 @@ def test_a_second_run_in_an_output_dir_is_refused_naming_what_differs(tmp_path, 
                                                           r".*--seed: 1 -> 0"):
         run_main(fast_args(tmp_path, "--max_train_steps=4", "--resume_from_checkpoint=latest"))
     # Only the step budget may change on resume.
-    resumed = train_drpo.parse_args([*other, "--max_train_steps=3", "--resume_from_checkpoint=latest"])
+    resumed = train_drpo.build_config(train_drpo.parse_args([*other, "--max_train_steps=3",
+                                                             "--resume_from_checkpoint=latest"]))
     recorded = checkpoints.read_run(str(tmp_path / "checkpoint-2"))
-    resumed.mixed_precision = "no"  # as main() resolves it
-    assert checkpoints.record_differences(recorded, checkpoints.run_record(
-        resumed, recorded["prompt_encoding"], 1)) == []
+    resumed = resumed.resolved(run={"mixed_precision": "no"}, model={"resolution": 64})  # as main() resolves them
+    assert checkpoints.record_differences(recorded, config.run_record(
+        resumed, prompt_encoding=recorded["prompt_encoding"], num_processes=1)) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,11 +298,11 @@ def test_an_output_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
 def two_checkpoints(tmp_path_factory):
     output = tmp_path_factory.mktemp("two_checkpoints")
     argv = fast_args(output, "--max_train_steps=2")
-    original, training.finish_training = training.finish_training, lambda *args, **kwargs: {}
+    original, report.finish_training = report.finish_training, lambda *args, **kwargs: {}
     try:
         run_main(argv)
     finally:
-        training.finish_training = original
+        report.finish_training = original
     return output, argv
 
 

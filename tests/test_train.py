@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import train_drpo
 import train_drpo_sdxl
 from benchmarks.compare_methods import METHOD_FLAGS  # the settings the README's comparison trains with
-from pipelines.evaluate import evaluate
+from pipelines.scoring import evaluate
 
 REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
 SCRIPTS = {"train_drpo.py": TINY_SD, "train_drpo_sdxl.py": TINY_SDXL}
@@ -234,7 +234,7 @@ def test_validation_rewards_are_logged_as_curves_on_held_out_prompts(tmp_path):
 
 def train_drpo_split(args):
     from pipelines.prompts import load_prompts
-    from pipelines.training import split_validation_prompts
+    from pipelines.validation import split_validation_prompts
 
-    parsed = train_drpo.parse_args(args)
-    return split_validation_prompts(parsed, load_prompts(parsed.prompts_file))
+    settings = train_drpo.build_config(train_drpo.parse_args(args))
+    return split_validation_prompts(settings.validation, load_prompts(settings.data.prompts_file))

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 import drpo_utils
 import train_drpo
 import train_drpo_sdxl
-from pipelines import training
+from pipelines import hub, lora_files
+from pipelines.config import AdapterConfig
 from pipelines.rewards import RewardError
 
 SCRIPTS = {"sd": (train_drpo, TINY_SD), "sdxl": (train_drpo_sdxl, TINY_SDXL)}
@@ -136,16 +137,16 @@ def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypat
 
 
 def test_model_card_names_the_base_models_licence():
-    assert training.base_model_licence("stabilityai/sd-turbo") == ("other", "sai-nc-community")  # offline: the table
-    assert training.base_model_licence(None) == ("other", None)
+    assert hub.base_model_licence("stabilityai/sd-turbo") == ("other", "sai-nc-community")  # offline: the table
+    assert hub.base_model_licence(None) == ("other", None)
 
 
 def test_model_card_base_model_is_a_hub_id_or_nothing(tmp_path):
-    assert training.hub_base_model("stabilityai/sd-turbo") == "stabilityai/sd-turbo"
+    assert hub.hub_base_model("stabilityai/sd-turbo") == "stabilityai/sd-turbo"
     snapshot = tmp_path / "hub" / "models--stabilityai--sdxl-turbo" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
-    assert training.hub_base_model(str(snapshot)) == "stabilityai/sdxl-turbo"
-    assert training.hub_base_model(TINY_SD) is None
+    assert hub.hub_base_model(str(snapshot)) == "stabilityai/sdxl-turbo"
+    assert hub.hub_base_model(TINY_SD) is None
 
 
 @pytest.mark.parametrize("architecture,pipeline_cls,encode", [
@@ -158,8 +159,7 @@ def test_saved_lora_loads_into_a_stock_pipeline_with_the_right_scale(tmp_path, a
         build_random_pipeline(str(tmp_path / "model"), architecture=architecture))
     assert isinstance(pipe, pipeline_cls)
     pipe.set_progress_bar_config(disable=True)
-    args = train_drpo.parse_args(args_for(tmp_path, "--rank=4", "--lora_alpha=8"))
-    training.add_lora(pipe.unet, args)
+    lora_files.add_lora(pipe.unet, AdapterConfig(rank=4, lora_alpha=8))
     torch.manual_seed(0)
     for name, param in pipe.unet.named_parameters():
         if "lora_B" in name:
@@ -172,7 +172,7 @@ def test_saved_lora_loads_into_a_stock_pipeline_with_the_right_scale(tmp_path, a
         trained = drpo_utils.one_step_latents(pipe.unet, copy.deepcopy(pipe.scheduler), initial_noise(pipe, seed, 64, 64),
                                               condition)
     lora_dir = tmp_path / "lora"
-    training.save_lora(str(lora_dir), pipe.unet, pipeline_cls)
+    lora_files.save_lora(str(lora_dir), pipe.unet, pipeline_cls)
     with safe_open(str(lora_dir / "pytorch_lora_weights.safetensors"), "pt") as handle:
         metadata = json.loads(handle.metadata()["lora_adapter_metadata"])
     assert metadata["unet.lora_alpha"] == 8 and metadata["unet.r"] == 4
@@ -321,13 +321,14 @@ def test_no_secret_reaches_the_tracker_files_and_the_diffusers_flags_reach_their
                                           "--lora_dropout=0.1", "--tracker_project_name=mine",
                                           "--output_kohya_format"))
     train_drpo.main(args)
-    assert (tmp_path / training.KOHYA_FILE).is_file()
+    assert (tmp_path / lora_files.KOHYA_FILE).is_file()
     assert (seen["num_cycles"], seen["power"], seen["dropout"], seen["project"]) == (3, 1.0, 0.1, "mine")
     assert "hub_token" not in seen["config"] and seen["config"]["lr_num_cycles"] == 3
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert any("events.out.tfevents" in path.name for path in written)  # the tracker did write
     assert not [path for path in written if planted.encode() in path.read_bytes()]
-    masked = training.public_config(argparse.Namespace(**{**vars(args), "reward": f"http://u:{secret}@h:1/s?token={secret}"}))
+    masked = hub.public_config(train_drpo.build_config(argparse.Namespace(
+        **{**vars(args), "reward": f"http://u:{secret}@h:1/s?token={secret}"})))
     assert secret not in json.dumps(masked) and masked["reward"] == "http://***@h:1/s?token=***"
 
 
@@ -344,10 +345,9 @@ def test_the_kohya_file_holds_the_same_lora_under_kohyas_names(tmp_path):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(TINY_SD, subfolder="unet")
-    training.add_lora(unet, argparse.Namespace(rank=4, lora_alpha=8, lora_dropout=0.0,
-                                               lora_target_modules=training.LORA_TARGET_MODULES))
-    training.save_lora(str(tmp_path), unet, StableDiffusionPipeline)
-    kohya = load_file(training.save_kohya_lora(str(tmp_path), alpha=8))
+    lora_files.add_lora(unet, AdapterConfig(rank=4, lora_alpha=8))
+    lora_files.save_lora(str(tmp_path), unet, StableDiffusionPipeline)
+    kohya = load_file(lora_files.save_kohya_lora(str(tmp_path), alpha=8))
     ours = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     assert all(key.startswith("lora_unet_") for key in kohya)
     downs = {k: v for k, v in kohya.items() if k.endswith(".lora_down.weight")}

@@ -14,11 +14,13 @@ dataset's chosen / rejected images, through the same ``margin_pieces``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 import drpo_utils
-from pipelines import candidates, flags
+from pipelines import candidates, flags, methods
 from pipelines.baselines.draft import latent_anchor
 
 
@@ -42,17 +44,19 @@ def dpo_loss(h_theta: dict, h_ref: dict, h_pos: dict, h_neg: dict, latents: torc
     return terms.sum() / count
 
 
-def add_flags(parser) -> None:
-    group = parser.add_argument_group("--method dpo (Appendix C.3, Algorithm A3)")
-    group.add_argument("--dpo_beta", type=flags.positive_float, default=30.0, help="beta, the inverse temperature (paper: 30).")
-    group.add_argument("--dpo_ref_weight", type=flags.non_negative_float, default=0.0, help="lambda_ref of the latent anchor (paper: 0).")
-    group.add_argument("--dpo_space", default="latent", choices=["latent", "features"],
-                       help="psi: the raw latent, or the run's --feature_extractor (the paper tests both).")
+@dataclass(frozen=True)
+class DPOOptions:
+    """--method dpo (Appendix C.3, Algorithm A3)."""
+
+    dpo_beta: float = flags.option(30.0, flags.positive_float, "beta, the inverse temperature (paper: 30).")
+    dpo_ref_weight: float = flags.option(0.0, flags.non_negative_float, "lambda_ref of the latent anchor (paper: 0).")
+    dpo_space: str = flags.option("latent", None, "psi: the raw latent, or the run's --feature_extractor (the paper "
+                                                  "tests both).", choices=["latent", "features"])
 
 
 def preference_space(ctx: candidates.StepContext, latents: torch.Tensor, condition: dict) -> dict:
     """psi(mu): {"latent": mu}, or phi(mu) (decoding first when phi reads images)."""
-    if ctx.args.dpo_space == "latent":
+    if ctx.options.dpo_space == "latent":
         return {"latent": latents}
     images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
     return candidates.phi(ctx, latents, images, condition)
@@ -65,9 +69,8 @@ def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> c
 
 def update(ctx: candidates.StepContext, cand: candidates.Candidates):
     """Reward-ordered pairs of the current generator's candidates as y+ / y-; yields the loss pair chunk by chunk."""
-    args = ctx.args
     scores, waited = ctx.scorer.result(cand.scores)
-    winners, losers = drpo_utils.sample_reward_pairs(scores.ranking, args.num_pairs, cand.rng)
+    winners, losers = drpo_utils.sample_reward_pairs(scores.ranking, ctx.setup.num_pairs, cand.rng)
     stats = {"reward_mean": scores.reported.mean().item(), "reward_std": scores.reported.std().item(),
              "num_pairs": len(winners), "reward_wait": waited}
     if len(winners) == 0:  # all rewards tied: no preference to learn from
@@ -85,7 +88,7 @@ def update(ctx: candidates.StepContext, cand: candidates.Candidates):
 def margin_pieces(ctx: candidates.StepContext, condition: dict, rng: torch.Generator, h_pos: dict, h_neg: dict):
     """Algorithm A3, lines 3-9, for P pairs psi(y+) / psi(y-) of one prompt (online candidates or offline
     triples): a fresh noise per pair for mu_theta and mu_ref; yields the loss C pairs at a time."""
-    args = ctx.args
+    options = ctx.options
     count = len(next(iter(h_pos.values())))
     condition = {name: value[:1].expand(count, *value.shape[1:]) for name, value in condition.items()}
     noise = candidates.candidate_noise(ctx, count, rng)
@@ -98,9 +101,19 @@ def margin_pieces(ctx: candidates.StepContext, condition: dict, rng: torch.Gener
         latents = candidates.current_latents(ctx, rows_condition, noise[rows])
         pick = lambda tensors: {name: value[rows] for name, value in tensors.items()}  # noqa: E731
         return dpo_loss(preference_space(ctx, latents, rows_condition), pick(h_ref), pick(h_pos), pick(h_neg),
-                        latents, ref_latents[rows], args.dpo_beta, args.dpo_ref_weight, count)
+                        latents, ref_latents[rows], options.dpo_beta, options.dpo_ref_weight, count)
 
     return (yield from candidates.loss_pieces(ctx, count, loss_of_rows))
 
 
-METHOD = candidates.Method("dpo", propose, update, add_flags=add_flags)
+def offline_update(ctx: candidates.StepContext, proposal):
+    """Algorithm A3 on a prompt's dataset triples (p, y+, y-): offline DPO(1-step) (``pipelines/offline.py``)."""
+    condition = candidates.prompt_condition(ctx, proposal.prompt, 1)
+    loss = yield from margin_pieces(ctx, condition, proposal.rng, proposal.chosen, proposal.rejected)
+    return {"loss": loss, "num_pairs": proposal.num_pairs}
+
+
+METHOD = methods.register(methods.Method(
+    "dpo", "DPO(1-step): the sigmoid preference margin on the one-step latent (Appendix C.3); ranks only",
+    propose, update, options=DPOOptions, offline_update=offline_update,
+    offline_space=lambda options: options.dpo_space))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import drpo_utils
-from pipelines import candidates, flags
+from pipelines import candidates, flags, methods
 from pipelines.rewards.protocol import differentiable_scores
 
 
@@ -32,10 +32,12 @@ def draft_loss(rewards: torch.Tensor, latents: torch.Tensor, ref_latents: torch.
     return (-rewards.float().sum() + ref_weight * latent_anchor(latents, ref_latents).sum()) / count
 
 
-def add_flags(parser) -> None:
-    group = parser.add_argument_group("--method draft (Appendix C.1)")
-    group.add_argument("--draft_ref_weight", type=flags.non_negative_float, default=0.0,
-                       help="lambda_ref of the latent anchor (the paper does not report its value; 0 is plain DRaFT).")
+@dataclass(frozen=True)
+class DRaFTOptions:
+    """--method draft (Appendix C.1)."""
+
+    draft_ref_weight: float = flags.option(0.0, flags.non_negative_float, "lambda_ref of the latent anchor (the paper "
+                                                                          "does not report its value; 0 is plain DRaFT).")
 
 
 @dataclass
@@ -48,25 +50,27 @@ class Proposal:
 
 def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> Proposal:
     """Condition, noises and the base model's latents; everything else needs gradient."""
-    k = ctx.args.num_candidates
+    k = ctx.num_candidates
     condition, noise = candidates.prompt_condition(ctx, prompt, k), candidates.candidate_noise(ctx, k, rng)
     return Proposal(prompt, condition, noise, candidates.reference_latents(ctx, condition, noise))
 
 
 def update(ctx: candidates.StepContext, proposal: Proposal):
     """Yields the DRaFT loss of each chunk (generator, decoder and reward with gradient); returns stats."""
-    k, rewards = ctx.args.num_candidates, []
+    k, rewards = ctx.num_candidates, []
 
     def loss_of_rows(rows):
         latents = candidates.current_latents(ctx, candidates.rows_of(proposal.condition, rows), proposal.noise[rows])
         images = drpo_utils.decode_latents(ctx.pipe.vae, latents)
         scores = differentiable_scores(ctx.scorer.reward_fn, images, [proposal.prompt] * len(images), ctx.scorer.name)
         rewards.append(scores.detach())
-        return draft_loss(scores, latents, proposal.ref_latents[rows], ctx.args.draft_ref_weight, k)
+        return draft_loss(scores, latents, proposal.ref_latents[rows], ctx.options.draft_ref_weight, k)
 
     loss = yield from candidates.loss_pieces(ctx, k, loss_of_rows)
     scores = torch.cat(rewards).double().cpu()
     return {"loss": loss, "reward_mean": scores.mean().item(), "reward_std": scores.std().item()}
 
 
-METHOD = candidates.Method("draft", propose, update, reward_gradient=True, add_flags=add_flags)
+METHOD = methods.register(methods.Method(
+    "draft", "DRaFT: backpropagate a differentiable reward through decoder and generator (Appendix C.1)",
+    propose, update, options=DRaFTOptions, reward_gradient=True))

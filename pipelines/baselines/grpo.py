@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import drpo_utils
-from pipelines import candidates, flags
+from pipelines import candidates, flags, methods
 from pipelines.baselines.draft import latent_anchor
 
 NORMALISE_EPS = 1e-6  # eps of u_k and eps_r of the advantages
@@ -54,18 +54,21 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
     return (policy + ref_weight * latent_anchor(latents, ref_latents) + kl_weight * kl).sum() / count
 
 
-def add_flags(parser) -> None:
-    group = parser.add_argument_group("--method grpo (Appendix C.4, Algorithm A4; defaults: the paper's values)")
-    group.add_argument("--grpo_sigma", type=flags.positive_float, default=0.05, help="sigma_a, the action noise.")
-    group.add_argument("--grpo_clip_eps", type=flags.positive_float, default=0.2, help="eps of the clipped ratio.")
-    group.add_argument("--grpo_log_ratio_clip", type=flags.positive_float, default=10.0, help="M, the clip of the log-ratio.")
-    group.add_argument("--grpo_adv_scale", type=flags.positive_float, default=1.0, help="alpha_adv, the advantage scale.")
-    group.add_argument("--grpo_adv_clip", type=flags.positive_float, default=5.0, help="A_max, the advantage clip.")
-    group.add_argument("--grpo_ref_weight", type=flags.non_negative_float, default=0.05, help="lambda_ref of the latent anchor.")
-    group.add_argument("--grpo_kl_weight", type=flags.non_negative_float, default=0.0, help="beta_kl of the ratio KL term.")
-    group.add_argument("--grpo_exploration", default="initial_noise", choices=["initial_noise", "fresh"],
-                       help="u_k: the normalised initial noise z_k (Algorithm A4, line 6), or a fresh standard "
-                            "normal draw independent of z_k (ours: an unbiased exploration direction).")
+@dataclass(frozen=True)
+class GRPOOptions:
+    """--method grpo (Appendix C.4, Algorithm A4; defaults: the paper's values)."""
+
+    grpo_sigma: float = flags.option(0.05, flags.positive_float, "sigma_a, the action noise.")
+    grpo_clip_eps: float = flags.option(0.2, flags.positive_float, "eps of the clipped ratio.")
+    grpo_log_ratio_clip: float = flags.option(10.0, flags.positive_float, "M, the clip of the log-ratio.")
+    grpo_adv_scale: float = flags.option(1.0, flags.positive_float, "alpha_adv, the advantage scale.")
+    grpo_adv_clip: float = flags.option(5.0, flags.positive_float, "A_max, the advantage clip.")
+    grpo_ref_weight: float = flags.option(0.05, flags.non_negative_float, "lambda_ref of the latent anchor.")
+    grpo_kl_weight: float = flags.option(0.0, flags.non_negative_float, "beta_kl of the ratio KL term.")
+    grpo_exploration: str = flags.option(
+        "initial_noise", None, "u_k: the normalised initial noise z_k (Algorithm A4, line 6), or a fresh standard "
+                               "normal draw independent of z_k (ours: an unbiased exploration direction).",
+        choices=["initial_noise", "fresh"])
 
 
 @dataclass
@@ -81,10 +84,10 @@ class Proposal:
 @torch.no_grad()
 def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> Proposal:
     """Algorithm A4, lines 3-8: mu_old without gradient, the actions a_k, their decodes sent to the reward."""
-    sigma, k = ctx.args.grpo_sigma, ctx.args.num_candidates
+    sigma, k = ctx.options.grpo_sigma, ctx.num_candidates
     condition, noise = candidates.prompt_condition(ctx, prompt, k), candidates.candidate_noise(ctx, k, rng)
     old = candidates.current_latents(ctx, condition, noise).float()
-    exploration = noise if ctx.args.grpo_exploration == "initial_noise" else torch.randn(
+    exploration = noise if ctx.options.grpo_exploration == "initial_noise" else torch.randn(
         noise.shape, generator=rng).to(noise.device)
     actions = old + sigma * normalised_noise(exploration)
     images = drpo_utils.decode_latents(ctx.pipe.vae, actions)
@@ -94,19 +97,21 @@ def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> P
 
 def update(ctx: candidates.StepContext, proposal: Proposal):
     """Algorithm A4, lines 9-14: advantages, then the clipped objective with mu_theta recomputed."""
-    args, k = ctx.args, ctx.args.num_candidates
+    options, k = ctx.options, ctx.num_candidates
     scores, waited = ctx.scorer.result(proposal.scores)
-    advantages = group_advantages(scores.ranking, args.grpo_adv_scale, args.grpo_adv_clip).to(proposal.actions.device)
+    advantages = group_advantages(scores.ranking, options.grpo_adv_scale, options.grpo_adv_clip).to(proposal.actions.device)
 
     def loss_of_rows(rows):
         latents = candidates.current_latents(ctx, candidates.rows_of(proposal.condition, rows), proposal.noise[rows])
-        log_prob = gaussian_log_prob(proposal.actions[rows], latents, args.grpo_sigma)
+        log_prob = gaussian_log_prob(proposal.actions[rows], latents, options.grpo_sigma)
         return grpo_loss(log_prob, proposal.old_log_prob[rows], advantages[rows], latents, proposal.ref_latents[rows],
-                         args.grpo_clip_eps, args.grpo_log_ratio_clip, args.grpo_ref_weight, args.grpo_kl_weight, k)
+                         options.grpo_clip_eps, options.grpo_log_ratio_clip, options.grpo_ref_weight, options.grpo_kl_weight, k)
 
     loss = yield from candidates.loss_pieces(ctx, k, loss_of_rows)
     return {"loss": loss, "reward_mean": scores.reported.mean().item(), "reward_std": scores.reported.std().item(),
             "reward_wait": waited}
 
 
-METHOD = candidates.Method("grpo", propose, update, add_flags=add_flags)
+METHOD = methods.register(methods.Method(
+    "grpo", "GRPO(1-step): a group-relative clipped policy gradient on a perturbed latent (Appendix C.4); ranks "
+            "only", propose, update, options=GRPOOptions))

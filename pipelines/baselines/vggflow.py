@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import drpo_utils
-from pipelines import candidates, flags
+from pipelines import candidates, flags, methods
 from pipelines.baselines.draft import latent_anchor
 from pipelines.rewards.protocol import differentiable_scores
 
@@ -42,12 +42,14 @@ def vggflow_loss(latents: torch.Tensor, target: torch.Tensor, ref_latents: torch
     return (matching.sum() + ref_weight * latent_anchor(latents, ref_latents).sum()) / count
 
 
-def add_flags(parser) -> None:
-    group = parser.add_argument_group("--method vggflow (Appendix C.2; the paper reports no values, these are ours)")
-    group.add_argument("--vggflow_eta", type=flags.positive_float, default=1.0, help="eta(t), fixed at the one-step timestep.")
-    group.add_argument("--vggflow_reward_scale", type=flags.positive_float, default=1.0, help="lambda_r, the reward's scale.")
-    group.add_argument("--vggflow_clip", type=flags.positive_float, default=1.0, help="Per-sample L2 norm clip of grad_mu R.")
-    group.add_argument("--vggflow_ref_weight", type=flags.non_negative_float, default=0.0, help="lambda_ref of the latent anchor.")
+@dataclass(frozen=True)
+class VGGFlowOptions:
+    """--method vggflow (Appendix C.2; the paper reports no values, these are ours)."""
+
+    vggflow_eta: float = flags.option(1.0, flags.positive_float, "eta(t), fixed at the one-step timestep.")
+    vggflow_reward_scale: float = flags.option(1.0, flags.positive_float, "lambda_r, the reward's scale.")
+    vggflow_clip: float = flags.option(1.0, flags.positive_float, "Per-sample L2 norm clip of grad_mu R.")
+    vggflow_ref_weight: float = flags.option(0.0, flags.non_negative_float, "lambda_ref of the latent anchor.")
 
 
 @dataclass
@@ -70,7 +72,7 @@ def reward_gradient(ctx: candidates.StepContext, latents: torch.Tensor, prompt: 
 
 def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> Proposal:
     """Current and reference latents without gradient, the reward gradient at the current ones, the target."""
-    args, k = ctx.args, ctx.args.num_candidates
+    options, k = ctx.options, ctx.num_candidates
     condition, noise = candidates.prompt_condition(ctx, prompt, k), candidates.candidate_noise(ctx, k, rng)
     ref_latents = candidates.reference_latents(ctx, condition, noise)
     gradients, rewards = [], []
@@ -80,22 +82,24 @@ def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> P
         gradient, scores = reward_gradient(ctx, latents, prompt)
         gradients.append(gradient)
         rewards.append(scores)
-    target = vggflow_target(ref_latents, torch.cat(gradients), args.vggflow_eta, args.vggflow_reward_scale,
-                            args.vggflow_clip)
+    target = vggflow_target(ref_latents, torch.cat(gradients), options.vggflow_eta, options.vggflow_reward_scale,
+                            options.vggflow_clip)
     return Proposal(condition, noise, ref_latents, target, torch.cat(rewards))
 
 
 def update(ctx: candidates.StepContext, proposal: Proposal):
     """Yields the target-matching loss, recomputing mu_theta chunk by chunk; returns stats."""
-    k = ctx.args.num_candidates
+    k = ctx.num_candidates
 
     def loss_of_rows(rows):
         latents = candidates.current_latents(ctx, candidates.rows_of(proposal.condition, rows), proposal.noise[rows])
-        return vggflow_loss(latents, proposal.target[rows], proposal.ref_latents[rows], ctx.args.vggflow_ref_weight, k)
+        return vggflow_loss(latents, proposal.target[rows], proposal.ref_latents[rows], ctx.options.vggflow_ref_weight, k)
 
     loss = yield from candidates.loss_pieces(ctx, k, loss_of_rows)
     scores = proposal.rewards.double().cpu()
     return {"loss": loss, "reward_mean": scores.mean().item(), "reward_std": scores.std().item()}
 
 
-METHOD = candidates.Method("vggflow", propose, update, reward_gradient=True, add_flags=add_flags)
+METHOD = methods.register(methods.Method(
+    "vggflow", "VGG-Flow(1-step): regress onto a reward-gradient target (Appendix C.2)", propose, update,
+    options=VGGFlowOptions, reward_gradient=True))

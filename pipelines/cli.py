@@ -1,0 +1,359 @@
+"""The training scripts' command line: the flags by group (diffusers-examples names), their checks
+before anything loads, and the typed configs built from them (``pipelines/config.py``). The entry points'
+configuration builder: the only module of ``pipelines/`` that reads an argparse namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+import torch
+
+import drpo_utils
+from pipelines import checkpoints, config, features, flags, hub, lora_files, methods, preference_data, rewards, runtime
+
+
+# Each drift flag overrides one field of the --drift_preset's DriftConfig (None: keep the preset's value).
+DRIFT_FLAGS = {
+    "drift_radii": ("radii", flags.list_of(flags.positive_float, "positive radii"),
+                    "Comma-separated kernel radii rho (Appendix A)."),
+    "drift_kernel": ("kernel", str, "rbf (Eq. 21), laplacian, exponential (alias of laplacian), cosine."),
+    "ref_weight": ("ref_weight", flags.non_negative_float, "lambda: weight of the reference drift (Eq. 15)."),
+    "velocity_scale": ("velocity_scale", flags.positive_float, "eta: target step z + eta V (Eq. 16)."),
+    "pair_weight": ("pair_weight", flags.positive_float, "Support weight of A+/A- and of the reference drift's "
+                                                         "supports, relative to the unit-weight self-negatives."),
+    "self_negatives": ("self_negatives", None, "Add sg(Z) as unit-weight negatives of both fields, each query's own "
+                                               "copy masked (the released code)."),
+    "mask_self": ("mask_self", None, "Mask each sample's own copy in the reference drift's negatives sg(Z); "
+                                     "--no-mask_self gives the literal, unmasked Eq. 22."),
+    "mask_paired_reference": ("mask_paired_reference", None, "With --mask_self, also mask each sample's paired base "
+                                                             "sample r_i (same noise): the leave-one-out V_ref."),
+    "drift_loss_reduction": ("loss_reduction", str, "sum: 1/(2K) sum_i ||z~_i - z*_i||^2 (Eq. 17); mean: over "
+                                                    "candidates and feature dimensions (the released code)."),
+    "separate_branch_losses": ("separate_branch_losses", None, "Regress V_pref and lambda V_ref as two losses, each in "
+                                                               "its own call's coordinates (the released code)."),
+    "drift_scale_floor": ("scale_floor", flags.non_negative_float, "Floor of the batch scale s and of s_z "
+                                                                   "(Eqs. 19-20)."),
+    "drift_rms_floor": ("rms_floor", flags.non_negative_float, "Floor of each radius' mean square before the root "
+                                                               "(Eq. 25)."),
+    "affinity_floor": ("affinity_floor", flags.non_negative_float, "Floor of softmax_j * softmax_i before the root "
+                                                                   "(Eq. 22)."),
+    "self_penalty": ("self_penalty", flags.positive_float_or_inf, "Logit penalty / rho on a masked copy; inf removes "
+                                                                  "it (Appendix A)."),
+}
+DRIFT_FIELDS = {flag: field for flag, (field, _, _) in DRIFT_FLAGS.items()}  # flag -> DriftConfig field
+NUMERICS_FIELDS = {field.name for field in dataclasses.fields(drpo_utils.DriftNumerics)}
+
+
+def preset_value(preset: str, field: str):
+    """A preset's value of a DriftConfig field, as the flag holds it (a list for the radii)."""
+    drift = drpo_utils.DRIFT_PRESETS[preset]
+    value = getattr(drift.numerics if field in NUMERICS_FIELDS else drift, field)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def add_drift_flags(group) -> None:
+    group.add_argument("--drift_preset", default="paper", choices=sorted(drpo_utils.DRIFT_PRESETS),
+                       help="paper: Appendix A exactly (leave-one-out reference drift); authors: the released "
+                            "code's estimator (UGVly/DrPO).")
+    for flag, (field, parse, text) in DRIFT_FLAGS.items():
+        presets = f"(paper: {shown(preset_value('paper', field))}; authors: {shown(preset_value('authors', field))})"
+        if parse is None:
+            group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{text} {presets}")
+        else:
+            choices = {"kernel": drpo_utils.DRIFT_KERNELS, "loss_reduction": drpo_utils.LOSS_REDUCTIONS}.get(field)
+            group.add_argument(f"--{flag}", default=None, choices=choices, help=f"{text} {presets}",
+                               type=None if choices else parse)
+
+
+def add_model_flags(parser) -> None:
+    model = parser.add_argument_group("model and output")
+    model.add_argument("--pretrained_model_name_or_path", required=True,
+                       help="Hub id or local folder of the one-step model.")
+    model.add_argument("--revision", default=None, help="Hub revision of the model.")
+    model.add_argument("--variant", default=None, help='Weights variant, e.g. "fp16".')
+    model.add_argument("--cache_dir", default=None,
+                       help="Where downloaded models are stored (default: the Hugging Face cache).")
+    model.add_argument("--output_dir", default="drpo-output",
+                       help="Where the LoRA, checkpoints, samples and logs go.")
+    model.add_argument("--seed", type=flags.seed, default=None,
+                       help="Seed for LoRA init, prompt/noise draws and pairs (a run is reproducible with it).")
+    model.add_argument("--resolution", type=flags.positive_int, default=None,
+                       help="Image size; default: the model's own (UNet sample_size x VAE scale factor; SD-Turbo 512).")
+    model.add_argument("--rank", type=flags.positive_int, default=16, help="LoRA rank (paper: 16).")
+    model.add_argument("--lora_alpha", type=flags.positive_int, default=None, help="LoRA alpha (default: equal to --rank).")
+    model.add_argument("--lora_dropout", type=flags.fraction, default=0.0, help="Dropout of the LoRA layers.")
+    model.add_argument("--lora_target_modules", default=lora_files.LORA_TARGET_MODULES,
+                       help="Comma-separated module names that get LoRA.")
+
+
+
+def add_prompt_flags(parser) -> None:
+    prompts = parser.add_argument_group("prompts")
+    prompts.add_argument("--prompts_file", default=None,
+                         help="A .txt file (one prompt per line) or .jsonl with the --prompt_column key.")
+    prompts.add_argument("--dataset_name", default=None, help="A datasets name or local folder holding prompts.")
+    prompts.add_argument("--dataset_split", default="train",
+                         help="Split of --dataset_name (or of --preference_dataset).")
+    prompts.add_argument("--prompt_column", default="prompt", help="Column (or .jsonl key) holding the prompt.")
+
+
+
+def add_method_flags(parser, default_method: str, default_feature_extractor: str) -> None:
+    drpo = parser.add_argument_group("the method, its reward and candidates (Algorithm 1, Eqs. 15-16, Appendix A)")
+    drpo.add_argument("--method", default=default_method, choices=methods.names(),
+                      help="; ".join(f"{name}: {method.summary}" for name, method in methods.registered().items()))
+    drpo.add_argument("--reward", required=True, help=rewards.reward_help())
+    drpo.add_argument("--max_tied_steps", type=flags.non_negative_int, default=10,
+                      help="Stop the run when, for this many consecutive steps, every prompt's K candidates got the "
+                           "same reward (it gives no ranking: nothing is learnt); 0: never stop.")
+    drpo.add_argument("--reward_device", default=None,
+                      help="Device of the named model rewards (--reward, --validation_rewards), e.g. cuda:1 for a "
+                           "large reward on its own GPU (default: the process' accelerator device).")
+    drpo.add_argument("--reward_timeout", type=flags.positive_float, default=60.0,
+                      help="Seconds a remote reward (--reward http://...) has for a whole request, however slowly it "
+                           "answers; a request past it is retried twice with backoff (each retry logged), then the "
+                           "run stops naming the URL.")
+    drpo.add_argument("--reward_weights", type=flags.list_of(flags.finite_float, "finite weights"), default=None,
+                      help="Weights of a mixture's components (default: all 1); components are standardised "
+                           "per prompt.")
+    drpo.add_argument("--feature_extractor", default=default_feature_extractor,
+                      help=f"phi, one of {', '.join(features.FEATURE_MAPS)} (see the README's Feature maps).")
+    drpo.add_argument("--feature_extractor_path", default=None,
+                      help="The feature network's weights: a local folder, a Hub id, or for latent_mae a Flax release "
+                           "folder (local or 'owner/repo/folder' on the Hub) or a converted .safetensors file. "
+                           "Default: the published weights.")
+    drpo.add_argument("--num_candidates", type=flags.positive_int, default=24, help="K candidates per prompt (paper: 24).")
+    drpo.add_argument("--num_pairs", type=flags.positive_int, default=12,
+                      help="M reward-ordered pairs per prompt (paper: 12); offline: at most M of the prompt's "
+                           "dataset pairs.")
+
+
+def add_optimisation_flags(parser) -> None:
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--train_batch_size", type=flags.positive_int, default=1,
+                              help="Prompts per process per micro-step (K candidates each).")
+    optimisation.add_argument("--gradient_accumulation_steps", type=flags.positive_int, default=1,
+                              help="Micro-steps per optimisation step (paper: 8).")
+    optimisation.add_argument("--gradient_checkpointing", action="store_true",
+                              help="Trade UNet (and feature network, VAE decoder) compute for memory.")
+    optimisation.add_argument("--candidate_chunk_size", type=flags.positive_int, default=None,
+                              help="C: generate and score the K candidates without gradient, then recompute and "
+                                   "backpropagate them C at a time (same gradient; memory flat in K; one more "
+                                   "generator forward). Default: one pass with all K.")
+    optimisation.add_argument("--overlap_reward", action=argparse.BooleanOptionalAction, default=True,
+                              help="With --candidate_chunk_size: score the next prompt's candidates in a background "
+                                   "thread while the current prompt trains (same results; needs more than one "
+                                   "prompt per optimiser step).")
+    optimisation.add_argument("--max_train_steps", type=flags.positive_int, default=1000, help="Optimisation steps.")
+    optimisation.add_argument("--learning_rate", type=flags.positive_float, default=1e-4,
+                              help="AdamW learning rate (paper: 1e-4; 3e-5 for HPSv3).")
+    optimisation.add_argument("--lr_scheduler", default="constant",
+                              type=flags.lazily_checked(flags.lr_scheduler_name, "diffusers scheduler name"),
+                              help="diffusers scheduler name: constant, linear, cosine, constant_with_warmup, ...")
+    optimisation.add_argument("--lr_warmup_steps", type=flags.non_negative_int, default=0, help="Warm-up steps of the scheduler.")
+    optimisation.add_argument("--lr_num_cycles", type=flags.positive_int, default=1,
+                              help="Hard resets of the cosine_with_restarts scheduler.")
+    optimisation.add_argument("--lr_power", type=flags.positive_float, default=1.0, help="Power of the polynomial scheduler.")
+    optimisation.add_argument("--scale_lr", action="store_true",
+                              help="Multiply the learning rate by accumulation steps x batch size x processes.")
+    optimisation.add_argument("--use_8bit_adam", action="store_true",
+                              help="bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a GPU).")
+    optimisation.add_argument("--adam_beta1", type=flags.fraction, default=0.9, help="AdamW beta1.")
+    optimisation.add_argument("--adam_beta2", type=flags.fraction, default=0.999, help="AdamW beta2.")
+    optimisation.add_argument("--adam_weight_decay", type=flags.non_negative_float, default=1e-2, help="AdamW weight decay.")
+    optimisation.add_argument("--adam_epsilon", type=flags.positive_float, default=1e-8, help="AdamW epsilon.")
+    optimisation.add_argument("--max_grad_norm", type=flags.positive_float, default=1.0, help="Gradient clipping.")
+    optimisation.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                              help="Frozen weights in that dtype, LoRA in fp32 (fp16 needs a GPU). "
+                                   "Default: accelerate's configuration.")
+    optimisation.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+
+
+
+def add_run_flags(parser) -> None:
+    run = parser.add_argument_group("checkpoints, logging, validation, Hub")
+    run.add_argument("--checkpointing_steps", type=flags.positive_int, default=500,
+                     help="Save checkpoint-N every N steps (and at the end).")
+    run.add_argument("--checkpoints_total_limit", type=flags.positive_int, default=None, help="Keep only the newest N checkpoints.")
+    run.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a path / name like checkpoint-500.')
+    run.add_argument("--overwrite_output_dir", action="store_true",
+                     help="Start a new run in an --output_dir that holds another run's checkpoints, deleting them "
+                          "(without it such a run is refused, naming how the runs differ).")
+    run.add_argument("--ddp_timeout", type=flags.positive_int, default=1800,
+                     help="Seconds a collective operation may wait for the other processes before the run stops "
+                          "with a message naming the rank and step (the process-group timeout).")
+    run.add_argument("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
+    run.add_argument("--logging_dir", default="logs", help="Tracker logs, under --output_dir.")
+    run.add_argument("--tracker_project_name", default="drpo", help="Project name given to the trackers.")
+    run.add_argument("--validation_prompts", type=flags.prompt_list, default=None,
+                     help="'|'-separated prompts for sample grids and --validation_rewards (default: the last 4 "
+                          "prompts, held out of training, when there are 100+; else the first 4).")
+    run.add_argument("--validation_rewards", default=None, type=flags.names,
+                     help="Comma-separated rewards (any --reward spec but a mixture) scored on the validation "
+                          "prompts x seeds at every --validation_steps, base and LoRA, logged beside the training "
+                          "reward: reward hacking shows while it happens.")
+    run.add_argument("--validation_steps", type=flags.non_negative_int, default=100, help="Base-vs-LoRA grid every N steps (0: never).")
+    run.add_argument("--num_validation_seeds", type=flags.positive_int, default=4,
+                     help="Seeds per validation prompt (held-out 10000+).")
+    run.add_argument("--push_to_hub", action="store_true",
+                     help="Create the repo at start (fails early without credentials), upload LoRA + model card "
+                          "at the end.")
+    run.add_argument("--output_kohya_format", action="store_true",
+                     help=f"Also write the LoRA in kohya's key names ({lora_files.KOHYA_FILE}) for ComfyUI / A1111.")
+    run.add_argument("--hub_model_id", default=None, help="Repo name on the Hub (default: the output folder name).")
+    run.add_argument("--hub_token", default=None, help="Token (default: the stored login / HF_TOKEN).")
+
+
+def check_reward_for_method(args) -> None:
+    """A method that differentiates the reward (draft, vggflow) refuses, now, a named reward that cannot be
+    differentiated (a rule, a remote service); a custom function is checked at its first call."""
+    if not methods.registered()[args.method].reward_gradient:
+        return
+    for part in rewards.mixture_parts(args.reward):
+        entry = rewards.REWARDS.get(part)
+        if rewards.is_url(part) or (entry is not None and not entry.differentiable):
+            raise ValueError(f"--method {args.method} backpropagates through the reward, and {part!r} has no "
+                             f"gradient (it only ranks); use --method {methods.ranking_only()} with it, or a "
+                             f"differentiable reward ({', '.join(n for n, e in rewards.REWARDS.items() if e.differentiable)}"
+                             f", or a file.py:function returning a tensor computed from the images)")
+
+
+def idle_flag_rules(args) -> list[tuple[list[str], bool, str]]:
+    """(flags, whether they act in this run, when they do): a flag given where it does nothing is an error."""
+    offline = args.preference_dataset is not None
+    jsonl_or_dataset = args.dataset_name is not None or offline or str(args.prompts_file).endswith(".jsonl")
+    rules = [
+        ([*preference_data.LAYOUT, "streaming", "max_train_samples", "feature_cache_dir", "offline_neighbours"],
+         offline, "with --preference_dataset"),
+        (["prompt_column"], jsonl_or_dataset, "with a .jsonl --prompts_file or --dataset_name"),
+        (["dataset_split"], args.dataset_name is not None or offline, "with --dataset_name or --preference_dataset"),
+        (["lr_num_cycles"], args.lr_scheduler == "cosine_with_restarts", "with --lr_scheduler cosine_with_restarts"),
+        (["lr_power"], args.lr_scheduler == "polynomial", "with --lr_scheduler polynomial"),
+        (["lr_warmup_steps"], args.lr_scheduler != "constant", "with an --lr_scheduler that warms up (not constant)"),
+        (["overlap_reward"], args.candidate_chunk_size is not None and not offline, "with --candidate_chunk_size"),
+        (["hub_model_id", "hub_token"], args.push_to_hub, "with --push_to_hub"),
+        (["tracker_project_name", "logging_dir"], args.report_to != "none", "with a tracker (--report_to)"),
+    ]
+    for method in methods.registered().values():
+        rules.append((method.flags, args.method == method.name, f"with --method {method.name}"))
+    ranking_online = not offline and not methods.registered()[args.method].reward_gradient
+    rules.append((["max_tied_steps"], ranking_online, "when the reward ranks online candidates"))
+    return rules
+
+
+def check_args(args, given: set[str] = frozenset()) -> None:
+    """Fail on bad input before any model is loaded. ``given``: the flags on the command line (a flag
+    that does nothing in this run is refused; flags left at their defaults are never refused)."""
+    flags.refuse_idle_flags(given, idle_flag_rules(args))
+    if args.num_candidates < 2:
+        raise ValueError(f"--num_candidates (K) must be at least 2, got {args.num_candidates}")
+    if not 1 <= args.num_pairs <= drpo_utils.max_pairs(args.num_candidates):
+        raise ValueError(
+            f"--num_pairs (M) must be in [1, {drpo_utils.max_pairs(args.num_candidates)}] = [1, K(K-1)/2] for "
+            f"K={args.num_candidates}, got {args.num_pairs}"
+        )
+    if args.feature_extractor not in features.FEATURE_MAPS:
+        raise ValueError(f"Unknown feature extractor {args.feature_extractor!r}; "
+                         f"choose one of {', '.join(features.FEATURE_MAPS)}.")
+    drift_config(args)  # the preset with the flags given: kernel, radii, ... validated
+    rewards.check_reward_spec(args.reward, args.reward_weights)  # unknown names list the choices; files must exist
+    for spec in args.validation_rewards or []:
+        rewards.check_reward_spec(spec, None, flag="--validation_rewards")
+    if args.reward_device is not None:
+        try:
+            torch.device(args.reward_device)
+        except RuntimeError as error:
+            raise ValueError(f"--reward_device {args.reward_device!r} is no torch device: {error}") from error
+    check_reward_for_method(args)
+    if args.candidate_chunk_size is not None and args.candidate_chunk_size > args.num_candidates:
+        raise ValueError(f"--candidate_chunk_size must be in [1, K={args.num_candidates}], "
+                         f"got {args.candidate_chunk_size}")
+    if args.prompts_file is None and args.dataset_name is None and args.preference_dataset is None:
+        raise ValueError("give prompts with --prompts_file or --dataset_name (or preference pairs with "
+                         "--preference_dataset)")
+    offline_methods = methods.names(lambda method: method.offline_update is not None)
+    if args.preference_dataset is not None and args.method not in offline_methods:
+        raise ValueError(f"--method {args.method} learns from the current generator's own samples; with "
+                         f"--preference_dataset use --method {' or '.join(offline_methods)}")
+    if args.preference_dataset is not None and features.FEATURE_MAPS[args.feature_extractor].needs_condition:
+        raise ValueError(f"--feature_extractor {args.feature_extractor} depends on the prompt, which offline "
+                         "encoding does not give it; choose another feature map with --preference_dataset")
+    if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
+        raise ValueError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would resume from; "
+                         "give only one of them")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = checkpoints.resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: {path} does not exist")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed_precision fp16 needs a GPU; on the CPU use --mixed_precision bf16 or no")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise ValueError("--hub_token with --report_to=wandb would upload the token with the run's config; "
+                         "log in with `hf auth login` or set HF_TOKEN instead")
+    if args.use_8bit_adam:
+        runtime.eight_bit_adamw()  # bitsandbytes present and usable, or a message now
+    if args.push_to_hub and hub.hub_token(from_namespace(config.HubConfig, args)) is None:
+        raise ValueError("--push_to_hub needs Hub credentials: run `hf auth login`, set HF_TOKEN, or pass --hub_token")
+
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Flags -> configs
+# ------------------------------------------------------------------------------------------------
+
+
+def fields_of(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def from_namespace(cls, namespace, **overrides):
+    """``cls`` from the namespace's attributes of the same names (absent ones keep their defaults)."""
+    values = {name: getattr(namespace, name) for name in fields_of(cls) if hasattr(namespace, name)}
+    values = {name: tuple(value) if isinstance(value, list) else value for name, value in values.items()}
+    return cls(**{**values, **overrides})
+
+
+def drift_config(namespace, drift_flags: dict[str, str] | None = None) -> drpo_utils.DriftConfig:
+    """--drift_preset's DriftConfig with every drift flag that was given (not None) applied (Eqs. 15-17, App. A)."""
+    drift_flags = DRIFT_FIELDS if drift_flags is None else drift_flags
+    preset = drpo_utils.DRIFT_PRESETS[namespace.drift_preset]
+    numerics_fields = fields_of(drpo_utils.DriftNumerics)
+    top, numerics = {}, {}
+    for flag, field_name in drift_flags.items():
+        value = getattr(namespace, flag)
+        if value is not None:
+            (numerics if field_name in numerics_fields else top)[field_name] = \
+                tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(preset, numerics=dataclasses.replace(preset.numerics, **numerics), **top)
+
+
+def build_training_configs(namespace) -> config.TrainingConfig:
+    """The configs of a training run from its parsed, checked flags (the chosen method's options included)."""
+    options_type = methods.registered()[namespace.method].options
+    adapter = from_namespace(config.AdapterConfig, namespace, lora_alpha=namespace.lora_alpha or namespace.rank,
+                             lora_target_modules=tuple(m.strip() for m in namespace.lora_target_modules.split(",")))
+    options = from_namespace(options_type, namespace) if options_type is not None else None
+    method = from_namespace(config.MethodConfig, namespace, drift=drift_config(namespace), options=options)
+    return config.TrainingConfig(
+        model=from_namespace(config.ModelConfig, namespace), adapter=adapter, method=method,
+        reward=from_namespace(config.RewardConfig, namespace), data=from_namespace(config.DataConfig, namespace),
+        optim=from_namespace(config.OptimConfig, namespace), run=from_namespace(config.RunConfig, namespace),
+        validation=from_namespace(config.ValidationConfig, namespace,
+                                  validation_rewards=tuple(namespace.validation_rewards or ())),
+        hub=from_namespace(config.HubConfig, namespace))
+
+
+def parse_and_check(parser: argparse.ArgumentParser, input_args=None) -> argparse.Namespace:
+    """Parse the flags and check them all (``check_args``) before anything loads."""
+    args = parser.parse_args(input_args)
+    check_args(args, flags.explicit_flags(parser, input_args))
+    return args

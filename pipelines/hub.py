@@ -1,0 +1,99 @@
+"""What leaves the machine: the trackers' config (never a secret), the Hub repository and its upload, and
+the base model's licence for the model card."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from pipelines.config import HubConfig, TrainingConfig
+
+SECRET_NAME = re.compile(r"token|secret|password|api_?key", re.I)
+
+
+def redact_url(text: str) -> str:
+    """A URL without its credentials: the user:password part and secret-named query values masked."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(text)
+    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
+    query = urlencode([(k, "***" if SECRET_NAME.search(k) else v) for k, v in parse_qsl(parts.query)], safe="*")
+    return urlunsplit((parts.scheme, ("***@" if "@" in parts.netloc else "") + netloc, parts.path, query, ""))
+
+
+def public_spec(spec: str) -> str:
+    """A reward / metric spec (a name, a file, URLs, a mixture) with every URL's credentials masked."""
+    return ",".join(redact_url(part) if "://" in part else part for part in spec.split(","))
+
+
+def public_config(config: TrainingConfig) -> dict:
+    """The run's settings for the trackers, flat and scalar, without secrets: no token-like field, no
+    credential in a URL (TensorBoard writes the config into its event files, wandb uploads it)."""
+    flat = {}
+    for part in dataclasses.fields(config):
+        values = getattr(config, part.name)
+        for item in dataclasses.fields(values):
+            value = getattr(values, item.name)
+            value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            for key, leaf in (value.items() if isinstance(value, dict) else [(item.name, value)]):
+                leaf = ",".join(map(str, leaf)) if isinstance(leaf, (list, tuple)) else leaf
+                if SECRET_NAME.search(key) or not isinstance(leaf, (int, float, str, bool)):
+                    continue
+                flat[key] = public_spec(leaf) if isinstance(leaf, str) and "://" in leaf else leaf
+    return flat
+
+
+def init_trackers(accelerator, config: TrainingConfig) -> None:
+    if accelerator.is_main_process and config.run.report_to != "none":
+        accelerator.init_trackers(config.run.tracker_project_name, config=public_config(config))
+
+
+def hub_token(hub: HubConfig) -> str | None:
+    from huggingface_hub import get_token
+
+    return hub.hub_token or get_token()
+
+
+def repo_name(hub: HubConfig, output_dir: str) -> str:
+    return hub.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+
+
+def create_hub_repo(hub: HubConfig, output_dir: str) -> str:
+    """Create (or reuse) the Hub repository at start-up, so auth problems fail before training."""
+    from huggingface_hub import create_repo
+
+    return create_repo(repo_name(hub, output_dir), exist_ok=True, token=hub_token(hub)).repo_id
+
+
+def push_to_hub(hub: HubConfig, output_dir: str, repo_id: str) -> None:
+    from huggingface_hub import upload_folder
+
+    upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message="DrPO LoRA", token=hub_token(hub),
+                  ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp", ".drpo*"])
+
+
+def hub_base_model(name_or_path: str) -> str | None:
+    """The base model's Hub id for the card's ``base_model``: the id itself, the repo of a Hub cache
+    snapshot folder, or None for a model that only exists on this disk."""
+    if not os.path.exists(name_or_path):
+        return name_or_path
+    match = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", os.path.abspath(name_or_path))
+    return f"{match.group(1)}/{match.group(2)}" if match else None
+
+
+# The base models' own card metadata, for runs without Hub access.
+KNOWN_LICENCES = dict.fromkeys(["stabilityai/sd-turbo", "stabilityai/sdxl-turbo"], ("other", "sai-nc-community"))
+
+
+def base_model_licence(base_model: str | None) -> tuple[str, str | None]:
+    """(license, license_name) of the base model's Hub card, else of KNOWN_LICENCES, else ("other", None)."""
+    try:  # a local model (None) fails here too
+        from huggingface_hub import ModelCard
+
+        data = ModelCard.load(base_model).data
+        if data.license:
+            return data.license, data.get("license_name")
+    except Exception:  # noqa: BLE001 - offline, private or missing card: the table below, then "other"
+        pass
+    return KNOWN_LICENCES.get(base_model, ("other", None))
