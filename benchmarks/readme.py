@@ -1,7 +1,8 @@
-"""The README's measured tables are generated, never typed: each benchmark saves its result as
+"""The documents' measured tables are generated, never typed: each benchmark saves its result as
 ``benchmarks/results/<name>.json`` (with the rendered ``markdown``) and, with ``--update_readme``,
 writes that markdown between ``<!-- results:<name> -->`` and ``<!-- /results:<name> -->`` in the
-README. ``tests/test_readme.py`` checks every block against its saved result.
+document that holds the block (README.md or a page of docs/). ``tests/test_readme.py`` checks every
+block against its saved result.
 """
 
 from __future__ import annotations
@@ -16,13 +17,31 @@ README = os.path.join(ROOT, "README.md")
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
 
+def documents() -> list[str]:
+    """README.md and every page of docs/."""
+    folder = os.path.join(ROOT, "docs")
+    pages = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".md"))
+    return [README, *pages]
+
+
+def document_with(name: str) -> str | None:
+    """The document that holds the block of ``name``."""
+    for path in documents():
+        if block_pattern(name).search(open(path, encoding="utf-8").read()):
+            return path
+    return None
+
+
 def block_pattern(name: str) -> re.Pattern:
     return re.compile(rf"(<!-- results:{re.escape(name)} -->\n)(.*?)(<!-- /results:{re.escape(name)} -->)", re.S)
 
 
 def readme_block(name: str, text: str | None = None) -> str | None:
-    """The markdown between the markers of ``name`` in the README (None if it has no such block)."""
-    text = open(README, encoding="utf-8").read() if text is None else text
+    """The markdown between the markers of ``name`` in ``text`` or, without it, in the document that holds
+    them (None if none does)."""
+    if text is None:
+        path = document_with(name)
+        text = "" if path is None else open(path, encoding="utf-8").read()
     match = block_pattern(name).search(text)
     return match.group(2) if match else None
 
@@ -36,14 +55,14 @@ def save_result(name: str, result: dict, markdown: str, update_readme: bool = Fa
         json.dump({**result, "markdown": markdown}, handle, indent=2, allow_nan=False)
     os.replace(staging, path)
     if update_readme:
-        text = open(README, encoding="utf-8").read()
-        if readme_block(name, text) is None:
-            raise KeyError(f"README.md has no <!-- results:{name} --> block to update")
+        document = document_with(name)
+        if document is None:
+            raise KeyError(f"no document has a <!-- results:{name} --> block to update")
         body = markdown.rstrip("\n") + "\n"
-        text = block_pattern(name).sub(lambda m: m.group(1) + body + m.group(3), text)
-        with open(README + ".tmp", "w", encoding="utf-8") as handle:
+        text = block_pattern(name).sub(lambda m: m.group(1) + body + m.group(3), open(document, encoding="utf-8").read())
+        with open(document + ".tmp", "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.replace(README + ".tmp", README)
+        os.replace(document + ".tmp", document)
     return path
 
 

@@ -125,7 +125,7 @@ def add_method_flags(parser, default_method: str, default_feature_extractor: str
                       help="Weights of a mixture's components (default: all 1); components are standardised "
                            "per prompt.")
     drpo.add_argument("--feature_extractor", default=default_feature_extractor,
-                      help=f"phi, one of {', '.join(features.FEATURE_MAPS)} (see the README's Feature maps).")
+                      help=f"phi, one of {', '.join(features.FEATURE_MAPS)} (see docs/feature-maps.md).")
     drpo.add_argument("--feature_extractor_path", default=None,
                       help="The feature network's weights: a local folder, a Hub id, or for latent_mae a Flax release "
                            "folder (local or 'owner/repo/folder' on the Hub) or a converted .safetensors file. "

@@ -1,6 +1,6 @@
-"""The README's flag table and commands stay true to the code."""
+"""The README and the docs/ pages stay true to the code: generated flag tables, commands, snippets,
+measured blocks and every code reference."""
 
-import argparse
 import glob
 import os
 import re
@@ -8,38 +8,26 @@ import re
 import pytest
 from conftest import ROOT
 
-import train_drpo
-import train_drpo_sdxl
 from pipelines import cli
 
 README = open(f"{ROOT}/README.md").read()
-FLAG_ROWS = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(--[a-z0-9_]+)` \| (.*?) \|", README, re.M)}
+FLAGS_PAGE = open(f"{ROOT}/docs/flags.md").read()
+FLAG_ROWS = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(--[a-z0-9_]+)` \| (.*?) \|", FLAGS_PAGE, re.M)}
 
 
-def options(parse_args, monkeypatch):
-    """(flag, default, required) of every option a script's ``parse_args`` defines."""
-    parsers = []
+@pytest.mark.parametrize("page", ["training", "evaluation"])
+def test_the_flag_pages_are_generated_from_the_parsers(page):
+    """docs/flags.md and docs/evaluation.md hold exactly what ``python -m benchmarks.flags_page --write`` writes."""
+    from benchmarks.flags_page import RENDER, page_block
 
-    def capture(parser, args=None, namespace=None):
-        parsers.append(parser)
-        raise SystemExit
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    with pytest.raises(SystemExit):
-        parse_args([])
-    monkeypatch.undo()
-    return [(a.option_strings[0], a.default, a.required) for a in parsers[0]._actions if a.option_strings[0] != "-h"]
+    assert page_block(page) == RENDER[page](), f"run python -m benchmarks.flags_page --write ({page} is out of date)"
 
 
-@pytest.mark.parametrize("parse_args", [train_drpo.parse_args, train_drpo_sdxl.parse_args])
-def test_every_flag_is_in_the_flag_table_with_its_default(parse_args, monkeypatch):
-    for flag, default, required in options(parse_args, monkeypatch):
-        assert flag in FLAG_ROWS, f"{flag} missing from the README's flag table"
-        cell = FLAG_ROWS[flag]
-        if parse_args is train_drpo.parse_args:
-            assert cell.startswith("required" if required else f"`{default}`"), (flag, cell, default)
-        else:  # the SDXL script's own defaults are named in the same cell
-            assert f"`{default}`" in cell or required, (flag, cell, default)
+def test_the_readme_is_a_map():
+    """The front door stays short: the two commands, the paper map, the layout, links to docs/."""
+    assert README.count("\n") <= 300
+    links = set(re.findall(r"\]\((docs/[\w.-]+\.md)\)", README))
+    assert links == {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))}
 
 
 def test_quickstart_flags_exist():
@@ -86,20 +74,21 @@ def test_loading_snippet_runs_on_the_tiny_model_without_warnings(tmp_path):
     assert noise == [], noise
 
 
-def test_readme_result_blocks_are_the_saved_benchmark_results():
-    from benchmarks.readme import readme_block, saved_results
+def test_measured_blocks_are_the_saved_benchmark_results():
+    """Every saved benchmark result is shown, unedited, in the one document that holds its block."""
+    from benchmarks.readme import document_with, documents, readme_block, saved_results
 
     results = saved_results()
-    assert "quickstart" in results
+    assert "quickstart" in results and readme_block("quickstart", README) is not None
     for name, result in results.items():
-        block = readme_block(name, README)
-        assert block is not None, f"README has no <!-- results:{name} --> block"
-        assert block == result["markdown"].rstrip("\n") + "\n", f"README block {name!r} differs from its saved result"
+        holders = [path for path in documents() if readme_block(name, open(path, encoding="utf-8").read())]
+        assert len(holders) == 1, f"<!-- results:{name} --> is in {holders} (one document should hold it)"
+        assert readme_block(name) == result["markdown"].rstrip("\n") + "\n", f"{document_with(name)}: {name!r}"
 
 
 def test_drift_flag_rows_state_both_presets():
     for flag, (field, _, _) in cli.DRIFT_FLAGS.items():
-        cell = FLAG_ROWS[f"--{flag}"]
+        cell = FLAG_ROWS[f"--{flag}"]  # "the preset's (paper: `...`, authors: `...`)"
         for preset in ("paper", "authors"):
             assert f"{preset}: `{cli.shown(cli.preset_value(preset, field))}`" in cell, (flag, cell)
 
