@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
                  default_feature_extractor: str = "latent_mae") -> argparse.ArgumentParser:
     """The flags, group by group; train_drpo_sdxl.py extends this parser."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = flags.Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_model_flags(parser)
     cli.add_prompt_flags(parser)
     cli.add_method_flags(parser, DRPO.name, default_feature_extractor)
@@ -338,4 +338,4 @@ class TrainingLoop:
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    main(parse_args())
+    cli.run_reporting_user_errors(lambda: main(parse_args()))

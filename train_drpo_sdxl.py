@@ -19,7 +19,7 @@ import torch
 
 import drpo_utils
 import train_drpo
-from pipelines import config
+from pipelines import cli, config
 
 encode_prompts = drpo_utils.encode_prompts_sdxl  # condition c: both encoders + pooled text + time ids
 
@@ -53,4 +53,5 @@ def load_pipeline(model: config.ModelConfig, weight_dtype):
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    train_drpo.main(parse_args(), encode_prompts=encode_prompts, load_pipeline=load_pipeline)
+    cli.run_reporting_user_errors(
+        lambda: train_drpo.main(parse_args(), encode_prompts=encode_prompts, load_pipeline=load_pipeline))

@@ -357,3 +357,37 @@ def parse_and_check(parser: argparse.ArgumentParser, input_args=None) -> argpars
     args = parser.parse_args(input_args)
     check_args(args, flags.explicit_flags(parser, input_args))
     return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors a user causes: one line
+# ------------------------------------------------------------------------------------------------
+
+TRACEBACK_SWITCH = "DRPO_TRACEBACK"  # set to 1 for the full traceback of a refused input
+
+
+def user_error_types() -> tuple[type, ...]:
+    """What a refused input or an unusable resource raises: each already says what to change."""
+    from pipelines.checkpoints import CheckpointError
+    from pipelines.eval_cache import CacheError as ImageCacheError
+    from pipelines.preference_data import CacheError as FeatureCacheError
+
+    return (ValueError, OSError, ImportError, FloatingPointError, rewards.RewardError, CheckpointError,
+            ImageCacheError, FeatureCacheError)
+
+
+def run_reporting_user_errors(entry_point) -> None:
+    """Run ``entry_point()``; an input error ends the process with its message on one line and status 2
+    (under ``accelerate launch --quiet``, the launcher adds nothing), a bug with its full traceback.
+    ``DRPO_TRACEBACK=1`` shows the traceback of an input error too."""
+    import sys
+
+    try:
+        entry_point()
+    except user_error_types() as error:
+        if os.environ.get(TRACEBACK_SWITCH, "0") not in ("", "0"):
+            raise
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"error: {rank}{message} ({TRACEBACK_SWITCH}=1 shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(2)

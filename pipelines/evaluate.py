@@ -317,7 +317,7 @@ def run(evaluation: EvalConfig) -> dict | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = flags.Parser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     models = parser.add_argument_group("models")
     models.add_argument("--pretrained_model_name_or_path", required=True,
@@ -411,4 +411,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from pipelines.cli import run_reporting_user_errors
+
+    run_reporting_user_errors(main)

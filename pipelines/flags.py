@@ -14,6 +14,13 @@ from typing import Callable, Iterable
 SEED_MAX = 2**32 - 1  # numpy's (and so accelerate.set_seed's) largest seed
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (argparse prints the whole usage, ~90 lines here, first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def _number(text: str, kind: type, what: str, accept: Callable[[float], bool], inf_ok: bool = False):
     try:
         value = kind(text)

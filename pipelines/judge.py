@@ -284,7 +284,7 @@ def serve(judge, host: str = "127.0.0.1", port: int = 8001, token: str | None = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Serve a pairwise image judge over HTTP (POST /judge).",
+    parser = flags.Parser(description="Serve a pairwise image judge over HTTP (POST /judge).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--judge", required=True, help="transformers VLM id or folder, or file.py:function.")
     parser.add_argument("--host", default="127.0.0.1", help="Address to bind.")

@@ -21,7 +21,7 @@ def read_prompts_file(path: str, key: str = "prompt") -> list[str]:
     A file that is not UTF-8 is refused naming the line; a prompt longer than MAX_PROMPT_CHARACTERS is cut
     there, with a warning naming the line (the text encoders keep 77 tokens, far fewer characters)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompts file {path!r} does not exist")
+        raise FileNotFoundError(f"--prompts_file {path!r} does not exist")
     prompts = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):

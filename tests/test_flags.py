@@ -186,3 +186,37 @@ def test_an_undefined_figure_is_null_with_its_reason():
     assert flat["effect_size"] is None and "does not vary" in flat["effect_size_undefined"]
     assert "effect size undefined: the base reward does not vary" in describe_change(flat)
     json.loads(json.dumps(flat, allow_nan=False))  # standard JSON
+
+
+def test_help_imports_nothing_heavy():
+    """--help and every refused flag answer before diffusers, transformers, peft or accelerate are imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, train_drpo_sdxl; train_drpo_sdxl.build_parser()\n"
+            "from pipelines import evaluate; evaluate.build_parser()\n"
+            "heavy = ('diffusers', 'transformers', 'peft', 'accelerate', 'datasets', 'torchvision', 'open_clip',\n"
+            "         'matplotlib', 'huggingface_hub')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--learning_rate=0"], "train_drpo.py: error: argument --learning_rate: must be a positive finite number, got '0'"),
+    (["--prompts_file=/nonexistent/prompts.txt"], "error: --prompts_file '/nonexistent/prompts.txt' does not exist"),
+])
+def test_a_user_error_under_accelerate_launch_is_one_line(tmp_path, argv, message):
+    """Under ``accelerate launch --quiet`` (the README's commands), a refused input prints one line of ours and
+    nothing of the launcher's but its configuration notice, and the status is not 0."""
+    import os
+    import subprocess
+    import sys
+
+    launcher = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--quiet", "--cpu",
+                "--num_processes=1", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+                "--num_cpu_threads_per_process=2"]
+    result = subprocess.run([*launcher, os.path.join(ROOT, "train_drpo.py"), *training(tmp_path), *argv], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith(message), result.stderr

@@ -1,9 +1,9 @@
 """Offline DrPO (Section 4 "Offline variant", Appendix B) and offline DPO(1-step) on Pick-a-Pic-layout data."""
 
 import collections
+import dataclasses
 import io
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ from test_train import lora_tensors, train
 import drpo_utils
 from benchmarks.offline import METHOD_FLAGS, OFFLINE_FLAGS, build_preference_set
 from pipelines import preference_data
+from pipelines.config import DataConfig
 from pipelines.scoring import evaluate
 
 HELD_OUT_SEEDS = list(range(5000, 5016))
@@ -74,8 +75,9 @@ def encoded(image, fmt="PNG"):
     return buffer.getvalue()
 
 
-def layout_args(**extra):
-    return SimpleNamespace(**preference_data.LAYOUT, resolution=16, max_train_samples=None, **extra)
+def layout_config(**extra):
+    """A DataConfig in the Pick-a-Pic layout (the checks read its columns and record cap)."""
+    return DataConfig(**{"preference_dataset": "pairs", **extra})
 
 
 def test_bad_records_are_counted_and_skipped_and_other_modes_and_sizes_converted():
@@ -90,7 +92,7 @@ def test_bad_records_are_counted_and_skipped_and_other_modes_and_sizes_converted
         {"caption": "e", "jpg_0": {"bytes": encoded(red, "JPEG"), "path": None}, "jpg_1": encoded(red), "label_0": 1},
     ]
     counts = collections.Counter()
-    pairs = list(preference_data.checked_pairs(iter(records), layout_args(), counts))
+    pairs = list(preference_data.checked_pairs(iter(records), layout_config(), 16, counts))
     assert [p.caption for p in pairs] == ["a", "e"]
     assert counts == {"records": 7, "pairs used": 2, "tie (no preference)": 1, "missing caption": 2,
                       "undecodable image": 1, "label not 0, 0.5 or 1": 1, "converted to RGB": 1, "resized": 1}
@@ -102,17 +104,16 @@ def test_bad_records_are_counted_and_skipped_and_other_modes_and_sizes_converted
 def test_streaming_reads_a_parquet_folder_record_by_record_without_an_arrow_copy(tmp_path, brightness_pairs):
     import datasets
 
-    args = layout_args(preference_dataset=brightness_pairs["liked"], dataset_split="train", streaming=True,
-                       cache_dir=str(tmp_path / "datasets-cache"))
-    dataset = preference_data.open_dataset(args)
+    data = layout_config(preference_dataset=brightness_pairs["liked"], dataset_split="train", streaming=True)
+    dataset = preference_data.open_dataset(data, str(tmp_path / "datasets-cache"))
     assert isinstance(dataset, datasets.IterableDataset)
     counts = collections.Counter()
-    assert len(list(preference_data.checked_pairs(iter(dataset), layout_args(), counts))) == 32
+    assert len(list(preference_data.checked_pairs(iter(dataset), layout_config(), 16, counts))) == 32
     cache = tmp_path / "datasets-cache"
     written = [name for _, _, names in os.walk(cache) for name in names if name.endswith(".arrow")]
     assert written == []  # nothing materialised
     with pytest.raises(ValueError, match=r"no column 'prompt' \(--caption_column\).*'caption'"):
-        preference_data.open_dataset(SimpleNamespace(**{**vars(args), "caption_column": "prompt"}))
+        preference_data.open_dataset(dataclasses.replace(data, caption_column="prompt"))
 
 
 def test_nearest_captions_pool_the_pairs_of_the_closest_prompts():

@@ -308,8 +308,11 @@ def test_no_secret_reaches_the_tracker_files_and_the_diffusers_flags_reach_their
 
     planted, secret = "hf_PLANTEDtoken123", "s3cretVALUE"
     seen = {}
-    original_scheduler, original_init = train_drpo.get_scheduler, Accelerator.init_trackers
-    monkeypatch.setattr(train_drpo, "get_scheduler", lambda *a, **k: seen.update(k) or original_scheduler(*a, **k))
+    import diffusers.optimization
+
+    original_scheduler, original_init = diffusers.optimization.get_scheduler, Accelerator.init_trackers
+    monkeypatch.setattr(diffusers.optimization, "get_scheduler",
+                        lambda *a, **k: seen.update(k) or original_scheduler(*a, **k))
     monkeypatch.setattr(Accelerator, "init_trackers", lambda self, name, config=None, **k: seen.update(
         project=name, config=config) or original_init(self, name, config=config, **k))
     monkeypatch.setattr(LoraConfig, "__post_init__", lambda self, original=LoraConfig.__post_init__: seen.update(
