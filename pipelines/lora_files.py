@@ -33,8 +33,26 @@ def adapter_metadata(unet) -> dict:
     return {key: sorted(value) if isinstance(value, set) else value for key, value in metadata.items()}
 
 
+def canonical_header(path: str) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys. The header is written from a hash map
+    whose order changes from process to process, so identical runs would write different bytes; the
+    tensors' offsets point past the header, whose length does not change."""
+    import json
+    import struct
+
+    with open(path, "rb") as handle:
+        data = handle.read()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > length:  # not the compact JSON safetensors writes: leave the file as it is
+        return
+    with files.atomic_path(path) as staging, open(staging, "wb") as handle:
+        handle.write(data[:8] + header + b" " * (length - len(header)) + data[8 + length:])
+
+
 def save_lora(directory: str, unet, pipeline_cls) -> None:
-    """``pytorch_lora_weights.safetensors`` (keys ``unet.*``) with the adapter metadata (alpha, rank)."""
+    """``pytorch_lora_weights.safetensors`` (keys ``unet.*``) with the adapter metadata (alpha, rank);
+    identical runs write identical bytes."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -44,6 +62,7 @@ def save_lora(directory: str, unet, pipeline_cls) -> None:
         pipeline_cls.save_lora_weights(staging, unet_lora_layers=state_dict,
                                        unet_lora_adapter_metadata=adapter_metadata(unet))
         for name in os.listdir(staging):
+            canonical_header(os.path.join(staging, name))
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
 
 
@@ -60,6 +79,7 @@ def save_kohya_lora(directory: str, alpha: float) -> str:
     path = os.path.join(directory, KOHYA_FILE)
     with files.atomic_path(path) as staging:
         save_file(kohya, staging)
+    canonical_header(path)
     return path
 
 

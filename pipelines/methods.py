@@ -65,10 +65,11 @@ def register(method: Method) -> Method:
 
 
 def registered() -> dict[str, Method]:
-    """Every method: the built-in modules imported (each registers itself), then whatever else registered."""
+    """Every method by name, in alphabetical order (whatever order the modules were imported in): the
+    built-in modules imported (each registers itself), and whatever else registered."""
     for module in BUILTIN:
         importlib.import_module(module)
-    return REGISTRY
+    return dict(sorted(REGISTRY.items()))
 
 
 def names(predicate: Callable[[Method], bool] = lambda method: True) -> list[str]:

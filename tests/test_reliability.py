@@ -207,8 +207,9 @@ def test_killing_the_launcher_ends_the_worker_and_the_lock_refuses_a_second_writ
     ('{"caption": "a red circle"}', "no 'prompt' key"),
     ('{"prompt": "a red', "not valid JSON"),
 ])
-def test_a_bad_jsonl_prompt_is_named_by_file_and_line_before_the_model_loads(tmp_path, line, message):
-    prompts = tmp_path / "prompts.jsonl"
+def test_a_bad_jsonl_prompt_is_named_by_file_and_line_before_the_model_loads(tmp_path, tmp_path_factory, line,
+                                                                            message):
+    prompts = tmp_path_factory.mktemp("inputs") / "prompts.jsonl"  # not in tmp_path, whose JSON must all parse
     prompts.write_text('{"prompt": "a red circle"}\n\n{"prompt": "a blue square"}\n' + line + "\n")
     with pytest.raises(ValueError, match=f"prompts.jsonl, line 4: {message}"):
         run_main(fast_args(tmp_path / "out", f"--prompts_file={prompts}"), load_pipeline=no_model_loading)
