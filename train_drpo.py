@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 import drpo_utils
-from pipelines import (candidates, checkpoints, cli, config, features, flags, hub, lora_files, memory, methods,
-                       offline, preference_data, report, rewards, runtime, validation)
+from pipelines import (candidates, checkpoints, cli, config, downloads, features, flags, hub, lora_files, memory,
+                       methods, offline, preference_data, report, rewards, runtime, validation)
 from pipelines.inference import load_one_step_pipeline
 from pipelines.prompts import load_prompts
 
@@ -160,7 +160,9 @@ def build_config(args) -> config.TrainingConfig:
 
 
 def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
-    """Check everything that needs no model and claim the output folder, then train."""
+    """Check everything that needs no model (what the Hub must serve included) and claim the output folder,
+    then train."""
+    downloads.check_available(cli.hub_needs(args))  # offline or unreachable: a missing download fails now
     settings = build_config(args)
     runtime.stop_when_launcher_dies()
     accelerator = runtime.setup_accelerator(settings.run, settings.optim)  # refuses fp16 on a CPU
@@ -234,7 +236,8 @@ def step_context(accelerator, settings: config.TrainingConfig, pipe, unet, featu
     overlap = optim.overlap_reward and optim.candidate_chunk_size is not None and \
         optim.gradient_accumulation_steps * optim.train_batch_size > 1
     return candidates.StepContext(
-        accelerator=accelerator, pipe=pipe, unet=unet, scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
+        accelerator=accelerator, pipe=pipe, unet=unet,
+        scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
         feature_map=feature_map, scorer=candidates.RewardScorer(reward_fn, settings.reward.reward, background=overlap),
         encode_prompts=encode_prompts, method=method, setup=settings.method, resolution=settings.model.resolution,
         chunk_size=optim.candidate_chunk_size, window=(optim.gradient_accumulation_steps, optim.train_batch_size),

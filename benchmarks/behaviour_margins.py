@@ -61,7 +61,8 @@ def summarise(records: list[dict]) -> list[dict]:
 
 
 def render(rows: list[dict], seeds: list[int]) -> str:
-    lines = ["| behavioural test (assertion) | threshold | mean | std | min | margin (std) |", "|---|---|---|---|---|---|"]
+    lines = ["| behavioural test (assertion) | threshold | mean | std | min | margin (std) |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         name = row["test"].removeprefix("tests/") + (f" (#{row['assertion']})" if row["assertion"] > 1 else "")
         margin = "n/a" if row["margin"] is None else f"{row['margin']:.1f}"

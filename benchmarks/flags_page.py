@@ -44,10 +44,11 @@ def flag_rows(parser, other=None, drift_presets=None, only_in_other=()) -> list[
             continue
         lines += ["", f"**{group.title}**", "", "| flag | default | meaning |", "|---|---|---|"]
         for action in actions:
-            lines.append(f"| `{action.option_strings[0]}` | {default_cell(action, others.get(action.dest), drift_presets)}"
-                         f" | {cell(action.help or '')} |")
+            default = default_cell(action, others.get(action.dest), drift_presets)
+            lines.append(f"| `{action.option_strings[0]}` | {default} | {cell(action.help or '')} |")
         for action in extra:
-            lines.append(f"| `{action.option_strings[0]}` | `{action.default}` | SDXL script only: {cell(action.help)} |")
+            lines.append(f"| `{action.option_strings[0]}` | `{action.default}` | SDXL script only: "
+                         f"{cell(action.help)} |")
     return lines[1:]
 
 
@@ -101,7 +102,8 @@ def main(argv=None) -> None:
     for name in RENDER:
         if args.write:
             write(name)
-        print(f"{PAGES[name]}: {'written' if args.write else 'up to date' if page_block(name) == RENDER[name]() else 'OUT OF DATE'}")
+        state = "written" if args.write else "up to date" if page_block(name) == RENDER[name]() else "OUT OF DATE"
+        print(f"{PAGES[name]}: {state}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ QUICKSTART_FLAGS = [
 VARIANTS = {"quickstart command": [], "with --no-mask_self": ["--no-mask_self"],
             "with --drift_radii=0.02,0.05,0.2": ["--drift_radii=0.02,0.05,0.2"]}
 EVAL_SEEDS = list(range(1000, 1016))
-LAUNCHER = [ACCELERATE, "launch", "--cpu"]  # as the README command: all CPU cores (without --cpu, one thread)
+LAUNCHER = [ACCELERATE, "launch", "--quiet", "--cpu"]  # as the README command (--cpu: all cores, not one thread)
 
 
 def evaluate_all(lora_dirs: dict[str, str], seeds: list[int]) -> dict[str, dict]:

@@ -59,7 +59,8 @@ def save_result(name: str, result: dict, markdown: str, update_readme: bool = Fa
         if document is None:
             raise KeyError(f"no document has a <!-- results:{name} --> block to update")
         body = markdown.rstrip("\n") + "\n"
-        text = block_pattern(name).sub(lambda m: m.group(1) + body + m.group(3), open(document, encoding="utf-8").read())
+        text = open(document, encoding="utf-8").read()
+        text = block_pattern(name).sub(lambda m: m.group(1) + body + m.group(3), text)
         with open(document + ".tmp", "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(document + ".tmp", document)

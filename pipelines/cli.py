@@ -88,7 +88,8 @@ def add_model_flags(parser) -> None:
     model.add_argument("--resolution", type=flags.positive_int, default=None,
                        help="Image size; default: the model's own (UNet sample_size x VAE scale factor; SD-Turbo 512).")
     model.add_argument("--rank", type=flags.positive_int, default=16, help="LoRA rank (paper: 16).")
-    model.add_argument("--lora_alpha", type=flags.positive_int, default=None, help="LoRA alpha (default: equal to --rank).")
+    model.add_argument("--lora_alpha", type=flags.positive_int, default=None,
+                       help="LoRA alpha (default: equal to --rank).")
     model.add_argument("--lora_dropout", type=flags.fraction, default=0.0, help="Dropout of the LoRA layers.")
     model.add_argument("--lora_target_modules", default=lora_files.LORA_TARGET_MODULES,
                        help="Comma-separated module names that get LoRA.")
@@ -130,7 +131,8 @@ def add_method_flags(parser, default_method: str, default_feature_extractor: str
                       help="The feature network's weights: a local folder, a Hub id, or for latent_mae a Flax release "
                            "folder (local or 'owner/repo/folder' on the Hub) or a converted .safetensors file. "
                            "Default: the published weights.")
-    drpo.add_argument("--num_candidates", type=flags.positive_int, default=24, help="K candidates per prompt (paper: 24).")
+    drpo.add_argument("--num_candidates", type=flags.positive_int, default=24,
+                      help="K candidates per prompt (paper: 24).")
     drpo.add_argument("--num_pairs", type=flags.positive_int, default=12,
                       help="M reward-ordered pairs per prompt (paper: 12); offline: at most M of the prompt's "
                            "dataset pairs.")
@@ -158,17 +160,20 @@ def add_optimisation_flags(parser) -> None:
     optimisation.add_argument("--lr_scheduler", default="constant",
                               type=flags.lazily_checked(flags.lr_scheduler_name, "diffusers scheduler name"),
                               help="diffusers scheduler name: constant, linear, cosine, constant_with_warmup, ...")
-    optimisation.add_argument("--lr_warmup_steps", type=flags.non_negative_int, default=0, help="Warm-up steps of the scheduler.")
+    optimisation.add_argument("--lr_warmup_steps", type=flags.non_negative_int, default=0,
+                              help="Warm-up steps of the scheduler.")
     optimisation.add_argument("--lr_num_cycles", type=flags.positive_int, default=1,
                               help="Hard resets of the cosine_with_restarts scheduler.")
-    optimisation.add_argument("--lr_power", type=flags.positive_float, default=1.0, help="Power of the polynomial scheduler.")
+    optimisation.add_argument("--lr_power", type=flags.positive_float, default=1.0,
+                              help="Power of the polynomial scheduler.")
     optimisation.add_argument("--scale_lr", action="store_true",
                               help="Multiply the learning rate by accumulation steps x batch size x processes.")
     optimisation.add_argument("--use_8bit_adam", action="store_true",
                               help="bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a GPU).")
     optimisation.add_argument("--adam_beta1", type=flags.fraction, default=0.9, help="AdamW beta1.")
     optimisation.add_argument("--adam_beta2", type=flags.fraction, default=0.999, help="AdamW beta2.")
-    optimisation.add_argument("--adam_weight_decay", type=flags.non_negative_float, default=1e-2, help="AdamW weight decay.")
+    optimisation.add_argument("--adam_weight_decay", type=flags.non_negative_float, default=1e-2,
+                              help="AdamW weight decay.")
     optimisation.add_argument("--adam_epsilon", type=flags.positive_float, default=1e-8, help="AdamW epsilon.")
     optimisation.add_argument("--max_grad_norm", type=flags.positive_float, default=1.0, help="Gradient clipping.")
     optimisation.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -182,7 +187,8 @@ def add_run_flags(parser) -> None:
     run = parser.add_argument_group("checkpoints, logging, validation, Hub")
     run.add_argument("--checkpointing_steps", type=flags.positive_int, default=500,
                      help="Save checkpoint-N every N steps (and at the end).")
-    run.add_argument("--checkpoints_total_limit", type=flags.positive_int, default=None, help="Keep only the newest N checkpoints.")
+    run.add_argument("--checkpoints_total_limit", type=flags.positive_int, default=None,
+                     help="Keep only the newest N checkpoints.")
     run.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a path / name like checkpoint-500.')
     run.add_argument("--overwrite_output_dir", action="store_true",
                      help="Start a new run in an --output_dir that holds another run's checkpoints, deleting them "
@@ -200,7 +206,8 @@ def add_run_flags(parser) -> None:
                      help="Comma-separated rewards (any --reward spec but a mixture) scored on the validation "
                           "prompts x seeds at every --validation_steps, base and LoRA, logged beside the training "
                           "reward: reward hacking shows while it happens.")
-    run.add_argument("--validation_steps", type=flags.non_negative_int, default=100, help="Base-vs-LoRA grid every N steps (0: never).")
+    run.add_argument("--validation_steps", type=flags.non_negative_int, default=100,
+                     help="Base-vs-LoRA grid every N steps (0: never).")
     run.add_argument("--num_validation_seeds", type=flags.positive_int, default=4,
                      help="Seeds per validation prompt (held-out 10000+).")
     run.add_argument("--push_to_hub", action="store_true",
@@ -217,12 +224,13 @@ def check_reward_for_method(args) -> None:
     differentiated (a rule, a remote service); a custom function is checked at its first call."""
     if not methods.registered()[args.method].reward_gradient:
         return
+    differentiable = ", ".join(name for name, entry in rewards.REWARDS.items() if entry.differentiable)
     for part in rewards.mixture_parts(args.reward):
         entry = rewards.REWARDS.get(part)
         if rewards.is_url(part) or (entry is not None and not entry.differentiable):
             raise ValueError(f"--method {args.method} backpropagates through the reward, and {part!r} has no "
                              f"gradient (it only ranks); use --method {methods.ranking_only()} with it, or a "
-                             f"differentiable reward ({', '.join(n for n, e in rewards.REWARDS.items() if e.differentiable)}"
+                             f"differentiable reward ({differentiable}"
                              f", or a file.py:function returning a tensor computed from the images)")
 
 
@@ -350,6 +358,22 @@ def build_training_configs(namespace) -> config.TrainingConfig:
         validation=from_namespace(config.ValidationConfig, namespace,
                                   validation_rewards=tuple(namespace.validation_rewards or ())),
         hub=from_namespace(config.HubConfig, namespace))
+
+
+def hub_needs(args) -> dict[str, list[str]]:
+    """flag -> what the run will fetch from the Hub (``pipelines.downloads`` resources)."""
+    from pipelines import downloads
+
+    feature = features.FEATURE_MAPS[args.feature_extractor]
+    weights = args.feature_extractor_path or getattr(feature, "DEFAULT_WEIGHTS", "")
+    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+    needs = {"--pretrained_model_name_or_path": [args.pretrained_model_name_or_path],
+             "--pretrained_vae_model_name_or_path": [vae] if vae else [],
+             "--feature_extractor": [weights] if weights else [],
+             "--reward": rewards.hub_resources(args.reward),
+             "--validation_rewards": [r for spec in args.validation_rewards or [] for r in rewards.hub_resources(spec)]}
+    return {flag: [r for r in resources if not downloads.is_local(r.partition(":")[0])]
+            for flag, resources in needs.items()}
 
 
 def parse_and_check(parser: argparse.ArgumentParser, input_args=None) -> argparse.Namespace:

@@ -10,10 +10,16 @@ same number as Table 2's, so its caption's "except ImageReward" cannot mean the 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
-from pipelines.eval_sets import GENEVAL_TASKS
+from pipelines import files
+from pipelines.config import EvalConfig
+from pipelines.eval_cache import BASE, slug
+from pipelines.eval_sets import GENEVAL_TASKS, geneval_summary
+from pipelines.eval_stats import bootstrap_indices, mean_and_se, outcome_rates, paired_difference, win_rate
+from pipelines.images import labelled_grid
 
 PAPER_SCALE = {"clip": 100.0, "hpsv2": 100.0, "hpsv21": 100.0, "imagereward": 10.0}
 NAMES = {"pickscore": "PickScore", "clip": "CLIP", "aesthetic": "AES", "imagereward": "ImageReward", "hpsv2": "HPSv2",
@@ -123,3 +129,86 @@ def save_delta_plot(result: dict, path: str) -> str | None:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Results and reports
+# ---------------------------------------------------------------------------------------------
+
+
+def nonfinite_paths(value, path: str = "") -> list[str]:
+    """Dotted paths of the non-finite floats in a nested result."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [found for key, item in items for found in nonfinite_paths(item, f"{path}.{key}" if path else str(key))]
+
+
+def with_reasons_for_nonfinite(result: dict) -> dict:
+    """Strict JSON: the known undefined figures carry their own reasons (``*_undefined``); any other
+    non-finite value becomes null and is listed under ``undefined``, so none is dropped silently."""
+    paths = nonfinite_paths(result)
+    if not paths:
+        return result
+    return {**files.finite_or_none(result), "undefined": {path: "not a finite number" for path in paths}}
+
+
+def summarize_run(evaluation: EvalConfig, models, prompt_set, seeds, specs, scores, geneval, judged) -> dict:
+    from pipelines.judge import outcome_table
+
+    labels = [model.label for model in models]
+    indices = bootstrap_indices(len(prompt_set.prompts), evaluation.bootstrap, evaluation.seed)
+    result = {"models": labels, "model_sources": {m.label: {"kind": m.kind, "path": m.path} for m in models},
+              "pretrained_model_name_or_path": evaluation.pretrained_model_name_or_path,
+              "prompt_source": prompt_set.source,
+              "num_prompts": len(prompt_set.prompts), "seeds": seeds, "resolution": evaluation.resolution,
+              "mixed_precision": evaluation.mixed_precision, "bootstrap": evaluation.bootstrap, "seed": evaluation.seed,
+              "metric_specs": specs, "scale": {}, "metrics": {}, "win_rates": {}}
+    for metric, tables in scores.items():
+        scale = scale_of(metric, specs[metric], evaluation.raw_scores)
+        result["scale"][metric] = scale
+        scaled = {label: table * scale for label, table in tables.items()}
+        base = scaled[BASE]
+        result["metrics"][metric] = {label: mean_and_se(table, indices) for label, table in scaled.items()}
+        for label in labels[1:]:
+            result["metrics"][metric][label].update(paired_difference(base, scaled[label], indices))
+        result["win_rates"][metric] = {label: win_rate(base, scaled[label], indices) for label in labels[1:]}
+    if geneval is not None:
+        result["geneval"] = {label: geneval_summary(records) for label, records in geneval.items()}
+    if judged is not None:
+        result["judge_model"] = evaluation.judge
+        result["judge"] = {}
+        for label, records in judged.items():
+            rates = outcome_rates(outcome_table(records, len(prompt_set.prompts), len(seeds)), indices)
+            unparsed = sum(record["outcome"] is None for record in records)
+            result["judge"][label] = {**rates, "unparsed": unparsed, "parsed": len(records) - unparsed}
+    return with_reasons_for_nonfinite(result)
+
+
+def write_jsonl(path: str, records) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.write_text(path, "".join(json.dumps(files.finite_or_none(record), ensure_ascii=False, allow_nan=False) + "\n"
+                                   for record in records))
+
+
+def write_reports(evaluation: EvalConfig, result, models, prompts, seeds, scores, geneval, judged, cache) -> None:
+    """Every report file is written whole or not at all (``pipelines.files``)."""
+    out = evaluation.output_dir
+    files.write_json(os.path.join(out, "metrics.json"), result)
+    files.write_text(os.path.join(out, "metrics.md"), render_markdown(result))
+    if scores:
+        write_jsonl(os.path.join(out, "scores.jsonl"), (
+            {"model": model.label, "prompt_index": i, "prompt": prompt, "seed": seed,
+             **{metric: tables[model.label][i, j].item() for metric, tables in scores.items()}}
+            for model in models for i, prompt in enumerate(prompts) for j, seed in enumerate(seeds)))
+    for label, records in (geneval or {}).items():
+        write_jsonl(os.path.join(out, "geneval", f"{slug(label)}.jsonl"), records)
+    for label, records in (judged or {}).items():
+        write_jsonl(os.path.join(out, "judge", f"{slug(label)}.jsonl"), records)
+    count = len(prompts) if evaluation.num_grids < 0 else min(evaluation.num_grids, len(prompts))
+    for index in range(count):
+        rows = {model.label: cache.load(model, [(prompts[index], seed) for seed in seeds]) for model in models}
+        os.makedirs(os.path.join(out, "grids"), exist_ok=True)
+        files.save_image(labelled_grid([prompts[index]], rows, len(seeds)),
+                         os.path.join(out, "grids", f"{index:04d}.png"))
+    save_delta_plot(result, os.path.join(out, "metric_deltas.png"))

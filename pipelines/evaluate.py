@@ -19,25 +19,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import math
 import os
 import sys
 
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import files, flags
+from pipelines import flags
 from pipelines.cli import from_namespace
 from pipelines.config import EvalConfig
-from pipelines.eval_report import render_markdown, save_delta_plot, scale_of
-from pipelines.eval_sets import (GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_summary, geneval_tag,
-                                 load_prompt_set)
-from pipelines.eval_cache import BASE, ImageCache, model_weights, parse_models, slug, split_label
-from pipelines.eval_stats import bootstrap_indices, mean_and_se, outcome_rates, paired_difference, win_rate
-from pipelines.images import labelled_grid
+from pipelines.eval_cache import ImageCache, model_weights, parse_models, split_label
+from pipelines.eval_report import render_markdown, summarize_run, write_reports
+from pipelines.eval_sets import GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_tag, load_prompt_set
 from pipelines.inference import generate_images, load_one_step_pipeline
-from pipelines.rewards import REWARDS, check_reward_spec, is_url, load_reward, score_candidates
+from pipelines.rewards import REWARDS, check_reward_spec, hub_resources, is_url, load_reward, score_candidates
 
 
 
@@ -62,7 +57,8 @@ def generate_missing(evaluation: EvalConfig, models, prompts, seeds, cache: Imag
         return 0
     dtype = DTYPES[evaluation.mixed_precision]
     pipe = load_one_step_pipeline(evaluation.pretrained_model_name_or_path, dtype=dtype, device=state.device,
-                                  **{k: v for k, v in (("revision", evaluation.revision), ("variant", evaluation.variant)) if v})
+                                  **{k: v for k, v in (("revision", evaluation.revision),
+                                                       ("variant", evaluation.variant)) if v})
     with tqdm(total=total, desc="generating", unit="image", disable=not state.is_main_process) as bar:
         for model, work in todo.items():
             if not work:
@@ -167,7 +163,8 @@ def run_judge(evaluation: EvalConfig, models, prompts, seeds, cache, state) -> d
     """Per candidate model, one judged pair (candidate vs base, same prompt and seed) per record."""
     from pipelines.judge import judge_pair, load_judge, shows_candidate_second
 
-    judge = load_judge(evaluation.judge, state.device, DTYPES[evaluation.mixed_precision], evaluation.judge_max_new_tokens)
+    judge = load_judge(evaluation.judge, state.device, DTYPES[evaluation.mixed_precision],
+                       evaluation.judge_max_new_tokens)
     base, candidates = models[0], models[1:]
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
     mine = pairs[state.process_index::state.num_processes]
@@ -189,87 +186,6 @@ def run_judge(evaluation: EvalConfig, models, prompts, seeds, cache, state) -> d
     return results
 
 
-# ---------------------------------------------------------------------------------------------
-# Results and reports
-# ---------------------------------------------------------------------------------------------
-
-
-def nonfinite_paths(value, path: str = "") -> list[str]:
-    """Dotted paths of the non-finite floats in a nested result."""
-    if isinstance(value, float):
-        return [] if math.isfinite(value) else [path]
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    return [found for key, item in items for found in nonfinite_paths(item, f"{path}.{key}" if path else str(key))]
-
-
-def with_reasons_for_nonfinite(result: dict) -> dict:
-    """Strict JSON: the known undefined figures carry their own reasons (``*_undefined``); any other
-    non-finite value becomes null and is listed under ``undefined``, so none is dropped silently."""
-    paths = nonfinite_paths(result)
-    if not paths:
-        return result
-    return {**files.finite_or_none(result), "undefined": {path: "not a finite number" for path in paths}}
-
-
-def summarize_run(evaluation: EvalConfig, models, prompt_set, seeds, specs, scores, geneval, judged) -> dict:
-    from pipelines.judge import outcome_table
-
-    labels = [model.label for model in models]
-    indices = bootstrap_indices(len(prompt_set.prompts), evaluation.bootstrap, evaluation.seed)
-    result = {"models": labels, "model_sources": {m.label: {"kind": m.kind, "path": m.path} for m in models},
-              "pretrained_model_name_or_path": evaluation.pretrained_model_name_or_path, "prompt_source": prompt_set.source,
-              "num_prompts": len(prompt_set.prompts), "seeds": seeds, "resolution": evaluation.resolution,
-              "mixed_precision": evaluation.mixed_precision, "bootstrap": evaluation.bootstrap, "seed": evaluation.seed,
-              "metric_specs": specs, "scale": {}, "metrics": {}, "win_rates": {}}
-    for metric, tables in scores.items():
-        scale = scale_of(metric, specs[metric], evaluation.raw_scores)
-        result["scale"][metric] = scale
-        scaled = {label: table * scale for label, table in tables.items()}
-        base = scaled[BASE]
-        result["metrics"][metric] = {label: mean_and_se(table, indices) for label, table in scaled.items()}
-        for label in labels[1:]:
-            result["metrics"][metric][label].update(paired_difference(base, scaled[label], indices))
-        result["win_rates"][metric] = {label: win_rate(base, scaled[label], indices) for label in labels[1:]}
-    if geneval is not None:
-        result["geneval"] = {label: geneval_summary(records) for label, records in geneval.items()}
-    if judged is not None:
-        result["judge_model"] = evaluation.judge
-        result["judge"] = {}
-        for label, records in judged.items():
-            rates = outcome_rates(outcome_table(records, len(prompt_set.prompts), len(seeds)), indices)
-            unparsed = sum(record["outcome"] is None for record in records)
-            result["judge"][label] = {**rates, "unparsed": unparsed, "parsed": len(records) - unparsed}
-    return with_reasons_for_nonfinite(result)
-
-
-def write_jsonl(path: str, records) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    files.write_text(path, "".join(json.dumps(files.finite_or_none(record), ensure_ascii=False, allow_nan=False) + "\n"
-                                   for record in records))
-
-
-def write_reports(evaluation: EvalConfig, result, models, prompts, seeds, scores, geneval, judged, cache) -> None:
-    """Every report file is written whole or not at all (``pipelines.files``)."""
-    out = evaluation.output_dir
-    files.write_json(os.path.join(out, "metrics.json"), result)
-    files.write_text(os.path.join(out, "metrics.md"), render_markdown(result))
-    if scores:
-        write_jsonl(os.path.join(out, "scores.jsonl"), (
-            {"model": model.label, "prompt_index": i, "prompt": prompt, "seed": seed,
-             **{metric: tables[model.label][i, j].item() for metric, tables in scores.items()}}
-            for model in models for i, prompt in enumerate(prompts) for j, seed in enumerate(seeds)))
-    for label, records in (geneval or {}).items():
-        write_jsonl(os.path.join(out, "geneval", f"{slug(label)}.jsonl"), records)
-    for label, records in (judged or {}).items():
-        write_jsonl(os.path.join(out, "judge", f"{slug(label)}.jsonl"), records)
-    count = len(prompts) if evaluation.num_grids < 0 else min(evaluation.num_grids, len(prompts))
-    for index in range(count):
-        rows = {model.label: cache.load(model, [(prompts[index], seed) for seed in seeds]) for model in models}
-        os.makedirs(os.path.join(out, "grids"), exist_ok=True)
-        files.save_image(labelled_grid([prompts[index]], rows, len(seeds)), os.path.join(out, "grids", f"{index:04d}.png"))
-    save_delta_plot(result, os.path.join(out, "metric_deltas.png"))
-
-
 def default_seeds(evaluation: EvalConfig) -> list[int]:
     """``--seeds``, else the paper's five matched seeds, or GenEval's four images per prompt."""
     if evaluation.seeds:
@@ -277,10 +193,30 @@ def default_seeds(evaluation: EvalConfig) -> list[int]:
     return list(range(GENEVAL_IMAGES_PER_PROMPT if evaluation.geneval else 5))
 
 
+def hub_needs(evaluation: EvalConfig) -> dict[str, list[str]]:
+    """flag -> what the evaluation fetches from the Hub: the models, every metric's weights, GenEval's, the judge's."""
+    from pipelines.downloads import is_local
+
+    judge = evaluation.judge
+    vlm = judge is not None and not is_url(judge) and ":" not in judge
+    needs = {"--pretrained_model_name_or_path": [evaluation.pretrained_model_name_or_path],
+             "--lora": [split_label(item)[1] for item in evaluation.lora],
+             "--unet": [split_label(item)[1] for item in evaluation.unet],
+             "--metrics": [r for item in evaluation.metrics.split(",") if item.strip() not in ("", "none")
+                           for r in hub_resources(metric_label(item.strip())[1])],
+             "--geneval": [evaluation.geneval_detector, evaluation.geneval_clip] if evaluation.geneval else [],
+             "--judge": [judge] if vlm else []}
+    return {flag: [r for r in resources if not is_local(r)] for flag, resources in needs.items()}
+
+
 def run(evaluation: EvalConfig) -> dict | None:
     """The whole evaluation; returns the metrics.json content on the main process (None elsewhere)."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
+
+    from pipelines.downloads import check_available
+
+    check_available(hub_needs(evaluation))  # every model's and metric's weights, before any image is generated
 
     # as Accelerator does: without cpu=True, torchrun on a CPU-only machine gives N unconnected processes
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available())
@@ -288,14 +224,16 @@ def run(evaluation: EvalConfig) -> dict | None:
     if evaluation.judge and len(models) < 2:
         raise ValueError("--judge compares models with the base: give at least one --lora or --unet")
     seeds = default_seeds(evaluation)
-    specs = dict(metric_label(item) for item in evaluation.metrics.split(",") if item.strip() and item.strip() != "none")
+    specs = dict(metric_label(item) for item in evaluation.metrics.split(",")
+                 if item.strip() and item.strip() != "none")
     os.makedirs(evaluation.output_dir, exist_ok=True)
-    prompt_set = load_prompt_set(evaluation.prompts_file, evaluation.dataset_name, evaluation.dataset_split, evaluation.prompt_column,
-                                 evaluation.prompt_set, evaluation.max_prompts, evaluation.unique_prompts)
+    prompt_set = load_prompt_set(evaluation.prompts_file, evaluation.dataset_name, evaluation.dataset_split,
+                                 evaluation.prompt_column, evaluation.prompt_set, evaluation.max_prompts,
+                                 evaluation.unique_prompts)
     prompts = prompt_set.prompts
     cache = ImageCache(evaluation.image_cache_dir or os.path.join(evaluation.output_dir, "images"),
-                       evaluation.pretrained_model_name_or_path, evaluation.resolution, evaluation.mixed_precision, evaluation.revision,
-                       evaluation.variant)
+                       evaluation.pretrained_model_name_or_path, evaluation.resolution, evaluation.mixed_precision,
+                       evaluation.revision, evaluation.variant)
     if state.is_main_process:
         for model in models:
             cache.describe_folder(model)
@@ -316,9 +254,7 @@ def run(evaluation: EvalConfig) -> dict | None:
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = flags.Parser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_model_flags(parser) -> None:
     models = parser.add_argument_group("models")
     models.add_argument("--pretrained_model_name_or_path", required=True,
                         help="The base one-step model (Hub id or folder), evaluated as 'base'.")
@@ -330,13 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--unet", nargs="*", action="extend", default=[],
                         help="Finetuned UNets to evaluate: [name=]folder of a UNet2DConditionModel (or of a "
                              "pipeline with a unet/ subfolder).")
+
+
+def add_prompt_flags(parser) -> None:
     data = parser.add_argument_group("prompts and seeds")
     data.add_argument("--prompt_set", choices=sorted(PROMPT_SETS), default=None,
                       help="A preset prompt set: pickapic_v2_test, parti_prompts, hpdv2_test (downloaded on first "
                            "use), geneval, pickscore_test (shipped in assets/prompts/).")
     data.add_argument("--prompts_file", default=None, help="A .txt (one prompt per line) or .jsonl prompts file.")
     data.add_argument("--dataset_name", default=None,
-                      help="A datasets dataset (Hub id, local data folder or save_to_disk folder) to read prompts from.")
+                      help="A datasets dataset (Hub id, local data folder or save_to_disk folder) to read prompts "
+                           "from.")
     data.add_argument("--dataset_split", default="test", help="Split of --dataset_name.")
     data.add_argument("--prompt_column", default="prompt", help="Column (or .jsonl key) holding the prompt.")
     data.add_argument("--max_prompts", type=flags.positive_int, default=None, help="Evaluate only the first N prompts.")
@@ -344,16 +284,23 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seeds", type=flags.seed_list, default=None,
                       help="Seeds, '0-4' or '0,1,2'; one image per (prompt, seed) and model. Default 0-4 "
                            "(five matched seeds), 0-3 with --geneval (GenEval's 4 images per prompt).")
-    data.add_argument("--resolution", type=flags.positive_int, default=None, help="Image size (default: the model's own).")
+    data.add_argument("--resolution", type=flags.positive_int, default=None,
+                      help="Image size (default: the model's own).")
     data.add_argument("--mixed_precision", choices=sorted(DTYPES), default="no",
                       help="dtype of the generator and the judge (fp16 / bf16) or float32 ('no').")
+
+
+def add_metric_flags(parser) -> None:
     scoring = parser.add_argument_group("metrics")
     scoring.add_argument("--metrics", default="pickscore,clip,aesthetic,imagereward,hpsv2",
                          help="Comma-separated metrics, each any --reward spec of the trainer (a name, "
                               "file.py:function, module:function, a URL), optionally as name=spec; 'none' for none.")
-    scoring.add_argument("--metric_batch_size", type=flags.positive_int, default=16, help="Images per metric / GenEval call.")
-    scoring.add_argument("--bootstrap", type=flags.positive_int, default=1000, help="Bootstrap resamples of the prompts.")
-    scoring.add_argument("--seed", type=flags.seed, default=0, help="Seed of the bootstrap and of the judge's A/B order.")
+    scoring.add_argument("--metric_batch_size", type=flags.positive_int, default=16,
+                         help="Images per metric / GenEval call.")
+    scoring.add_argument("--bootstrap", type=flags.positive_int, default=1000,
+                         help="Bootstrap resamples of the prompts.")
+    scoring.add_argument("--seed", type=flags.seed, default=0,
+                         help="Seed of the bootstrap and of the judge's A/B order.")
     scoring.add_argument("--raw_scores", action="store_true",
                          help="Report raw scores instead of the paper's scale (CLIP, HPS v2 x100; ImageReward x10).")
     scoring.add_argument("--geneval", action="store_true",
@@ -365,12 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument("--judge", default=None,
                          help="Pairwise judge of each model vs the base: a transformers VLM id or folder (Qwen3-VL, "
                               "Qwen2.5-VL), a judge server URL, or file.py:function.")
-    scoring.add_argument("--judge_max_new_tokens", type=flags.positive_int, default=64, help="Longest judge answer, in tokens.")
+    scoring.add_argument("--judge_max_new_tokens", type=flags.positive_int, default=64,
+                         help="Longest judge answer, in tokens.")
+
+
+def add_output_flags(parser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="evaluation", help="Where metrics.json, metrics.md, grids, plot go.")
     output.add_argument("--image_cache_dir", default=None,
                         help="Image cache, shareable between evaluations (default: <output_dir>/images).")
-    output.add_argument("--num_grids", type=flags.count_or_all, default=16, help="Per-prompt image grids to write (-1: all).")
+    output.add_argument("--num_grids", type=flags.count_or_all, default=16,
+                        help="Per-prompt image grids to write (-1: all).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The evaluation's flags, group by group."""
+    parser = flags.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add_flags in (add_model_flags, add_prompt_flags, add_metric_flags, add_output_flags):
+        add_flags(parser)
     return parser
 
 

@@ -163,8 +163,8 @@ def add_options(group, options_type) -> None:
                            help=meta["help"])
 
 
-CHECKED_TYPES = {positive_int, non_negative_int, count_or_all, seed, port, positive_float, non_negative_float, finite_float,
-                 positive_float_or_inf, fraction, names, prompt_list, seed_list}
+CHECKED_TYPES = {positive_int, non_negative_int, count_or_all, seed, port, positive_float, non_negative_float,
+                 finite_float, positive_float_or_inf, fraction, names, prompt_list, seed_list}
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: Iterable[str] | None) -> set[str]:

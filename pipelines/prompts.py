@@ -28,8 +28,8 @@ def read_prompts_file(path: str, key: str = "prompt") -> list[str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise ValueError(f"--prompts_file {path}, line {number}: not UTF-8 text ({error.reason} at byte {error.start}); "
-                                 "save the prompts file as UTF-8") from None
+                raise ValueError(f"--prompts_file {path}, line {number}: not UTF-8 text ({error.reason} at byte "
+                                 f"{error.start}); save the prompts file as UTF-8") from None
             if not line.strip():
                 continue
             prompt = _jsonl_prompt(line, key, path, number) if path.endswith(".jsonl") else line.strip()

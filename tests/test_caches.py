@@ -166,3 +166,17 @@ def test_the_feature_cache_key_follows_the_dataset_and_model_content(tmp_path, p
     parquet = next(p for p in copy.rglob("*") if p.is_file())
     parquet.write_bytes(parquet.read_bytes() + b"\0")
     assert key_of(str(copy)) != key
+
+
+def test_an_evaluation_checks_every_metrics_weights_before_generating(tmp_path, monkeypatch):
+    """Offline, a metric whose weights are not cached stops the evaluation before the first image."""
+    from pipelines import inference
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("an image was generated before the missing weights were reported")
+
+    monkeypatch.setattr(evaluate, "generate_images", no_generation)
+    monkeypatch.setattr(inference, "generate_images", no_generation)
+    with pytest.raises(OSError, match="--metrics needs 'yuvalkirstain/PickScore_v1' from the Hub"):
+        evaluate.main([f"--pretrained_model_name_or_path={TINY_SD}", f"--prompts_file={PROMPTS}", "--max_prompts=1",
+                       "--seeds=0", "--metrics=color_match,pickscore", f"--output_dir={tmp_path / 'out'}"])

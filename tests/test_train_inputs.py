@@ -213,7 +213,12 @@ def test_sdxl_defaults_to_pixel_mae_and_trains_with_local_weights(tmp_path):
 def test_missing_feature_weights_fail_before_the_model_loads(tmp_path):
     args = train_drpo.parse_args(args_for(tmp_path, "--feature_extractor=vit_mae",
                                           f"--feature_extractor_path={tmp_path / 'nowhere'}"))
-    with pytest.raises(OSError, match="needs the weights"):
+    with pytest.raises(OSError, match="--feature_extractor .*nowhere': no such file or folder"):
+        train_drpo.main(args, load_pipeline=no_model_loading)
+    # a Hub id that is not cached, with HF_HUB_OFFLINE set (the tests' setting): at once, naming the flag
+    args = train_drpo.parse_args(args_for(tmp_path, "--feature_extractor=vit_mae"))
+    with pytest.raises(OSError, match="--feature_extractor needs 'facebook/vit-mae-base' from the Hub, which is not in "
+                                      "the local cache, and HF_HUB_OFFLINE is set"):
         train_drpo.main(args, load_pipeline=no_model_loading)
 
 
@@ -385,3 +390,21 @@ def test_a_prompt_tied_now_and_then_is_a_logged_skip(tmp_path):
     train_drpo.main(args)  # the tiny prompts all name a colour: their candidates differ
     history = [json.loads(line) for line in (tmp_path / "reward_history.jsonl").read_text().splitlines()]
     assert [row["tied"] for row in history] == [0.0, 0.0]
+
+
+def test_an_unreachable_hub_fails_at_once_naming_what_is_missing(tmp_path, monkeypatch):
+    """Online but without a network: one probe (refused at once here), then a message, not minutes of retries."""
+    from huggingface_hub import constants
+
+    from pipelines import downloads
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    downloads.hub_reachable.cache_clear()
+    args = train_drpo.parse_args(args_for(tmp_path, "--reward=pickscore"))
+    try:
+        with pytest.raises(OSError, match=r"--reward needs 'yuvalkirstain/PickScore_v1' from the Hub, which is not in "
+                                          r"the local cache, and the Hub cannot be reached.*HF_HUB_OFFLINE=1"):
+            train_drpo.main(args, load_pipeline=no_model_loading)
+    finally:
+        downloads.hub_reachable.cache_clear()

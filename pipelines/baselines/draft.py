@@ -36,8 +36,9 @@ def draft_loss(rewards: torch.Tensor, latents: torch.Tensor, ref_latents: torch.
 class DRaFTOptions:
     """--method draft (Appendix C.1)."""
 
-    draft_ref_weight: float = flags.option(0.0, flags.non_negative_float, "lambda_ref of the latent anchor (the paper "
-                                                                          "does not report its value; 0 is plain DRaFT).")
+    draft_ref_weight: float = flags.option(
+        0.0, flags.non_negative_float, "lambda_ref of the latent anchor (the paper does not report its value; 0 is "
+                                       "plain DRaFT).")
 
 
 @dataclass

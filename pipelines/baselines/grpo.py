@@ -99,13 +99,15 @@ def update(ctx: candidates.StepContext, proposal: Proposal):
     """Algorithm A4, lines 9-14: advantages, then the clipped objective with mu_theta recomputed."""
     options, k = ctx.options, ctx.num_candidates
     scores, waited = ctx.scorer.result(proposal.scores)
-    advantages = group_advantages(scores.ranking, options.grpo_adv_scale, options.grpo_adv_clip).to(proposal.actions.device)
+    advantages = group_advantages(scores.ranking, options.grpo_adv_scale, options.grpo_adv_clip)
+    advantages = advantages.to(proposal.actions.device)
 
     def loss_of_rows(rows):
         latents = candidates.current_latents(ctx, candidates.rows_of(proposal.condition, rows), proposal.noise[rows])
         log_prob = gaussian_log_prob(proposal.actions[rows], latents, options.grpo_sigma)
         return grpo_loss(log_prob, proposal.old_log_prob[rows], advantages[rows], latents, proposal.ref_latents[rows],
-                         options.grpo_clip_eps, options.grpo_log_ratio_clip, options.grpo_ref_weight, options.grpo_kl_weight, k)
+                         options.grpo_clip_eps, options.grpo_log_ratio_clip, options.grpo_ref_weight,
+                         options.grpo_kl_weight, k)
 
     loss = yield from candidates.loss_pieces(ctx, k, loss_of_rows)
     return {"loss": loss, "reward_mean": scores.reported.mean().item(), "reward_std": scores.reported.std().item(),

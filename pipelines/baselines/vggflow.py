@@ -93,7 +93,8 @@ def update(ctx: candidates.StepContext, proposal: Proposal):
 
     def loss_of_rows(rows):
         latents = candidates.current_latents(ctx, candidates.rows_of(proposal.condition, rows), proposal.noise[rows])
-        return vggflow_loss(latents, proposal.target[rows], proposal.ref_latents[rows], ctx.options.vggflow_ref_weight, k)
+        return vggflow_loss(latents, proposal.target[rows], proposal.ref_latents[rows],
+                            ctx.options.vggflow_ref_weight, k)
 
     loss = yield from candidates.loss_pieces(ctx, k, loss_of_rows)
     scores = proposal.rewards.double().cpu()

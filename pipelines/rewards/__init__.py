@@ -39,6 +39,7 @@ class RewardEntry:
     measures: str
     downloads: str = ""  # empty: needs no weights
     differentiable: bool = False
+    hub: tuple[str, ...] = ()  # what it fetches from the Hub (pipelines.downloads resources), checked at start
 
 
 def _rule(function: RewardFn) -> Callable[..., RewardFn]:
@@ -52,26 +53,33 @@ REWARDS: dict[str, RewardEntry] = {
     "jpeg_incompressibility": RewardEntry(_rule(rules.jpeg_incompressibility), "the JPEG size in kB (DDPO)"),
     "pickscore": RewardEntry(models.pickscore, "PickScore_v1, the paper's default",
                              "yuvalkirstain/PickScore_v1 + laion/CLIP-ViT-H-14-laion2B-s32B-b79K tokenizer (~4 GB)",
-                             differentiable=True),
+                             differentiable=True,
+                             hub=("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")),
     "clip": RewardEntry(models.clip_score, "CLIP ViT-L/14 image-prompt cosine",
-                        "openai/clip-vit-large-patch14 (~1.7 GB)", differentiable=True),
+                        "openai/clip-vit-large-patch14 (~1.7 GB)", differentiable=True,
+                        hub=("openai/clip-vit-large-patch14",)),
     "aesthetic": RewardEntry(models.aesthetic, "LAION aesthetic predictor v2 (ignores the prompt)",
                              "openai/clip-vit-large-patch14 (~1.7 GB) + the LAION aesthetic v2 head from GitHub (4 MB)",
-                             differentiable=True),
+                             differentiable=True, hub=("openai/clip-vit-large-patch14",)),
     "hpsv2": RewardEntry(models.hpsv2, "Human Preference Score v2",
-                         f"{models.HPS_REPO}:HPS_v2_compressed.pt (open_clip ViT-H-14, ~3.9 GB)", differentiable=True),
+                         f"{models.HPS_REPO}:HPS_v2_compressed.pt (open_clip ViT-H-14, ~3.9 GB)", differentiable=True,
+                         hub=(f"{models.HPS_REPO}:HPS_v2_compressed.pt",)),
     "hpsv21": RewardEntry(models.hpsv21, "Human Preference Score v2.1",
                           f"{models.HPS_REPO}:HPS_v2.1_compressed.pt (open_clip ViT-H-14, ~3.9 GB)",
-                          differentiable=True),
+                          differentiable=True, hub=(f"{models.HPS_REPO}:HPS_v2.1_compressed.pt",)),
     "imagereward": RewardEntry(models.imagereward, "ImageReward-v1.0",
                                "THUDM/ImageReward: ImageReward.pt + med_config.json (~1.8 GB), tokenizer "
-                               "bert-base-uncased", differentiable=True),
+                               "bert-base-uncased", differentiable=True,
+                               hub=("THUDM/ImageReward:ImageReward.pt", "THUDM/ImageReward:med_config.json",
+                                    "bert-base-uncased")),
     "hpsv3": RewardEntry(models.hpsv3, "HPSv3 (Qwen2-VL-7B reward model; its own environment)",
                          "MizzenAI/HPSv3:HPSv3.safetensors + Qwen/Qwen2-VL-7B-Instruct (~16 GB), "
-                         "and the hpsv3 package"),
+                         "and the hpsv3 package",
+                         hub=("MizzenAI/HPSv3:HPSv3.safetensors", "Qwen/Qwen2-VL-7B-Instruct")),
     "geneval": RewardEntry(geneval.geneval, "GenEval task checks, binary",
                            "facebook/mask2former-swin-small-coco-instance (~280 MB) + openai/clip-vit-large-patch14 "
-                           "(~1.7 GB)"),
+                           "(~1.7 GB)", hub=("facebook/mask2former-swin-small-coco-instance",
+                                             "openai/clip-vit-large-patch14")),
 }
 
 OTHER_SPECS = ("a comma-separated mixture like pickscore,clip, a server URL http://host:port/score (several "
@@ -135,6 +143,11 @@ def load_reward(spec: str, device="cpu", weights: Sequence[float] | None = None,
     if ":" in spec:
         return load_custom_reward(spec)
     raise ValueError(f"Unknown reward {spec!r}; choose one of {', '.join(REWARDS)}, or {OTHER_SPECS}.")
+
+
+def hub_resources(spec: str) -> list[str]:
+    """What the named rewards of ``spec`` (a mixture included) fetch from the Hub."""
+    return [resource for part in mixture_parts(spec) if part in REWARDS for resource in REWARDS[part].hub]
 
 
 def check_reward_spec(spec: str, weights: Sequence[float] | None, flag: str = "--reward") -> None:
