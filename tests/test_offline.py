@@ -190,5 +190,5 @@ def test_a_dataset_without_one_usable_pair_stops_at_start_up(tmp_path):
 def test_methods_that_need_their_own_samples_are_refused_offline(tmp_path, brightness_pairs):
     import train_drpo
 
-    with pytest.raises(ValueError, match="with --preference_dataset use --method drpo or dpo"):
+    with pytest.raises(ValueError, match="with --preference_dataset use --method dpo or drpo"):
         train_drpo.parse_args(offline_args(TINY_SD, tmp_path, brightness_pairs["liked"], tmp_path, "--method=grpo"))
