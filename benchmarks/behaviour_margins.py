@@ -72,7 +72,7 @@ def render(rows: list[dict], seeds: list[int]) -> str:
     lines += ["", f"Training seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} runs of each test); margin = (mean - threshold)"
               f" / std over the seeds (goal: >= {GOAL:g})."
               + (f" Weakest: {weakest['margin']:.1f}." if weakest else "")
-              + " Regenerate with `python -m benchmarks.behaviour_margins --seeds 0-4 --update_readme`."]
+              + f" Regenerate with `python -m benchmarks.behaviour_margins --seeds {seeds[0]}-{seeds[-1]} --update_readme`."]
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 measured blocks and every code reference."""
 
 import glob
+import json
 import os
 import re
 
@@ -131,3 +132,57 @@ def test_every_code_reference_in_the_documents_exists():
 def test_the_reference_check_finds_a_moved_function():
     assert resolves("drpo_utils.drift_field") and resolves("pipelines.rewards.REWARDS")
     assert not resolves("train_drpo.reference_features_that_moved") and not resolves("pipelines.nowhere.thing")
+
+
+FEWER_STEPS = {  # the README's step counts, cut so that every command runs in seconds
+    "--max_train_steps=100": "--max_train_steps=2", "--max_train_steps=200": "--max_train_steps=3",
+    "--checkpointing_steps=50": "--checkpointing_steps=1", "--validation_steps=50": "--validation_steps=2"}
+CHECKOUT = ["assets", "pipelines", "drpo_utils.py", "train_drpo.py", "train_drpo_sdxl.py"]
+
+
+def shell_commands(block: str) -> list[list[str]]:
+    """The commands of a bash block: comments dropped, continuation lines joined, FEWER_STEPS applied."""
+    import shlex
+
+    text = re.sub(r"\\\n\s*", " ", "\n".join(line for line in block.splitlines() if not line.startswith("#")))
+    for readme_value, test_value in FEWER_STEPS.items():
+        text = text.replace(readme_value, test_value)
+    return [shlex.split(line) for line in text.splitlines() if line.strip()]
+
+
+def run_as_user(argv: list[str], cwd) -> None:
+    """One README command in a folder laid out like a clone, offline, with this environment's programs."""
+    import subprocess
+    import sys
+
+    programs = {"python": sys.executable, "accelerate": os.path.join(os.path.dirname(sys.executable), "accelerate")}
+    argv = [programs.get(argv[0], argv[0]), *argv[1:]]
+    out = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, (argv, out.stdout[-1500:], out.stderr[-3000:])
+
+
+def test_next_steps_with_the_tiny_model_run_as_written(tmp_path):
+    """The quickstart (2 steps), then every command of "Next steps with the tiny model" and its Python
+    snippet, in a folder that holds the repository's files the way a clone does."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    for name in CHECKOUT:
+        os.symlink(os.path.join(ROOT, name), tmp_path / name)
+    quickstart = README.split("**1. Install and run the main job**")[1].split("```bash\n")[1].split("```")[0]
+    run_as_user(shell_commands(quickstart.split(" && ", 2)[2])[0], tmp_path)
+    next_steps = README.split("## Next steps with the tiny model", 1)[1].split("## ", 1)[0]
+    commands = shell_commands(next_steps.split("```bash\n", 1)[1].split("```", 1)[0])
+    assert [argv[:4] for argv in commands] == [["python", "-m", "pipelines.evaluate", "--pretrained_model_name_or_path="
+                                                "assets/tiny-sd-turbo"], ["accelerate", "launch", "--quiet", "--cpu"],
+                                               ["accelerate", "launch", "--quiet", "--cpu"]]
+    for argv in commands:
+        run_as_user(argv, tmp_path)
+
+    metrics = json.loads((tmp_path / "drpo-tiny-eval" / "metrics.json").read_text())
+    assert metrics["models"] == ["base", "drpo-tiny"] and set(metrics["metrics"]) == {"color_match", "jpeg_compressibility"}
+    assert "checkpoint-3" in os.listdir(tmp_path / "drpo-tiny"), "resumed from step 2 and trained to 3"
+    assert load_file(tmp_path / "drpo-tiny-sdxl" / "pytorch_lora_weights.safetensors")
+    run_as_user(["python", "-c", python_block_after("## Next steps with the tiny model")], tmp_path)
+    assert Image.open(tmp_path / "red-circle.png").size == (64, 64)

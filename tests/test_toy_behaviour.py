@@ -45,12 +45,13 @@ def evaluate(generator, base, num=4000):
 
 @pytest.mark.behaviour
 def test_drpo_raises_a_non_differentiable_reward_and_lambda_anchors_to_base():
-    loose, loose_base = train_toy(ref_weight=0.2)
-    tight, tight_base = train_toy(ref_weight=1.0)
-    after, before, loose_distance = evaluate(loose, loose_base)
-    tight_after, _, tight_distance = evaluate(tight, tight_base)
-    # Binomial standard error of a mean over 4000 samples is <= 0.008: demand a 0.2 gain.
-    assert_above(after - before, 0.2, (before, after))
-    assert_above(tight_after - before, 0.2, (before, tight_after))
-    # A larger reference weight keeps the generator measurably closer to the base model.
-    assert_above(-tight_distance / loose_distance, -0.5, (tight_distance, loose_distance))
+    """The share of points right of the y axis starts anywhere in (0, 1) (0.11-0.96 over seeds 0-11), so the
+    gain is measured as the part of the possible gain 1 - before that DrPO achieved (0.93-1.00 there)."""
+    generator, base = train_toy(ref_weight=0.2)
+    after, before, _ = evaluate(generator, base)
+    assert_above((after - before) / (1 - before), 0.75, (before, after))
+    # lambda anchors: with a strong reference drift the generator stays near the base model (the mean
+    # squared move was 0.0001-0.05 of the unanchored generator's over seeds 0-11).
+    _, _, free_distance = evaluate(*train_toy(ref_weight=0.0))
+    _, _, anchored_distance = evaluate(*train_toy(ref_weight=3.0))
+    assert_above(-anchored_distance / free_distance, -0.25, (anchored_distance, free_distance))
