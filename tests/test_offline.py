@@ -166,7 +166,8 @@ def test_the_feature_cache_is_read_not_rebuilt_and_gives_the_same_lora(tmp_path,
 @pytest.mark.behaviour
 def test_offline_dpo_trains_on_the_same_set_and_sdxl_encodes_through_its_vae(tmp_path, brightness_pairs):
     train("train_drpo.py", *offline_args(TINY_SD, tmp_path / "dpo", brightness_pairs["liked"], tmp_path / "cache",
-                                         "--max_train_steps=40", *METHOD_FLAGS["dpo"]))
+                                         "--max_train_steps=40", *METHOD_FLAGS["dpo"],
+                                         "--learning_rate=3e-3"))  # z 6.8-10.2 at 1e-3 over seeds 0-2; 16.2-26.1 here
     assert_above(held_out_brightness(tmp_path / "dpo")["z_unpaired"], 3)
     train("train_drpo_sdxl.py", *offline_args(TINY_SDXL, tmp_path / "sdxl", brightness_pairs["liked"],
                                               tmp_path / "cache", "--max_train_steps=2", "--method=dpo"))
