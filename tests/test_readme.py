@@ -65,7 +65,8 @@ def test_loading_snippet_runs_on_the_tiny_model_without_warnings(tmp_path):
     lora_files.save_lora(str(tmp_path / "lora"), pipe.unet, type(pipe))
     snippet = python_block_after("Load the result anywhere")
     assert '"stabilityai/sd-turbo"' in snippet and '"drpo-sd-turbo"' in snippet
-    snippet = snippet.replace('"stabilityai/sd-turbo"', repr(TINY_SD)).replace('"drpo-sd-turbo"', repr(str(tmp_path / "lora")))
+    snippet = snippet.replace('"stabilityai/sd-turbo"', repr(TINY_SD))
+    snippet = snippet.replace('"drpo-sd-turbo"', repr(str(tmp_path / "lora")))
     snippet += "\nassert image.size == (64, 64)\nprint('ok')\n"
     out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path,
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
@@ -141,13 +142,17 @@ CHECKOUT = ["assets", "pipelines", "drpo_utils.py", "train_drpo.py", "train_drpo
 
 
 def shell_commands(block: str) -> list[list[str]]:
-    """The commands of a bash block: comments dropped, continuation lines joined, FEWER_STEPS applied."""
+    """The commands of a bash block (comments dropped, continuation lines joined), with FEWER_STEPS applied;
+    fails if a step count is left that FEWER_STEPS does not cut."""
     import shlex
 
-    text = re.sub(r"\\\n\s*", " ", "\n".join(line for line in block.splitlines() if not line.startswith("#")))
+    text = re.sub(r"\\\n\s*", " ", "\n".join(line for line in block.splitlines() if not line.lstrip().startswith("#")))
     for readme_value, test_value in FEWER_STEPS.items():
         text = text.replace(readme_value, test_value)
-    return [shlex.split(line) for line in text.splitlines() if line.strip()]
+    commands = [shlex.split(line, comments=True) for line in text.splitlines() if line.strip()]
+    steps = {arg for argv in commands for arg in argv if arg.startswith(("--max_train_steps", "--checkpointing_steps"))}
+    assert steps <= set(FEWER_STEPS.values()), f"a README step count FEWER_STEPS does not cut: {steps}"
+    return commands
 
 
 def run_as_user(argv: list[str], cwd) -> None:
@@ -171,18 +176,22 @@ def test_next_steps_with_the_tiny_model_run_as_written(tmp_path):
     for name in CHECKOUT:
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     quickstart = README.split("**1. Install and run the main job**")[1].split("```bash\n")[1].split("```")[0]
-    run_as_user(shell_commands(quickstart.split(" && ", 2)[2])[0], tmp_path)
+    run_as_user(next(argv for argv in map(shell_commands, quickstart.split(" && ")) if argv[0][0] == "accelerate")[0],
+                tmp_path)
     next_steps = README.split("## Next steps with the tiny model", 1)[1].split("## ", 1)[0]
     commands = shell_commands(next_steps.split("```bash\n", 1)[1].split("```", 1)[0])
-    assert [argv[:4] for argv in commands] == [["python", "-m", "pipelines.evaluate", "--pretrained_model_name_or_path="
-                                                "assets/tiny-sd-turbo"], ["accelerate", "launch", "--quiet", "--cpu"],
-                                               ["accelerate", "launch", "--quiet", "--cpu"]]
+    assert [argv[:4] for argv in commands] == [
+        ["python", "-m", "pipelines.evaluate", "--pretrained_model_name_or_path=assets/tiny-sd-turbo"],
+        ["accelerate", "launch", "--quiet", "--cpu"],
+        ["accelerate", "launch", "--quiet", "--cpu"]]
     for argv in commands:
         run_as_user(argv, tmp_path)
 
     metrics = json.loads((tmp_path / "drpo-tiny-eval" / "metrics.json").read_text())
-    assert metrics["models"] == ["base", "drpo-tiny"] and set(metrics["metrics"]) == {"color_match", "jpeg_compressibility"}
-    assert "checkpoint-3" in os.listdir(tmp_path / "drpo-tiny"), "resumed from step 2 and trained to 3"
+    assert metrics["models"] == ["base", "drpo-tiny"]
+    assert set(metrics["metrics"]) == {"color_match", "jpeg_compressibility"}
+    history = (tmp_path / "drpo-tiny" / "reward_history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in history] == [1, 2, 3], "resumed at step 2, trained to 3"
     assert load_file(tmp_path / "drpo-tiny-sdxl" / "pytorch_lora_weights.safetensors")
     run_as_user(["python", "-c", python_block_after("## Next steps with the tiny model")], tmp_path)
     assert Image.open(tmp_path / "red-circle.png").size == (64, 64)

@@ -46,10 +46,12 @@ def evaluate(generator, base, num=4000):
 @pytest.mark.behaviour
 def test_drpo_raises_a_non_differentiable_reward_and_lambda_anchors_to_base():
     """The share of points right of the y axis starts anywhere in (0, 1) (0.11-0.96 over seeds 0-11), so the
-    gain is measured as the part of the possible gain 1 - before that DrPO achieved (0.93-1.00 there)."""
+    gain is measured as the part of the possible gain 1 - before that DrPO achieved (0.93-1.00 there; the
+    lambda = 0.2 run, so the reference drift does not stop training)."""
     generator, base = train_toy(ref_weight=0.2)
     after, before, _ = evaluate(generator, base)
-    assert_above((after - before) / (1 - before), 0.75, (before, after))
+    possible_gain = max(1 - before, 0.05)  # a base already near 1 leaves a gain too small to measure
+    assert_above((after - before) / possible_gain, 0.75, (before, after))
     # lambda anchors: with a strong reference drift the generator stays near the base model (the mean
     # squared move was 0.0001-0.05 of the unanchored generator's over seeds 0-11).
     _, _, free_distance = evaluate(*train_toy(ref_weight=0.0))
