@@ -493,12 +493,13 @@ def test_two_processes_give_the_same_metrics_json_as_one(work, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29531", "-m", "pipelines.evaluate", *common,
                           f"--output_dir={tmp_path / 'two'}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"})
+                         env={**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1",
+                              "OMP_NUM_THREADS": "1"})  # torchrun keeps a caller's OMP_NUM_THREADS=2
     assert out.returncode == 0, out.stderr[-3000:]
     shares = sorted(re.findall(r"process (\d)/(\d): generated (\d+) images", out.stderr))
     assert shares == [("1", "2", "12"), ("2", "2", "8")], shares  # 3 + 2 prompts x 2 seeds x 2 models, not 20 each
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1): same pixels, bit for bit
+    torch.set_num_threads(1)  # as each torchrun process: same pixels, bit for bit
     try:
         run_cli(*common, f"--output_dir={tmp_path / 'one'}")
     finally:
