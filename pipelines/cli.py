@@ -200,8 +200,9 @@ def add_run_flags(parser) -> None:
     run.add_argument("--logging_dir", default="logs", help="Tracker logs, under --output_dir.")
     run.add_argument("--tracker_project_name", default="drpo", help="Project name given to the trackers.")
     run.add_argument("--validation_prompts", type=flags.prompt_list, default=None,
-                     help="'|'-separated prompts for sample grids and --validation_rewards (default: the last 4 "
-                          "prompts, held out of training, when there are 100+; else the first 4).")
+                     help="'|'-separated prompts for sample grids, --validation_rewards and the final check (default: "
+                          "with 100+ distinct prompts, the last 1 in 20 of them, 4 to 16, held out of training; "
+                          "else the first 4).")
     run.add_argument("--validation_rewards", default=None, type=flags.names,
                      help="Comma-separated rewards (any --reward spec but a mixture) scored on the validation "
                           "prompts x seeds at every --validation_steps, base and LoRA, logged beside the training "

@@ -49,7 +49,7 @@ def mean_and_se(values: torch.Tensor, indices: torch.Tensor) -> dict[str, float]
     """Mean of a [prompts, seeds] table and its standard error by bootstrapping prompts."""
     values = values.double()
     counts = torch.full((values.shape[0],), float(values.shape[1]), dtype=torch.float64)
-    se = spread(resampled_ratio(values.sum(1), counts, indices))
+    se = spread(resampled_ratio(values.sum(1), counts, indices)) if values.shape[0] > 1 else float("nan")
     if math.isfinite(se):
         return {"mean": values.mean().item(), "se": se}
     return {"mean": values.mean().item(), "se": None, "se_undefined": "fewer than two prompts to resample"}

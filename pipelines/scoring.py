@@ -1,13 +1,16 @@
 """One reward of a base model against a LoRA on the same prompts and seeds: the score tables and the
 summary (means, standard errors, paired difference, effect size) that the training run's final check, the
 tests and the benchmarks report. ``python -m pipelines.evaluate`` is the full harness (several metrics,
-caches, bootstrap over prompts, judge); this is its single-reward core.
+caches, judge); this is its single-reward core, with the same statistics.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from pipelines.eval_stats import bootstrap_indices, mean_and_se, paired_difference
 from pipelines.inference import generate_images, load_lora, load_one_step_pipeline
 from pipelines.rewards import load_reward, score_candidates
 
@@ -21,29 +24,36 @@ def reward_table(pipe, reward_fn, reward_name: str, prompts: list[str], seeds: l
     return scores.view(len(prompts), len(seeds)), images
 
 
-def summarize(base: torch.Tensor, tuned: torch.Tensor) -> dict:
-    """Means, standard errors, the paired difference and the effect size of tuned - base.
+def summarize(base: torch.Tensor, tuned: torch.Tensor, bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Means, standard errors, the paired difference and the effect size of tuned - base ([prompts, seeds]).
 
-    A ratio whose denominator is zero is ``None`` with a ``<name>_undefined`` entry saying why (strict
-    JSON has no NaN): an unchanged model has no paired z, a reward that does not vary has no effect size.
+    Standard errors are the evaluation harness's (and the paper's, Appendix B): bootstrap over prompts, the
+    two arms of the paired difference resampled together (``pipelines/eval_stats.py``), so
+    ``final_metrics.json``, ``python -m pipelines.evaluate`` and the README's tables report one quantity.
+    A ratio whose denominator is zero or undefined is ``None`` with a ``<name>_undefined`` entry saying why
+    (strict JSON has no NaN): one prompt has no bootstrap, an unchanged model has no paired z, a reward
+    that does not vary has no effect size.
     """
-    n = base.numel()
-    difference = (tuned - base).flatten().double()
-    base_se, tuned_se = base.double().std() / n**0.5, tuned.double().std() / n**0.5
-    change, change_se = difference.mean(), difference.std() / n**0.5
+    indices = bootstrap_indices(base.shape[0], bootstrap, seed)
+    base_stats, tuned_stats = mean_and_se(base, indices), mean_and_se(tuned, indices)
+    paired = paired_difference(base, tuned, indices)
     # Across-seed spread of the base reward, averaged over prompts (the noise DrPO can exploit).
     seed_std = base.double().std(dim=1).mean() if base.shape[1] > 1 else base.double().std()
-    result = {"samples": n, "base_mean": base.mean().item(), "base_se": base_se.item(),
-              "lora_mean": tuned.mean().item(), "lora_se": tuned_se.item(), "change": change.item(),
-              "change_se": change_se.item()}
-    ratios = {"z_unpaired": (change, (base_se**2 + tuned_se**2).sqrt(), "the reward is the same for every image"),
-              "z_paired": (change, change_se, "the LoRA changes no score (every paired difference is equal)"),
-              "effect_size": (change, seed_std, "the base reward does not vary across seeds")}
-    for name, (numerator, denominator, reason) in ratios.items():
-        defined = bool(denominator > 0) and bool(torch.isfinite(numerator / denominator))
-        result[name] = (numerator / denominator).item() if defined else None
+    result = {"samples": base.numel(), "prompts": base.shape[0], "seeds": base.shape[1],
+              "standard_error": f"bootstrap over prompts, {bootstrap} resamples",
+              "base_mean": base_stats["mean"], "base_se": base_stats["se"], "lora_mean": tuned_stats["mean"],
+              "lora_se": tuned_stats["se"], "change": paired["delta"], "change_se": paired["delta_se"]}
+    no_bootstrap = "fewer than two prompts to resample"
+    unpaired_se = None if None in (base_stats["se"], tuned_stats["se"]) else math.hypot(base_stats["se"],
+                                                                                         tuned_stats["se"])
+    ratios = {"z_unpaired": (unpaired_se, "the reward is the same for every image"),
+              "z_paired": (paired["delta_se"], "the LoRA changes no score (every paired difference is equal)"),
+              "effect_size": (seed_std.item(), "the base reward does not vary across seeds")}
+    for name, (denominator, reason) in ratios.items():
+        defined = denominator is not None and denominator > 0 and math.isfinite(paired["delta"] / denominator)
+        result[name] = paired["delta"] / denominator if defined else None
         if not defined:
-            result[f"{name}_undefined"] = reason
+            result[f"{name}_undefined"] = no_bootstrap if denominator is None else reason
     return result
 
 

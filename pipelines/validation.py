@@ -19,23 +19,29 @@ from pipelines.rewards import score_candidates
 logger = logging.getLogger(__name__)
 
 VALIDATION_SEED = 10_000  # held-out: training noises come from runtime.step_generator
-HELD_OUT_PROMPTS = 4  # validation prompts held out of a large enough prompt set
 MIN_PROMPTS_TO_HOLD_OUT = 100
 
 
+def held_out_count(distinct_prompts: int) -> int:
+    """How many prompts a set of 100+ holds out: 1 in 20, at least 4 (a bootstrap over prompts needs
+    several) and at most 16 (each is generated at every validation)."""
+    return min(16, max(4, distinct_prompts // 20))
+
+
 def split_validation_prompts(validation: ValidationConfig, prompts: list[str]) -> tuple[list[str], list[str]]:
-    """(training prompts, validation prompts). --validation_prompts if given; otherwise the set's last
-    4 distinct prompts, held out of training, when it has at least 100 (a smaller set validates on its
-    first 4 training prompts, with a warning)."""
+    """(training prompts, validation prompts). --validation_prompts if given; otherwise, when the set has
+    at least 100 distinct prompts, its last ``held_out_count`` (1 in 20, 4 to 16), held out of training; a
+    smaller set validates on its first 4 training prompts, with a warning."""
     if validation.validation_prompts:
         return prompts, list(validation.validation_prompts)
     distinct = list(dict.fromkeys(prompts))
     if len(distinct) < MIN_PROMPTS_TO_HOLD_OUT:
-        logger.warning(f"{len(distinct)} prompts: too few to hold {HELD_OUT_PROMPTS} out, so validation uses the "
-                       f"first {HELD_OUT_PROMPTS} training prompts (give held-out ones with --validation_prompts)")
-        return prompts, distinct[:HELD_OUT_PROMPTS]
-    held_out = distinct[-HELD_OUT_PROMPTS:]
-    return [p for p in prompts if p not in held_out], held_out  # 4 items: a list is as fast as a set
+        logger.warning(f"{len(distinct)} prompts: too few to hold prompts out (it takes {MIN_PROMPTS_TO_HOLD_OUT}), "
+                       "so validation uses the first 4 training prompts (give held-out ones with "
+                       "--validation_prompts)")
+        return prompts, distinct[:4]
+    held_out = set(distinct[-held_out_count(len(distinct)):])
+    return [p for p in prompts if p not in held_out], [p for p in distinct if p in held_out]
 
 
 def validation_seeds(count: int) -> list[int]:

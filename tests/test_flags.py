@@ -188,6 +188,29 @@ def test_an_undefined_figure_is_null_with_its_reason():
     json.loads(json.dumps(flat, allow_nan=False))  # standard JSON
 
 
+def test_final_metrics_and_the_harness_share_one_standard_error():
+    """summarize (final_metrics.json, the benchmarks) reports the evaluation harness's standard error: the
+    bootstrap over prompts, which tracks the analytic SE of a mean of per-prompt means,
+    std(prompt means, ddof 0) / sqrt(P); one prompt has none."""
+    import torch
+
+    from pipelines.eval_stats import bootstrap_indices, mean_and_se, paired_difference
+    from pipelines.scoring import summarize
+
+    torch.manual_seed(0)
+    base = torch.rand(40, 3)
+    tuned = base + 0.1 + 0.05 * torch.rand(40, 3)
+    result = summarize(base, tuned)
+    indices = bootstrap_indices(40, 1000, 0)
+    assert result["base_se"] == mean_and_se(base, indices)["se"]
+    assert result["change_se"] == paired_difference(base, tuned, indices)["delta_se"]
+    analytic = (tuned - base).double().mean(1).std(unbiased=False) / 40**0.5
+    assert abs(result["change_se"] / analytic.item() - 1) < 0.1, (result["change_se"], analytic)
+    assert result["z_paired"] == result["change"] / result["change_se"]
+    one_prompt = summarize(base[:1], tuned[:1])
+    assert one_prompt["z_paired"] is None and "fewer than two prompts" in one_prompt["z_paired_undefined"]
+
+
 def test_help_imports_nothing_heavy():
     """--help and every refused flag answer before diffusers, transformers, peft or accelerate are imported."""
     import subprocess

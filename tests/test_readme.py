@@ -178,6 +178,12 @@ def test_next_steps_with_the_tiny_model_run_as_written(tmp_path):
     quickstart = README.split("**1. Install and run the main job**")[1].split("```bash\n")[1].split("```")[0]
     run_as_user(next(argv for argv in map(shell_commands, quickstart.split(" && ")) if argv[0][0] == "accelerate")[0],
                 tmp_path)
+    from benchmarks.quickstart import render, run_metrics
+
+    first_run = run_metrics(tmp_path / "drpo-tiny")  # the README's table is rendered from this very file
+    assert (first_run["prompts"], first_run["seeds"]) == (12, 4) and first_run["z_paired"] is not None
+    assert "the 12 prompts it held out of training x 4 held-out seeds" in render(
+        {"runs": {"quickstart command": {"train_seconds": 0.0, **first_run}}})
     next_steps = README.split("## Next steps with the tiny model", 1)[1].split("## ", 1)[0]
     commands = shell_commands(next_steps.split("```bash\n", 1)[1].split("```", 1)[0])
     assert [argv[:4] for argv in commands] == [

@@ -18,7 +18,13 @@ from pipelines.scoring import evaluate
 
 REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
 SCRIPTS = {"train_drpo.py": TINY_SD, "train_drpo_sdxl.py": TINY_SDXL}
-HELD_OUT_SEEDS = list(range(5000, 5016))
+# Behavioural checks: 16 tiny prompts x 4 seeds never used in training, paired z (bootstrap over prompts).
+HELD_OUT_SEEDS = list(range(5000, 5004))
+
+
+def held_out_prompts(count: int = 16) -> list[str]:
+    with open(PROMPTS) as handle:
+        return [line.strip() for line in handle][:count]
 
 
 def training_args(model, output_dir, *extra):
@@ -66,13 +72,11 @@ def test_custom_reward_moves_by_more_than_three_standard_errors(tmp_path, script
     run = launch if (script, reward) == ("train_drpo.py", "brightness") else train
     run(script, *training_args(model, tmp_path, f"--reward={REWARDS}:{reward}", "--max_train_steps=40",
                                "--learning_rate=1e-3"))
-    with open(PROMPTS) as handle:
-        prompts = [line.strip() for line in handle][:4]
+    prompts = held_out_prompts()
     result, base_images, tuned_images = evaluate(model, str(tmp_path), f"{REWARDS}:brightness", prompts,
                                                  HELD_OUT_SEEDS)
     assert not torch.allclose(base_images, tuned_images)  # load_lora_weights changes the output
-    print(reward, {k: round(v, 3) for k, v in result.items()})
-    assert_above(sign * result["z_unpaired"], 3, result)
+    assert_above(sign * result["z_paired"], 3, result)
     for name in ("pytorch_lora_weights.safetensors", "README.md", "reward_curve.png", "samples_before_after.png"):
         assert os.path.isfile(tmp_path / name), name
 
@@ -158,10 +162,9 @@ def test_authors_preset_raises_a_custom_reward_on_held_out_seeds(tmp_path):
     """--drift_preset authors (the released code's estimator) trains: brightness up by > 3 standard errors."""
     train("train_drpo.py", *training_args(TINY_SD, tmp_path, f"--reward={REWARDS}:brightness", "--max_train_steps=40",
                                           "--learning_rate=1e-3", "--drift_preset=authors"))
-    with open(PROMPTS) as handle:
-        prompts = [line.strip() for line in handle][:4]
+    prompts = held_out_prompts()
     result, _, _ = evaluate(TINY_SD, str(tmp_path), f"{REWARDS}:brightness", prompts, HELD_OUT_SEEDS)
-    assert_above(result["z_unpaired"], 3, result)
+    assert_above(result["z_paired"], 3, result)
     assert "drift preset `authors`" in (tmp_path / "README.md").read_text()
 
 
@@ -181,11 +184,9 @@ def test_every_method_raises_a_differentiable_custom_reward(tmp_path, script, me
     model = SCRIPTS[script]
     train(script, *training_args(model, tmp_path, f"--reward={REWARDS}:brightness", "--max_train_steps=40",
                                  "--learning_rate=1e-3", *METHOD_FLAGS[method], *BEHAVIOUR_FLAGS.get(method, [])))
-    with open(PROMPTS) as handle:
-        prompts = [line.strip() for line in handle][:4]
+    prompts = held_out_prompts()
     result, _, _ = evaluate(model, str(tmp_path), f"{REWARDS}:brightness", prompts, HELD_OUT_SEEDS)
-    print(method, {k: round(v, 3) for k, v in result.items()})
-    assert_above(result["z_unpaired"], 3, result)
+    assert_above(result["z_paired"], 3, result)
     assert f"method `{method}`" in (tmp_path / "README.md").read_text()
 
 
@@ -195,11 +196,9 @@ def test_teacher_unet_features_raise_a_custom_reward_on_sdxl(tmp_path):
     train("train_drpo_sdxl.py", *training_args(TINY_SDXL, tmp_path, f"--reward={REWARDS}:brightness",
                                                "--max_train_steps=40", "--learning_rate=1e-3",
                                                "--feature_extractor=teacher_unet"))
-    with open(PROMPTS) as handle:
-        prompts = [line.strip() for line in handle][:4]
+    prompts = held_out_prompts()
     result, _, _ = evaluate(TINY_SDXL, str(tmp_path), f"{REWARDS}:brightness", prompts, HELD_OUT_SEEDS)
-    print({k: round(v, 3) for k, v in result.items()})
-    assert_above(result["z_unpaired"], 3, result)
+    assert_above(result["z_paired"], 3, result)
 
 
 SHIPPED_PROMPTS = os.path.join(ROOT, "assets", "prompts")
@@ -216,7 +215,7 @@ def test_shipped_prompt_splits_load_and_are_disjoint():
 
 
 def test_validation_rewards_are_logged_as_curves_on_held_out_prompts(tmp_path):
-    """A 2,048-prompt file: its last 4 prompts are held out of training and validated on; both
+    """A 2,048-prompt file: its last 16 prompts are held out of training and validated on; both
     --validation_rewards are scored for the base and the LoRA every --validation_steps, into the
     history, the tracker and the reward-curve figure."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -228,7 +227,7 @@ def test_validation_rewards_are_logged_as_curves_on_held_out_prompts(tmp_path):
                          f"--validation_rewards=color_match,{REWARDS}:brightness", f"--prompts_file={prompts_file}")
     train("train_drpo.py", *args)
     prompts = load_prompts(prompts_file)
-    held_out = prompts[-4:]
+    held_out = prompts[-16:]
     training_prompts, validation = train_drpo_split(args)
     assert validation == held_out and not set(held_out) & set(training_prompts)
     history = [json.loads(line) for line in open(tmp_path / "reward_history.jsonl")]
@@ -239,6 +238,24 @@ def test_validation_rewards_are_logged_as_curves_on_held_out_prompts(tmp_path):
     accumulator.Reload()
     assert [event.step for event in accumulator.Scalars("validation/color_match")] == [2, 4]
     assert os.path.isfile(tmp_path / "reward_curve.png")
+
+
+def test_held_out_prompts_scale_with_the_set_and_the_quickstart_file_holds_twelve_out():
+    """1 in 20 distinct prompts held out, 4 to 16, from 100 up; the quickstart's file is every caption of
+    the tiny world (240, shuffled), so its run holds out 12, of several colours."""
+    from pipelines.build_tiny_models import all_captions
+    from pipelines.prompts import load_prompts
+    from pipelines.rewards.rules import COLORS
+    from pipelines.validation import held_out_count
+
+    assert [held_out_count(n) for n in (100, 119, 120, 240, 320, 2048)] == [5, 5, 6, 12, 16, 16]
+    quickstart_file = os.path.join(ROOT, "assets", "tiny_prompts_all.txt")
+    assert sorted(load_prompts(quickstart_file)) == sorted(all_captions())
+    training_prompts, validation = train_drpo_split(training_args(TINY_SD, "out", f"--prompts_file={quickstart_file}"))
+    assert (len(training_prompts), len(validation)) == (228, 12) and not set(validation) & set(training_prompts)
+    assert len({color for prompt in validation for color in COLORS if f" {color} " in prompt}) >= 4
+    few, validation = train_drpo_split(training_args(TINY_SD, "out"))  # 48 prompts: none held out, a warning
+    assert validation == few[:4]
 
 
 def train_drpo_split(args):
