@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 import drpo_utils
-from pipelines import (candidates, checkpoints, cli, config, downloads, features, flags, hub, lora_files, memory,
-                       methods, offline, preference_data, report, rewards, runtime, validation)
+from pipelines import (candidates, checkpoints, cli, config, content, downloads, features, flags, hub, lora_files,
+                       memory, methods, offline, preference_data, report, rewards, runtime, validation)
 from pipelines.inference import load_one_step_pipeline
 from pipelines.prompts import load_prompts
 
@@ -176,7 +176,8 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
         model={"resolution": memory.resolve_resolution(settings.model.resolution, unet_config, vae_config)},
         run={"mixed_precision": accelerator.mixed_precision})  # as resolved: the flag or accelerate's configuration
     record = config.run_record(settings, prompt_encoding=f"{encode_prompts.__module__}.{encode_prompts.__name__}",
-                               num_processes=accelerator.num_processes)
+                               num_processes=accelerator.num_processes,
+                               inputs=content.run_inputs(prompts, settings.reward.reward))
     with checkpoints.claimed_output_dir(accelerator, settings.run, record):  # writable, not another run's, locked
         train(accelerator, settings, record, prompts, memory.own_resolution(unet_config, vae_config), encode_prompts,
               load_pipeline)

@@ -60,12 +60,22 @@ def record_differences(recorded: dict, current: dict) -> list[str]:
             if recorded.get(key) != current.get(key)]
 
 
-def read_run(checkpoint: str) -> dict | None:
-    path = os.path.join(checkpoint, RUN_FILE)
+def read_checkpoint_json(checkpoint: str, name: str) -> dict | None:
+    """``run.json`` / ``checksums.json`` of a checkpoint (None if absent); a damaged one is a
+    ``CheckpointError`` naming the checkpoint and the file."""
+    path = os.path.join(checkpoint, name)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{os.path.basename(os.path.normpath(checkpoint))} is damaged: {name} is not valid "
+                              f"JSON ({error}){fallback_hint(checkpoint)}") from error
+
+
+def read_run(checkpoint: str) -> dict | None:
+    return read_checkpoint_json(checkpoint, RUN_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +126,8 @@ def check_output_dir(run: RunConfig, record: dict) -> None:
             pass  # every process probes its own file
     except OSError as error:
         raise ValueError(f"--output_dir {run.output_dir!r} is not writable: {error}") from error
-    if find_resume_checkpoint(run) is not None:
+    if (resumed := find_resume_checkpoint(run)) is not None:
+        check_resume_step(resumed, run.max_train_steps)
         return
     existing = list_checkpoints(run.output_dir)
     if not existing or run.overwrite_output_dir:
@@ -129,6 +140,17 @@ def check_output_dir(run: RunConfig, record: dict) -> None:
         f"--output_dir {run.output_dir!r} already holds {', '.join(existing)} of {whose}{differing}\n"
         "A new run there would mix its checkpoints with them. Continue that run with --resume_from_checkpoint=latest, "
         "start over with --overwrite_output_dir (deletes them), or choose another --output_dir.")
+
+
+def check_resume_step(path: str, max_train_steps: int) -> None:
+    """A checkpoint past --max_train_steps is refused: resuming it could only write a LoRA of its own step
+    under a model card of fewer."""
+    match = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(path)))
+    if match and int(match.group(1)) > max_train_steps:
+        raise ValueError(f"{os.path.basename(os.path.normpath(path))} is at step {match.group(1)}, past "
+                         f"--max_train_steps={max_train_steps}: give --max_train_steps above {match.group(1)} to "
+                         "train on, or resume an earlier checkpoint (its own LoRA is "
+                         f"{os.path.join(path, LORA_FILE)})")
 
 
 def clear_previous_run(output_dir: str) -> None:
@@ -293,11 +315,9 @@ def verify_checkpoint(path: str, record: dict) -> None:
         raise CheckpointError(f"{name} belongs to another run; it differs in\n  " + "\n  ".join(differing) +
                               "\nResume it with the flags it was trained with, or start a new run with "
                               "--overwrite_output_dir or another --output_dir.")
-    checksum_path = os.path.join(path, CHECKSUM_FILE)
-    if not os.path.isfile(checksum_path):
+    expected = read_checkpoint_json(path, CHECKSUM_FILE)
+    if expected is None:
         return  # written before checksums existed
-    with open(checksum_path, encoding="utf-8") as handle:
-        expected = json.load(handle)
     actual = file_digests(path)
     for relative, digest in expected.items():
         if relative not in actual:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import drpo_utils
+from pipelines.redact import public_text
 
 
 def result(default=dataclasses.MISSING):
@@ -233,6 +234,7 @@ def run_record(config: TrainingConfig, **facts) -> dict:
         values = getattr(config, part.name)
         for item in dataclasses.fields(values):
             if item.metadata["result"]:
-                record[item.name] = json_value(getattr(values, item.name))
+                value = json_value(getattr(values, item.name))
+                record[item.name] = public_text(value) if isinstance(value, str) else value  # no credential
     options = record.pop("options") or {}  # the method's own flags, under their flag names
     return {**dict(sorted({**record, **options}.items())), **facts}

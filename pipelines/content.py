@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 FULL_HASH_LIMIT = 256 * 2**20
 EDGE = 2**20  # bytes hashed at each end of a file over FULL_HASH_LIMIT
@@ -75,3 +76,15 @@ def source_key(name_or_path: str, revision: str | None = None, repo_type: str = 
     if os.path.exists(name_or_path):
         return {"files": path_key(name_or_path)}
     return {"hub": name_or_path, "commit": hub_commit(name_or_path, revision, repo_type)}
+
+
+def run_inputs(prompts: list[str] | None, reward_spec: str) -> dict[str, str]:
+    """What a run reads beyond its flags, by content: the prompts (whatever file or dataset revision they
+    came from) and every custom reward file of the spec; recorded in ``run.json``, so resuming after any
+    of them changed is refused like a changed flag."""
+    inputs = {"prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()} if prompts else {}
+    for part in re.split(r"[,|]", reward_spec):
+        location = part.strip().rsplit(":", 1)[0]
+        if location.endswith(".py") and os.path.isfile(location):
+            inputs[f"sha256 of {location}"] = sha256_file(location)
+    return inputs

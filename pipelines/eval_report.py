@@ -20,6 +20,7 @@ from pipelines.eval_cache import BASE, slug
 from pipelines.eval_sets import GENEVAL_TASKS, geneval_summary
 from pipelines.eval_stats import bootstrap_indices, mean_and_se, outcome_rates, paired_difference, win_rate
 from pipelines.images import labelled_grid
+from pipelines.redact import public_text
 
 PAPER_SCALE = {"clip": 100.0, "hpsv2": 100.0, "hpsv21": 100.0, "imagereward": 10.0}
 NAMES = {"pickscore": "PickScore", "clip": "CLIP", "aesthetic": "AES", "imagereward": "ImageReward", "hpsv2": "HPSv2",
@@ -163,7 +164,8 @@ def summarize_run(evaluation: EvalConfig, models, prompt_set, seeds, specs, scor
               "prompt_source": prompt_set.source,
               "num_prompts": len(prompt_set.prompts), "seeds": seeds, "resolution": evaluation.resolution,
               "mixed_precision": evaluation.mixed_precision, "bootstrap": evaluation.bootstrap, "seed": evaluation.seed,
-              "metric_specs": specs, "scale": {}, "metrics": {}, "win_rates": {}}
+              "metric_specs": {metric: public_text(spec) for metric, spec in specs.items()},
+              "scale": {}, "metrics": {}, "win_rates": {}}
     for metric, tables in scores.items():
         scale = scale_of(metric, specs[metric], evaluation.raw_scores)
         result["scale"][metric] = scale

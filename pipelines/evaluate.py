@@ -32,6 +32,7 @@ from pipelines.eval_cache import ImageCache, model_weights, parse_models, split_
 from pipelines.eval_report import render_markdown, summarize_run, write_reports
 from pipelines.eval_sets import GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_tag, load_prompt_set
 from pipelines.inference import generate_images, load_one_step_pipeline
+from pipelines.redact import public_text
 from pipelines.rewards import REWARDS, check_reward_spec, hub_resources, is_url, load_reward, score_candidates
 
 
@@ -100,7 +101,9 @@ def metric_label(item: str) -> tuple[str, str]:
     name, spec = split_label(item)
     if name:
         return name, spec
-    if spec in REWARDS or is_url(spec) or ":" not in spec:
+    if is_url(spec):
+        return public_text(spec), spec  # a label is written everywhere: never with a credential
+    if spec in REWARDS or ":" not in spec:
         return spec, spec
     return spec.rsplit(":", 1)[1], spec
 

@@ -8,23 +8,9 @@ import os
 import re
 
 from pipelines.config import HubConfig, TrainingConfig
+from pipelines.redact import public_text
 
 SECRET_NAME = re.compile(r"token|secret|password|api_?key", re.I)
-
-
-def redact_url(text: str) -> str:
-    """A URL without its credentials: the user:password part and secret-named query values masked."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-    parts = urlsplit(text)
-    netloc = parts.netloc.rsplit("@", 1)[-1] if "@" in parts.netloc else parts.netloc
-    query = urlencode([(k, "***" if SECRET_NAME.search(k) else v) for k, v in parse_qsl(parts.query)], safe="*")
-    return urlunsplit((parts.scheme, ("***@" if "@" in parts.netloc else "") + netloc, parts.path, query, ""))
-
-
-def public_spec(spec: str) -> str:
-    """A reward / metric spec (a name, a file, URLs, a mixture) with every URL's credentials masked."""
-    return ",".join(redact_url(part) if "://" in part else part for part in spec.split(","))
 
 
 def public_config(config: TrainingConfig) -> dict:
@@ -40,7 +26,7 @@ def public_config(config: TrainingConfig) -> dict:
                 leaf = ",".join(map(str, leaf)) if isinstance(leaf, (list, tuple)) else leaf
                 if SECRET_NAME.search(key) or not isinstance(leaf, (int, float, str, bool)):
                     continue
-                flat[key] = public_spec(leaf) if isinstance(leaf, str) and "://" in leaf else leaf
+                flat[key] = public_text(leaf) if isinstance(leaf, str) else leaf
     return flat
 
 

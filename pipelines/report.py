@@ -14,6 +14,7 @@ from pipelines.config import TrainingConfig
 from pipelines.images import labelled_grid, to_pil
 from pipelines.inference import load_lora
 from pipelines.lora_files import save_kohya_lora, save_lora
+from pipelines.redact import public_text
 from pipelines.scoring import describe_change, reward_table, summarize
 
 HISTORY_FILE = "reward_history.jsonl"
@@ -107,7 +108,7 @@ def card_setup(config: TrainingConfig) -> str:
     method = methods.registered()[setup.method]
     offline = f", offline on the preference pairs of `{config.data.preference_dataset}`" if config.data.offline else ""
     return (f"LoRA weights trained with method `{setup.method}` ({method.summary}){offline}, with the DrPO project "
-            f"(Drifting Preference Optimization, arXiv 2606.02521): reward `{hub.public_spec(config.reward.reward)}`, "
+            f"(Drifting Preference Optimization, arXiv 2606.02521): reward `{public_text(config.reward.reward)}`, "
             f"feature map `{setup.feature_extractor}`, K = {setup.num_candidates}, M = {setup.num_pairs}, drift preset "
             f"`{setup.drift_preset}`: lambda = {drift.ref_weight}, eta = {drift.velocity_scale}, radii "
             f"{','.join(map(str, drift.radii))}, kernel {drift.kernel}; {config.run.max_train_steps} steps at learning "
@@ -186,7 +187,7 @@ def finish_training(accelerator, config: TrainingConfig, pipe, history, prompts:
     plot_reward_curve(history, os.path.join(output_dir, "reward_curve.png"))
     metrics = final_check(config, fresh_pipeline().to(accelerator.device), reward_fn, prompts, seeds)
     widget = metrics.pop("widget")
-    spec = hub.public_spec(config.reward.reward)
+    spec = public_text(config.reward.reward)
     accelerator.print(f"held-out {spec}: base {metrics['base_mean']:.4f} -> LoRA {metrics['lora_mean']:.4f} "
                       f"({describe_change(metrics)})")
     effect = metrics["effect_size"]

@@ -14,6 +14,7 @@ from pipelines import files
 from pipelines.config import ValidationConfig
 from pipelines.images import labelled_grid
 from pipelines.inference import generate_images
+from pipelines.redact import public_text
 from pipelines.rewards import score_candidates
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ class Validation:
 
     def scores(self, images: torch.Tensor, suffix: str) -> dict[str, float]:
         per_image = [p for p in self.prompts for _ in self.seeds]
-        return {f"validation/{name}{suffix}": score_candidates(fn, images, per_image, name).reported.mean().item()
+        return {f"validation/{public_text(name)}{suffix}":  # a logged name: never with a URL's credential
+                score_candidates(fn, images, per_image, public_text(name)).reported.mean().item()
                 for name, fn in self.rewards.items()}
 
     def __call__(self, step: int) -> dict[str, float]:

@@ -96,7 +96,37 @@ def test_a_second_run_in_an_output_dir_is_refused_naming_what_differs(tmp_path, 
     recorded = checkpoints.read_run(str(tmp_path / "checkpoint-2"))
     resumed = resumed.resolved(run={"mixed_precision": "no"}, model={"resolution": 64})  # as main() resolves them
     assert checkpoints.record_differences(recorded, config.run_record(
-        resumed, prompt_encoding=recorded["prompt_encoding"], num_processes=1)) == []
+        resumed, prompt_encoding=recorded["prompt_encoding"], num_processes=1, inputs=recorded["inputs"])) == []
+
+
+def test_a_resume_after_the_prompts_changed_or_past_the_step_budget_is_refused(tmp_path, no_final_check):
+    """The record holds the prompts' content (and a custom reward file's), not their path; a checkpoint past
+    --max_train_steps is refused before any model loads."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a large red circle at the top\na small blue square on the left\n")
+    output = tmp_path / "out"
+    run_main(fast_args(output, "--max_train_steps=2", f"--prompts_file={prompts}"))
+    assert set(checkpoints.read_run(str(output / "checkpoint-2"))["inputs"]) == {"prompts_sha256"}
+    with pytest.raises(ValueError, match=r"checkpoint-2 is at step 2, past --max_train_steps=1: give --max_train_steps "
+                                         r"above 2 to train on"):
+        run_main(fast_args(output, "--max_train_steps=1", f"--prompts_file={prompts}",
+                           "--resume_from_checkpoint=latest"), load_pipeline=no_model_loading)
+    prompts.write_text("a large green circle at the top\na small blue square on the left\n")  # same path
+    with pytest.raises(checkpoints.CheckpointError, match=r"(?s)checkpoint-2 belongs to another run.*"
+                                                          r"inputs.prompts_sha256"):
+        run_main(fast_args(output, "--max_train_steps=3", f"--prompts_file={prompts}",
+                           "--resume_from_checkpoint=latest"))
+
+
+@pytest.mark.parametrize("damaged", [checkpoints.RUN_FILE, checkpoints.CHECKSUM_FILE])
+def test_a_damaged_run_or_checksum_record_names_the_checkpoint_and_the_file(tmp_path, no_final_check, damaged):
+    run_main(fast_args(tmp_path, "--max_train_steps=2"))
+    record = tmp_path / "checkpoint-2" / damaged
+    record.write_text(record.read_text()[:20])
+    with pytest.raises(checkpoints.CheckpointError, match=rf"checkpoint-2 is damaged: {damaged} is not valid JSON "
+                                                          r".*--resume_from_checkpoint=checkpoint-1"):
+        run_main(fast_args(tmp_path, "--max_train_steps=3", "--resume_from_checkpoint=latest"))
+    record.unlink()  # the suite's strict-JSON check reads every .json a test leaves
 
 
 # ---------------------------------------------------------------------------------------------

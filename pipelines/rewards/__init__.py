@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 from pipelines.rewards import geneval, models, rules
 from pipelines.rewards.mixture import MixtureReward
 from pipelines.rewards.protocol import RewardError, RewardFn, RewardScores, score_candidates
-from pipelines.rewards.remote import RemoteReward, ShardedRemoteReward
+from pipelines.rewards.remote import RemoteReward, ShardedRemoteReward, probe_server
 
 __all__ = ["REWARDS", "RewardEntry", "RewardError", "RewardFn", "RewardScores", "check_reward_spec", "load_reward",
            "reward_help", "score_candidates"]
@@ -158,7 +158,11 @@ def check_reward_spec(spec: str, weights: Sequence[float] | None, flag: str = "-
     if weights is not None and len(weights) != len(parts):
         raise ValueError(f"--reward_weights has {len(weights)} values for {len(parts)} rewards in {spec!r}")
     for part in parts:
-        if part in REWARDS or is_url(part):
+        if is_url(part):
+            for url in part.split("|"):
+                probe_server(url.strip())
+            continue
+        if part in REWARDS:
             continue
         location, colon, function = part.rpartition(":")
         if colon and (not location.strip() or not function.strip()):

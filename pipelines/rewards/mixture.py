@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pipelines.redact import public_text
 from pipelines.rewards.protocol import RewardScores, score_candidates
 
 
@@ -41,7 +42,7 @@ class MixtureReward:
         components = {}
         for (name, reward), weight in zip(self.components.items(), self.weights):
             scores = score_candidates(reward, images, prompts, name).reported
-            components[name] = scores
+            components[public_text(name)] = scores  # logged as reward/<name>
             ranking += weight * standardise_per_prompt(scores, prompts)
             reported += weight * scores
         return RewardScores(ranking=ranking, reported=reported, components=components)

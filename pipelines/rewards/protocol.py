@@ -32,6 +32,8 @@ from typing import Callable
 
 import torch
 
+from pipelines.redact import public_text
+
 RewardFn = Callable[[torch.Tensor, list[str]], object]
 
 
@@ -50,6 +52,7 @@ class RewardScores:
 
 def as_scores(raw, count: int, name: str) -> torch.Tensor:
     """``raw`` as ``count`` finite float64 scores, or a ``RewardError`` naming the reward."""
+    name = public_text(name)
     try:
         scores = torch.as_tensor(raw, dtype=torch.float64).flatten()
     except (TypeError, ValueError, RuntimeError) as error:
@@ -85,6 +88,7 @@ def differentiable_scores(reward_fn: RewardFn, images: torch.Tensor, prompts: li
     """N scores with a gradient to ``images`` (the reward-gradient methods), or a ``RewardError``."""
     if not images.requires_grad:
         raise ValueError("differentiable_scores needs images that require grad")
+    name = public_text(name)
     components = getattr(reward_fn, "components", None)  # a mixture: its weighted sum of raw scores
     if components is not None:
         return sum(weight * differentiable_scores(reward, images, prompts, part)

@@ -20,6 +20,7 @@ import urllib.parse
 
 import torch
 
+from pipelines.redact import public_text
 from pipelines.rewards.protocol import RewardError
 
 logger = logging.getLogger(__name__)
@@ -87,23 +88,29 @@ class RemoteReward:
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, retries: int = 2,
                  backoff: float = 1.0):
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+        self.name = public_text(url)  # what messages and logs say: the URL without its credentials
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         parts = urllib.parse.urlsplit(url)
         self.connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        self.host, self.path = parts.netloc, parts.path or "/"
+        self.host, self.path = parts.netloc.rsplit("@", 1)[-1], parts.path or "/"
+        if parts.query:
+            self.path += f"?{parts.query}"
+        # user:password@ in the URL: HTTP basic authentication, unless a bearer token is given
+        self.basic = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode() \
+            if parts.username else None
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
         body = json.dumps({"prompts": list(prompts), "images": [encode_png(image) for image in images]}).encode()
         headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        if self.token or self.basic:
+            headers["Authorization"] = f"Bearer {self.token}" if self.token else f"Basic {self.basic}"
         attempt = 0
         while True:
             try:
                 status, data = self.post(body, headers)
             except (OSError, http.client.HTTPException) as error:  # refused, reset, deadline passed, truncated
                 if attempt == self.retries:
-                    raise RewardError(f"reward server {self.url} unreachable or too slow after {attempt + 1} "
+                    raise RewardError(f"reward server {self.name} unreachable or too slow after {attempt + 1} "
                                       f"attempts (deadline {self.timeout:g} s per request, --reward_timeout): "
                                       f"{type(error).__name__}: {error}") from error
                 reason = f"{type(error).__name__}: {error}"
@@ -113,7 +120,7 @@ class RemoteReward:
                 reason = f"HTTP {status}"
             delay = self.backoff * 2**attempt
             attempt += 1
-            logger.warning("reward server %s: %s; retry %d of %d in %g s", self.url, reason, attempt, self.retries,
+            logger.warning("reward server %s: %s; retry %d of %d in %g s", self.name, reason, attempt, self.retries,
                            delay)
             time.sleep(delay)
 
@@ -144,15 +151,16 @@ class RemoteReward:
     def scores_of(self, status: int, data: bytes) -> list[float]:
         """The scores of a complete answer, or a ``RewardError`` naming the URL."""
         if status != 200:
-            raise RewardError(f"reward server {self.url} answered HTTP {status}: {data[:500].decode(errors='replace')}")
+            answer = data[:500].decode(errors="replace")
+            raise RewardError(f"reward server {self.name} answered HTTP {status}: {answer}")
         try:
             answer = json.loads(data)
         except json.JSONDecodeError as error:
-            raise RewardError(f"reward server {self.url} did not answer JSON: {error}") from error
+            raise RewardError(f"reward server {self.name} did not answer JSON: {error}") from error
         scores = answer.get("scores") if isinstance(answer, dict) else None
         if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool)
                                                    for s in scores):
-            raise RewardError(f"reward server {self.url} did not return a list of numbers: {str(answer)[:200]}")
+            raise RewardError(f"reward server {self.name} did not return a list of numbers: {str(answer)[:200]}")
         return scores
 
 
@@ -164,6 +172,35 @@ def abort(connection: http.client.HTTPConnection) -> None:
         except OSError:
             pass  # already closed by the other side
     connection.close()
+
+
+NOT_A_DRPO_SERVER = (404, 405, 501)  # a service of its own with /score only: nothing to probe
+
+
+def probe_server(url: str, token: str | None = None, timeout: float = 10.0) -> None:
+    """GET the /health beside ``url``'s /score (the trainer does it at start-up, before any model loads): a
+    server that is down, refuses the token or fails stops the run with a ``ValueError`` naming it; a
+    service without /health (not this project's server) is logged and left to the first request."""
+    parts, name = urllib.parse.urlsplit(url), public_text(url)
+    token = token if token is not None else os.environ.get(TOKEN_ENV)
+    path = parts.path.rsplit("/", 1)[0] + "/health" + (f"?{parts.query}" if parts.query else "")
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.netloc.rsplit("@", 1)[-1], timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        response = connection.getresponse()
+        status, body = response.status, response.read(500).decode(errors="replace")
+    except (OSError, http.client.HTTPException) as error:
+        raise ValueError(f"reward server {name} is not reachable ({type(error).__name__}: {error}); start it "
+                         "first (python -m pipelines.rewards.server) or fix the URL") from error
+    finally:
+        connection.close()
+    if status == 401:
+        raise ValueError(f"reward server {name} refused the token: set ${TOKEN_ENV} to the server's --token")
+    if status in NOT_A_DRPO_SERVER:
+        logger.warning("reward server %s has no /health (HTTP %d): not checked before training", name, status)
+    elif status != 200:
+        raise ValueError(f"reward server {name} is not healthy: HTTP {status}: {body}")
 
 
 class ShardedRemoteReward:
