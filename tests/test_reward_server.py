@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -108,9 +107,7 @@ def test_vanishing_clients_leave_the_server_answering(server):
         client = raw_socket(port)
         client.sendall(head + (body[:len(body) // 2] if index % 2 else body))
         client.close()
-    start = time.perf_counter()
-    assert request(port, "POST", "/score", score_body())[0] == 200
-    assert time.perf_counter() - start < 5
+    assert request(port, "POST", "/score", score_body(), timeout=5)[0] == 200  # answered within 5 s
 
 
 def test_a_dripping_client_is_cut_off_at_the_deadline_while_others_are_served(server):
@@ -119,20 +116,20 @@ def test_a_dripping_client_is_cut_off_at_the_deadline_while_others_are_served(se
     client = raw_socket(port)
     client.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\nContent-Length: %d\r\n\r\n"
                    % len(body))
-    start, served = time.perf_counter(), []
+    served = []
     answer = b""
     client.settimeout(0.2)
     for byte in body:  # one byte every 0.2 s: the whole body would take 20x the 2 s deadline
         with contextlib.suppress(OSError):  # the server may have closed its side already
             client.sendall(bytes([byte]))
         with contextlib.suppress(socket.timeout):
-            answer += client.recv(200)
+            answer += client.recv(1000)
         if answer:
             break
         if not served:  # another client, meanwhile
             served.append(request(port, "POST", "/score", score_body())[0])
     client.close()
-    assert answer.startswith(b"HTTP/1.1 408") and time.perf_counter() - start < 4, (answer, time.perf_counter() - start)
+    assert answer.startswith(b"HTTP/1.1 408") and b"within 2 s" in answer, answer
     assert served == [200]
 
 
@@ -192,3 +189,34 @@ def test_a_key_in_a_reward_or_metric_url_is_written_nowhere(server, tmp_path, ca
     assert "api_key=***" in (tmp_path / "run" / "README.md").read_text()
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["metric_specs"].values()) == {f"http://***@127.0.0.1:{port}/score?api_key=***&model=v1"}
+
+
+def test_ray_serve_replicas_score_like_the_local_reward_and_batch_requests_from_several_clients(tmp_path):
+    """Two CPU replicas on a local Ray instance: the scores are the local reward's (of the 8-bit PNGs), and
+    requests sent together are scored in shared reward calls (the replicas' batch log)."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is the optional ray[serve] install (requirements.txt has it)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "batches.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.rewards.ray_serve", f"--reward={REWARDS}:brightness",
+                                "--num_replicas=2", f"--port={port}", "--batch_wait_s=1", f"--batch_log={log}"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "DRPO_REWARD_TOKEN": ""})
+    try:
+        assert "2 Ray Serve replica(s)" in process.stdout.readline()  # printed once the application is ready
+        probe_server(f"http://127.0.0.1:{port}/score", token="")
+        images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        client = RemoteReward(f"http://127.0.0.1:{port}/score", token="")
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: client(images, ["p"] * 3), range(8)))
+        local = ((images * 255).round() / 255).mean((1, 2, 3)).double()
+        for answer in answers:
+            torch.testing.assert_close(torch.tensor(answer, dtype=torch.float64), local, rtol=1e-5, atol=1e-6)
+        batches = [json.loads(line) for line in log.read_text().splitlines()]
+        assert sum(batch["requests"] for batch in batches) == 8 and max(batch["requests"] for batch in batches) >= 2
+        assert all(batch["images"] == 3 * batch["requests"] for batch in batches)
+    finally:
+        process.terminate()
+        process.wait(60)
+        process.stdout.close()

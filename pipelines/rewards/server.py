@@ -266,8 +266,8 @@ def build_server(reward: str, host: str = "127.0.0.1", port: int = 8000, token: 
     return RewardServer(build_app(reward_fns, reward, token, caps), host, port, caps)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = flags.Parser(description=__doc__.splitlines()[0])
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = flags.Parser(description=__doc__.splitlines()[0], add_help=add_help)
     parser.add_argument("--reward", required=True, help="Any --reward of train_drpo.py (name, file.py:fn, module:fn).")
     parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (default: loopback only).")
     parser.add_argument("--port", type=flags.port, default=8000)
