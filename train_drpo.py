@@ -178,7 +178,8 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     record = config.run_record(settings, prompt_encoding=f"{encode_prompts.__module__}.{encode_prompts.__name__}",
                                num_processes=accelerator.num_processes,
                                inputs=content.run_inputs(prompts, settings.reward.reward))
-    with checkpoints.claimed_output_dir(accelerator, settings.run, record):  # writable, not another run's, locked
+    # writable, not another run's, locked; a write that fails for space or permission names the intact checkpoint
+    with checkpoints.claimed_output_dir(accelerator, settings.run, record), checkpoints.writing_outputs(settings.run):
         train(accelerator, settings, record, prompts, memory.own_resolution(unet_config, vae_config), encode_prompts,
               load_pipeline)
     accelerator.end_training()

@@ -249,29 +249,57 @@ def file_digests(folder: str) -> dict[str, str]:
     return digests
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """ENOSPC anywhere in the exception chain, or torch's zip writer failing mid-file."""
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EACCES: "permission denied", errno.EPERM: "the operation is not permitted",
+                errno.EROFS: "the file system is read-only"}
+
+
+def write_failure(error: BaseException) -> tuple[str, str | None] | None:
+    """(cause, file) of a failed write anywhere in the exception chain, or None if it was no write failure."""
     while error is not None:
-        if getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error) \
-                or "No space left" in str(error):
-            return True
+        code = getattr(error, "errno", None)
+        if code in WRITE_ERRNOS:
+            return WRITE_ERRNOS[code], getattr(error, "filename", None)
+        if "unexpected pos" in str(error) or "No space left" in str(error):  # torch's zip writer, safetensors
+            return "the disk is full", None
         error = error.__cause__ or error.__context__
-    return False
+    return None
+
+
+def intact_checkpoint_note(run: RunConfig) -> str:
+    intact = previous_checkpoint(run.output_dir)
+    return (f"{os.path.join(run.output_dir, intact)} is intact: fix the folder, then resume with "
+            "--resume_from_checkpoint=latest") if intact else "no checkpoint was written before it"
 
 
 @contextlib.contextmanager
 def writing_checkpoint(run: RunConfig, global_step: int, staging: str):
-    """A failed write (a full disk, say) removes the partial checkpoint and says which one is intact."""
+    """Any failure while writing a checkpoint (a full disk, a folder made read-only, a library's own write
+    error) removes the partial checkpoint and names the file, the cause and the intact checkpoint."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own type; all end the same way
         shutil.rmtree(staging, ignore_errors=True)
-        intact = previous_checkpoint(run.output_dir)
-        kept = f"{intact} is intact" if intact else "no earlier checkpoint exists"
-        cause = "the disk is full" if is_disk_full(error) else f"{type(error).__name__}: {error}"
-        raise CheckpointError(f"could not write checkpoint-{global_step} in {run.output_dir}: {cause}. The partial "
-                              f"checkpoint was removed and {kept}; free space, then resume with "
-                              "--resume_from_checkpoint=latest") from error
+        cause, path = write_failure(error) or (f"{type(error).__name__}: {error}", None)
+        raise CheckpointError(f"could not write checkpoint-{global_step}{f' ({path})' if path else ''}: {cause}. "
+                              f"The partial checkpoint was removed; {intact_checkpoint_note(run)}") from error
+
+
+@contextlib.contextmanager
+def writing_outputs(run: RunConfig):
+    """Around the whole run: a write that fails for lack of space or permission (the history, a validation
+    grid, the final LoRA) ends in one message naming the file, the cause and the intact checkpoint."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as error:
+        failure = write_failure(error)
+        if failure is None:
+            raise
+        cause, path = failure
+        raise CheckpointError(f"could not write {path or f'into {run.output_dir}'}: {cause}; "
+                              f"{intact_checkpoint_note(run)}") from error
 
 
 def save_checkpoint(accelerator, run: RunConfig, global_step: int, record: dict) -> None:

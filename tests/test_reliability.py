@@ -303,12 +303,53 @@ def test_a_full_disk_while_checkpointing_names_it_keeps_the_previous_and_leaves_
             errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Accelerator, "save_state", disk_fills_at_step_2)
-    with pytest.raises(checkpoints.CheckpointError, match=r"could not write checkpoint-2 in .*: the disk is full\. "
-                                                          r"The partial checkpoint was removed and checkpoint-1 is "
-                                                          r"intact"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"could not write checkpoint-2: the disk is full\. The "
+                                                          r"partial checkpoint was removed; .*checkpoint-1 is intact"):
         run_main(fast_args(tmp_path, "--max_train_steps=2"))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
     checkpoints.verify_checkpoint(str(tmp_path / "checkpoint-1"), checkpoints.read_run(str(tmp_path / "checkpoint-1")))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 64 MB tmpfs (skipped, with the reason, where mounting is refused)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_a_real_write_fault_after_a_checkpoint_names_the_file_and_the_intact_checkpoint(small_filesystem, monkeypatch,
+                                                                                        no_final_check, fault):
+    """After checkpoint-1, the filesystem really fills up (a file takes all but 64 kB) or the run's folder
+    becomes read-only (bound read-only over itself; chmod does not stop root): the run ends naming the cause,
+    the file and checkpoint-1, which is whole; no staging is left."""
+    output = small_filesystem / "run"
+    prune = checkpoints.prune_checkpoints
+
+    def fault_after_the_first_checkpoint(output_dir, limit):
+        prune(output_dir, limit)
+        if fault == "read-only" and not os.path.ismount(output):  # the run's folder, bound read-only over itself
+            subprocess.run(["mount", "--bind", str(output), str(output)], check=True)
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(output)], check=True)
+        elif fault == "disk full" and not (small_filesystem / "filler").exists():
+            free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
+            (small_filesystem / "filler").write_bytes(b"\0" * (free - 64 * 1024))
+
+    monkeypatch.setattr(checkpoints, "prune_checkpoints", fault_after_the_first_checkpoint)
+    cause = {"disk full": "the disk is full", "read-only": "the file system is read-only"}[fault]
+    with pytest.raises(checkpoints.CheckpointError, match=rf"could not write .*: {cause}.*checkpoint-1 is intact"):
+        run_main(fast_args(output, "--max_train_steps=3"))
+    if fault == "read-only":
+        subprocess.run(["umount", str(output)], check=True)
+    leftovers = [p.name for p in output.iterdir() if p.name.endswith((".tmp", checkpoints.STAGING))]
+    assert leftovers == [] and (output / "checkpoint-1").is_dir()
+    checkpoints.verify_checkpoint(str(output / "checkpoint-1"), checkpoints.read_run(str(output / "checkpoint-1")))
 
 
 def test_an_output_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -379,8 +420,10 @@ def test_a_damaged_checkpoint_without_checksums_is_named_at_resume(two_checkpoin
 
 def test_a_failed_write_is_reported_as_a_full_disk_only_when_it_is_one():
     torch_zip = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 931")
-    assert checkpoints.is_disk_full(torch_zip) and checkpoints.is_disk_full(OSError(errno.ENOSPC, "full"))
-    assert not checkpoints.is_disk_full(PermissionError(errno.EACCES, "denied"))
+    assert checkpoints.write_failure(torch_zip) == ("the disk is full", None)
+    assert checkpoints.write_failure(OSError(errno.ENOSPC, "full", "/out/f")) == ("the disk is full", "/out/f")
+    assert checkpoints.write_failure(PermissionError(errno.EACCES, "denied", "/out")) == ("permission denied", "/out")
+    assert checkpoints.write_failure(ValueError("a bug, not a write")) is None
 
 
 # ---------------------------------------------------------------------------------------------

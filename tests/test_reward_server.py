@@ -165,10 +165,11 @@ def test_the_trainer_checks_the_server_before_loading_anything(server, monkeypat
 def test_a_key_in_a_reward_or_metric_url_is_written_nowhere(server, tmp_path, capfd, monkeypatch):
     """A key planted in the reward URL, a validation-reward URL and two metric URLs (named and not) is in no
     file a run or an evaluation writes (the files --push_to_hub uploads among them: the output folder), in
-    no tracker event and on neither console stream; the masked URL is there instead."""
+    no tracker event and on neither console stream; the masked URL is there instead. Every file has the
+    usual permissions."""
     from test_train import TINY_SD, train, training_args
 
-    from pipelines import evaluate
+    from pipelines import evaluate, files
 
     port, _ = server
     monkeypatch.setenv("DRPO_REWARD_TOKEN", "s3cret")
@@ -186,6 +187,8 @@ def test_a_key_in_a_reward_or_metric_url_is_written_nowhere(server, tmp_path, ca
         data = path.read_bytes()
         assert b"planted" not in data, path.relative_to(tmp_path)
     assert "planted" not in console.out and "planted" not in console.err
+    modes = {path.relative_to(tmp_path).as_posix(): oct(path.stat().st_mode & 0o777) for path in written}
+    assert set(modes.values()) == {oct(files.FILE_MODE)}, modes  # the usual permissions, LoRA files included
     assert "api_key=***" in (tmp_path / "run" / "README.md").read_text()
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["metric_specs"].values()) == {f"http://***@127.0.0.1:{port}/score?api_key=***&model=v1"}
