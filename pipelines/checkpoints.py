@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ from pipelines import files
 from pipelines.config import RunConfig
 from pipelines.lora_files import LORA_FILE, load_lora_into_adapter, save_lora
 
-RUN_FILE, CHECKSUM_FILE, LOCK_FILE = "run.json", "checksums.json", ".drpo.lock"
+RUN_FILE, CHECKSUM_FILE, LOCK_FILE, HOLDER_FILE = "run.json", "checksums.json", ".drpo.lock", ".drpo.lock.pid"
 STAGING, DELETING = ".tmp", ".deleting"  # suffixes of a checkpoint being written / being removed
 
 
@@ -165,27 +164,24 @@ def clear_previous_run(output_dir: str) -> None:
 
 class OutputLock:
     """An exclusive lock on the output folder for the run's lifetime (released when the process ends,
-    however it ends), so two runs never write one folder."""
+    however it ends), so two runs never write one folder: ``filelock`` (flock on POSIX, msvcrt on Windows);
+    the holder's process id is written beside it for the refusal message."""
 
     def __init__(self, output_dir: str):
-        self.path = os.path.join(output_dir, LOCK_FILE)
-        self.handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open on purpose
+        from filelock import FileLock, Timeout
+
+        self.lock, holder_file = FileLock(os.path.join(output_dir, LOCK_FILE)), os.path.join(output_dir, HOLDER_FILE)
         try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "unknown"
-            self.handle.close()
-            raise ValueError(f"--output_dir {output_dir!r} is being written by another run (process {holder}); "
-                             "wait for it to finish, or choose another --output_dir") from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            holder = open(holder_file, encoding="utf-8").read().strip() if os.path.isfile(holder_file) else ""
+            raise ValueError(f"--output_dir {output_dir!r} is being written by another run (process "
+                             f"{holder or 'unknown'}); wait for it to finish, or choose another --output_dir") from None
+        with open(holder_file, "w", encoding="utf-8") as handle:
+            handle.write(str(os.getpid()))
 
     def release(self) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
+        self.lock.release()
 
 
 @contextlib.contextmanager

@@ -311,6 +311,8 @@ def check_args(args, given: set[str] = frozenset()) -> None:
         runtime.eight_bit_adamw()  # bitsandbytes present and usable, or a message now
     if args.push_to_hub and hub.hub_token(from_namespace(config.HubConfig, args)) is None:
         raise ValueError("--push_to_hub needs Hub credentials: run `hf auth login`, set HF_TOKEN, or pass --hub_token")
+    for spec in [args.reward, *(args.validation_rewards or [])]:
+        rewards.probe_servers(spec)  # last: the only check that waits on the network
 
 
 

@@ -33,7 +33,8 @@ from pipelines.eval_report import render_markdown, summarize_run, write_reports
 from pipelines.eval_sets import GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_tag, load_prompt_set
 from pipelines.inference import generate_images, load_one_step_pipeline
 from pipelines.redact import public_text
-from pipelines.rewards import REWARDS, check_reward_spec, hub_resources, is_url, load_reward, score_candidates
+from pipelines.rewards import (REWARDS, check_reward_spec, hub_resources, is_url, load_reward, probe_servers,
+                               score_candidates)
 
 
 
@@ -350,6 +351,7 @@ def check_config(evaluation: EvalConfig) -> None:
     for item in evaluation.metrics.split(","):
         if item.strip() and item.strip() != "none":
             check_reward_spec(metric_label(item.strip())[1], None, flag="--metrics")
+            probe_servers(metric_label(item.strip())[1])
     for model in parse_models(evaluation.lora, evaluation.unet)[1:]:
         if missing_local_path(model.path):
             offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -95,15 +95,12 @@ class SavedActivationPeak:
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory of the training device (GPU: free CUDA memory; CPU: MemAvailable), if known."""
+    """Free memory of the training device (GPU: free CUDA memory; CPU: available memory, via psutil)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as handle:
-            fields = dict(line.split(":", 1) for line in handle)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
+    import psutil  # any OS (installed with accelerate)
+
+    return psutil.virtual_memory().available
 
 
 def check_step_memory(per_candidate_bytes: int, together: int, device, resolution: int, model_resolution: int,

@@ -285,3 +285,29 @@ def test_the_clock_rule_sees_timed_assertions():
     # a benchmark's timing result: ordered against a threshold is flagged, positivity is not
     assert clock_assertions("serial = result['per_micro_step']['serial']\nhidden = (serial - 1) / 2\n"
                             "assert hidden > 0.4\nassert result['drpo_seconds'] > 0\n") == [3]
+
+
+POSIX_ONLY = {"fcntl", "termios", "tty", "pty", "pwd", "grp", "resource", "posix", "crypt", "syslog"}
+
+
+def top_level_imports(source: str) -> set[str]:
+    """Modules a file imports when it is imported (module level, not inside a function or class)."""
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_module_imports_a_posix_only_module_at_import_time():
+    """Importable on Windows and macOS: the output lock is filelock, free memory is psutil, the parent-death
+    signal is armed only on Linux (inside a function)."""
+    offenders = {}
+    for name, path in project_modules().items():
+        with open(path, encoding="utf-8") as handle:
+            if found := top_level_imports(handle.read()) & POSIX_ONLY:
+                offenders[name] = sorted(found)
+    assert offenders == {}
+    assert top_level_imports("import fcntl\ndef f():\n    import termios\n") == {"fcntl"}  # the rule sees them

@@ -210,8 +210,8 @@ def test_killing_the_launcher_ends_the_worker_and_the_lock_refuses_a_second_writ
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / "worker.log", "w"), start_new_session=True)  # noqa: SIM115 - the child holds it
     try:
-        lock = output / checkpoints.LOCK_FILE
-        worker = int(wait_for(lambda: lock.is_file() and lock.read_text().strip(), 120, "the worker's lock"))
+        holder = output / checkpoints.HOLDER_FILE  # written once the lock is held
+        worker = int(wait_for(lambda: holder.is_file() and holder.read_text().strip(), 120, "the worker's lock"))
         assert worker != launcher.pid
         with pytest.raises(ValueError, match=f"is being written by another run \\(process {worker}\\)"):
             run_main(fast_args(output, "--resume_from_checkpoint=latest"), load_pipeline=no_model_loading)

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT
 from test_reliability import blank_png, peak_resident_bytes
 
-from pipelines.rewards import RewardError, check_reward_spec
+from pipelines.rewards import RewardError, probe_servers
 from pipelines.rewards.remote import RemoteReward, probe_server
 
 REWARDS = os.path.join(os.path.dirname(__file__), "data", "rewards.py")
@@ -143,19 +143,23 @@ def test_sixty_four_concurrent_clients_are_all_scored(server):
     print(f"server peak after 64 concurrent clients: {peak_resident_bytes(pid) / 2**20:.0f} MB")
 
 
-def test_the_trainer_checks_the_server_before_loading_anything(server, monkeypatch):
+def test_the_trainer_checks_the_server_before_loading_anything(server, monkeypatch, tmp_path):
+    """The flags' check (parse_args, before any model loads) probes each reward URL's /health."""
+    import train_drpo
+    from test_train_inputs import args_for
+
     port, _ = server
     monkeypatch.setenv("DRPO_REWARD_TOKEN", "wrong")
     with pytest.raises(ValueError, match="refused the token"):
-        check_reward_spec(f"http://127.0.0.1:{port}/score", None)
+        train_drpo.parse_args(args_for(tmp_path, f"--reward=http://127.0.0.1:{port}/score"))
     monkeypatch.setenv("DRPO_REWARD_TOKEN", "s3cret")
-    check_reward_spec(f"http://127.0.0.1:{port}/score", None)
+    train_drpo.parse_args(args_for(tmp_path, f"--reward=http://127.0.0.1:{port}/score"))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
     with pytest.raises(ValueError, match=f"reward server http://127.0.0.1:{free}/score\\?api_key=\\*\\*\\* is not "
                                          "reachable"):
-        check_reward_spec(f"http://127.0.0.1:{free}/score?api_key=planted-key", None)
+        probe_servers(f"http://127.0.0.1:{free}/score?api_key=planted-key")
     with pytest.raises(RewardError, match="HTTP 401") as caught:
         RemoteReward(f"http://127.0.0.1:{port}/score?api_key=planted-key", token="wrong", retries=0)(
             torch.rand(1, 3, 8, 8), ["p"])

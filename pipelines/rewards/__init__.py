@@ -158,11 +158,7 @@ def check_reward_spec(spec: str, weights: Sequence[float] | None, flag: str = "-
     if weights is not None and len(weights) != len(parts):
         raise ValueError(f"--reward_weights has {len(weights)} values for {len(parts)} rewards in {spec!r}")
     for part in parts:
-        if is_url(part):
-            for url in part.split("|"):
-                probe_server(url.strip())
-            continue
-        if part in REWARDS:
+        if part in REWARDS or is_url(part):  # servers are probed by ``probe_servers``, after the cheap checks
             continue
         location, colon, function = part.rpartition(":")
         if colon and (not location.strip() or not function.strip()):
@@ -172,3 +168,12 @@ def check_reward_spec(spec: str, weights: Sequence[float] | None, flag: str = "-
             load_reward(part)  # custom functions: the file / module must exist; unknown names list the choices
         except (ImportError, OSError, ValueError) as error:
             raise ValueError(f"{flag} {part!r}: {error}") from error
+
+
+def probe_servers(spec: str) -> None:
+    """GET the /health of every server a spec names (start-up, after every check that needs no network):
+    a server that is down or refuses the token stops the run before any model loads."""
+    for part in mixture_parts(spec):
+        if is_url(part):
+            for url in part.split("|"):
+                probe_server(url.strip())
