@@ -202,6 +202,8 @@ def load_models(accelerator, settings: config.TrainingConfig, encode_prompts, lo
         store = offline.load_store(settings, space, pipe, feature_map, encode_prompts, accelerator)
         method, captions = offline.offline_form(method, store), store.captions
     lora_files.add_lora(pipe.unet, settings.adapter)
+    if settings.adapter.init_lora:
+        lora_files.init_from_lora(pipe.unet, settings.adapter, type(pipe))
     feature_map.bind(pipe)  # teacher_unet reads the generator's own UNet (LoRA disabled)
     if accelerator.mixed_precision != "no":
         from diffusers.training_utils import cast_training_params

@@ -12,7 +12,8 @@ import os
 import torch
 
 import drpo_utils
-from pipelines import checkpoints, config, features, flags, hub, lora_files, methods, preference_data, rewards, runtime
+from pipelines import (checkpoints, config, downloads, features, flags, hub, lora_files, methods, preference_data,
+                       rewards, runtime)
 
 
 # Each drift flag overrides one field of the --drift_preset's DriftConfig (None: keep the preset's value).
@@ -93,6 +94,10 @@ def add_model_flags(parser) -> None:
     model.add_argument("--lora_dropout", type=flags.fraction, default=0.0, help="Dropout of the LoRA layers.")
     model.add_argument("--lora_target_modules", default=lora_files.LORA_TARGET_MODULES,
                        help="Comma-separated module names that get LoRA.")
+    model.add_argument("--init_lora", default=None,
+                       help="Start this new run from an existing LoRA (a folder, a .safetensors file or a Hub id): "
+                            "its weights initialise the adapter; its rank and alpha must be --rank / --lora_alpha. "
+                            "Not a resume: optimiser, schedule and step start afresh.")
 
 
 
@@ -258,6 +263,18 @@ def idle_flag_rules(args) -> list[tuple[list[str], bool, str]]:
     return rules
 
 
+def check_start_paths(args) -> None:
+    """What the run starts from exists: the checkpoint to resume, the LoRA to start from (a local path, or
+    any name when the Hub is offline)."""
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = checkpoints.resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: {path} does not exist")
+    if args.init_lora and not os.path.exists(args.init_lora) and (
+            downloads.offline() or args.init_lora.endswith(".safetensors") or args.init_lora.startswith((".", "/"))):
+        raise FileNotFoundError(f"--init_lora {args.init_lora!r}: no such file or folder")
+
+
 def check_args(args, given: set[str] = frozenset()) -> None:
     """Fail on bad input before any model is loaded. ``given``: the flags on the command line (a flag
     that does nothing in this run is refused; flags left at their defaults are never refused)."""
@@ -298,10 +315,7 @@ def check_args(args, given: set[str] = frozenset()) -> None:
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         raise ValueError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would resume from; "
                          "give only one of them")
-    if args.resume_from_checkpoint not in (None, "latest"):
-        path = checkpoints.resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: {path} does not exist")
+    check_start_paths(args)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed_precision fp16 needs a GPU; on the CPU use --mixed_precision bf16 or no")
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
@@ -309,6 +323,9 @@ def check_args(args, given: set[str] = frozenset()) -> None:
                          "log in with `hf auth login` or set HF_TOKEN instead")
     if args.use_8bit_adam:
         runtime.eight_bit_adamw()  # bitsandbytes present and usable, or a message now
+    if args.push_to_hub and downloads.offline():
+        raise ValueError("--push_to_hub uploads to the Hub, but HF_HUB_OFFLINE is set: unset it, or push the "
+                         "output folder later with `hf upload`")
     if args.push_to_hub and hub.hub_token(from_namespace(config.HubConfig, args)) is None:
         raise ValueError("--push_to_hub needs Hub credentials: run `hf auth login`, set HF_TOKEN, or pass --hub_token")
     for spec in [args.reward, *(args.validation_rewards or [])]:

@@ -38,6 +38,7 @@ class AdapterConfig:
     lora_alpha: int = result(16)  # resolved: --lora_alpha, else --rank
     lora_dropout: float = result(0.0)
     lora_target_modules: tuple[str, ...] = result(("to_q", "to_k", "to_v", "to_out.0"))
+    init_lora: str | None = result(None)  # a new run started from this LoRA's weights
 
 
 @dataclass(frozen=True)

@@ -68,18 +68,26 @@ def hub_base_model(name_or_path: str) -> str | None:
     return f"{match.group(1)}/{match.group(2)}" if match else None
 
 
-# The base models' own card metadata, for runs without Hub access.
-KNOWN_LICENCES = dict.fromkeys(["stabilityai/sd-turbo", "stabilityai/sdxl-turbo"], ("other", "sai-nc-community"))
+# The base models' own card metadata (license, license_name, license_link), for runs without Hub access.
+KNOWN_LICENCES = {repo: ("other", "sai-nc-community", f"https://huggingface.co/{repo}/blob/main/LICENSE.md")
+                  for repo in ("stabilityai/sd-turbo", "stabilityai/sdxl-turbo")}
 
 
-def base_model_licence(base_model: str | None) -> tuple[str, str | None]:
-    """(license, license_name) of the base model's Hub card, else of KNOWN_LICENCES, else ("other", None)."""
+def base_model_licence(base_model: str | None) -> tuple[str, str | None, str | None]:
+    """(license, license_name, license_link) of the base model's Hub card, else of KNOWN_LICENCES, else
+    ("other", None, None)."""
     try:  # a local model (None) fails here too
         from huggingface_hub import ModelCard
 
         data = ModelCard.load(base_model).data
         if data.license:
-            return data.license, data.get("license_name")
+            return data.license, data.get("license_name"), data.get("license_link")
     except Exception:  # noqa: BLE001 - offline, private or missing card: the table below, then "other"
         pass
-    return KNOWN_LICENCES.get(base_model, ("other", None))
+    return KNOWN_LICENCES.get(base_model, ("other", None, None))
+
+
+def family_tags(pipeline_cls) -> list[str]:
+    """diffusers' tags of the model family, as its training examples write them."""
+    family = "stable-diffusion-xl" if "XL" in pipeline_cls.__name__ else "stable-diffusion"
+    return [family, f"{family}-diffusers"]

@@ -66,21 +66,52 @@ def save_lora(directory: str, unet, pipeline_cls) -> None:
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
 
 
-def save_kohya_lora(directory: str, alpha: float) -> str:
+def kohya_base_model_version(pipeline_cls, cross_attention_dim: int) -> str:
+    """kohya's ``ss_base_model_version`` of the base model: SDXL, SD 2.x (SD-Turbo; 1024-d text) or SD 1.x."""
+    if "XL" in pipeline_cls.__name__:
+        return "sdxl_base_v1-0"
+    return "sd_v2" if cross_attention_dim == 1024 else "sd_v1"
+
+
+def save_kohya_lora(directory: str, alpha: float, base_model_version: str) -> str:
     """The saved LoRA in kohya's key names (``lora_unet_...``, ``.lora_down``/``.lora_up``, ``.alpha``),
     which ComfyUI and A1111 load; converted by diffusers' ``convert_state_dict_to_kohya``, whose ``.alpha``
-    entries are the rank, so they are set to the run's alpha (the scale alpha / rank must survive)."""
+    entries are the rank, so they are set to the run's alpha (the scale alpha / rank must survive). The
+    ``ss_*`` metadata kohya's tools read: network module, dim (rank), alpha, base model version."""
     from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
     from safetensors.torch import load_file, save_file
 
     diffusers_keys = load_file(os.path.join(directory, LORA_FILE))
     kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(diffusers_keys))
     kohya.update({key: torch.tensor(float(alpha)) for key in kohya if key.endswith(".alpha")})
+    rank = next(value.shape[0] for key, value in sorted(kohya.items()) if key.endswith(".lora_down.weight"))
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
+                "ss_base_model_version": base_model_version, "ss_v2": str(base_model_version == "sd_v2"),
+                "ss_training_comment": "DrPO (arXiv 2606.02521)"}
     path = os.path.join(directory, KOHYA_FILE)
     with files.atomic_path(path) as staging:
-        save_file(kohya, staging)
+        save_file(kohya, staging, metadata=metadata)
     canonical_header(path)
     return path
+
+
+def init_from_lora(unet, adapter: AdapterConfig, pipeline_cls) -> None:
+    """``--init_lora``: a new run's adapter starts from an existing LoRA (a folder, a file or a Hub id) whose
+    rank, alpha and target modules (from its adapter metadata, else its tensors) are the run's own."""
+    state_dict, _, metadata = pipeline_cls.lora_state_dict(adapter.init_lora, return_lora_metadata=True)
+    downs = [value for key, value in state_dict.items()
+             if key.startswith("unet.") and key.split(".")[-2] in ("down", "lora_A", "lora_down")]
+    if not downs:
+        raise ValueError(f"--init_lora {adapter.init_lora!r} holds no UNet LoRA weights")
+    metadata = metadata or {}
+    found = {"--rank": metadata.get("unet.r", downs[0].shape[0]),
+             "--lora_alpha": metadata.get("unet.lora_alpha", metadata.get("unet.r", downs[0].shape[0]))}
+    wanted = {"--rank": adapter.rank, "--lora_alpha": adapter.lora_alpha}
+    if found != wanted:
+        given = " ".join(f"{flag}={value}" for flag, value in found.items())
+        raise ValueError(f"--init_lora {adapter.init_lora!r} is a LoRA of {given}, this run's is "
+                         f"{' '.join(f'{flag}={value}' for flag, value in wanted.items())}: pass {given}")
+    load_lora_into_adapter(adapter.init_lora, unet, pipeline_cls)
 
 
 def load_lora_into_adapter(directory: str, unet, pipeline_cls) -> None:

@@ -13,7 +13,7 @@ from pipelines import files, hub, methods
 from pipelines.config import TrainingConfig
 from pipelines.images import labelled_grid, to_pil
 from pipelines.inference import load_lora
-from pipelines.lora_files import save_kohya_lora, save_lora
+from pipelines.lora_files import kohya_base_model_version, save_kohya_lora, save_lora
 from pipelines.redact import public_text
 from pipelines.scoring import describe_change, reward_table, summarize
 
@@ -112,24 +112,26 @@ def card_setup(config: TrainingConfig) -> str:
             f"feature map `{setup.feature_extractor}`, K = {setup.num_candidates}, M = {setup.num_pairs}, drift preset "
             f"`{setup.drift_preset}`: lambda = {drift.ref_weight}, eta = {drift.velocity_scale}, radii "
             f"{','.join(map(str, drift.radii))}, kernel {drift.kernel}; {config.run.max_train_steps} steps at learning "
-            f"rate {config.optim.learning_rate}, rank {config.adapter.rank}.")
+            f"rate {config.optim.learning_rate}, rank {config.adapter.rank}"
+            + (f", starting from the LoRA `{config.adapter.init_lora}`." if config.adapter.init_lora else "."))
 
 
 def write_model_card(config: TrainingConfig, sample_file: str | None, metrics: dict,
-                     widget: list[dict] | None = None) -> None:
+                     widget: list[dict] | None = None, pipeline_cls=None) -> None:
     """``README.md`` model card (huggingface_hub.ModelCard) with the samples, a widget gallery, the base
     model's licence and the training setup."""
     from huggingface_hub import ModelCard, ModelCardData
 
     output_dir, model = config.run.output_dir, config.model.pretrained_model_name_or_path
     base_model = hub.hub_base_model(model)
-    licence, licence_name = hub.base_model_licence(base_model)
+    licence, licence_name, licence_link = hub.base_model_licence(base_model)
     samples = (f"![base vs LoRA]({sample_file})\n\nPer prompt (named above its rows): the base model, then the "
                f"same seeds with this LoRA.\n" if sample_file else "")
+    family = hub.family_tags(pipeline_cls) if pipeline_cls is not None else []
     card_data = ModelCardData(base_model=base_model, library_name="diffusers", license=licence,
-                              license_name=licence_name, widget=widget or None,
+                              license_name=licence_name, license_link=licence_link, widget=widget or None,
                               tags=["text-to-image", "diffusers", "diffusers-training", "lora", "template:sd-lora",
-                                    "drpo", "one-step"])  # "drpo": the project's tag, whatever the method
+                                    *family, "drpo", "one-step"])  # "drpo": the project's tag, whatever the method
     lines = "\n".join(f"- {k}: {v}" for k, v in metrics.items())
     content = f"""---
 {card_data.to_yaml()}
@@ -182,7 +184,8 @@ def finish_training(accelerator, config: TrainingConfig, pipe, history, prompts:
     output_dir = config.run.output_dir
     save_lora(output_dir, accelerator.unwrap_model(pipe.unet), type(pipe))
     if config.run.output_kohya_format:
-        save_kohya_lora(output_dir, config.adapter.lora_alpha)
+        save_kohya_lora(output_dir, config.adapter.lora_alpha,
+                        kohya_base_model_version(type(pipe), pipe.unet.config.cross_attention_dim))
     save_history(output_dir, history)
     plot_reward_curve(history, os.path.join(output_dir, "reward_curve.png"))
     metrics = final_check(config, fresh_pipeline().to(accelerator.device), reward_fn, prompts, seeds)
@@ -194,7 +197,7 @@ def finish_training(accelerator, config: TrainingConfig, pipe, history, prompts:
     write_model_card(config, "samples_before_after.png", {
         f"held-out {spec} (base -> LoRA)": f"{metrics['base_mean']:.4f} -> {metrics['lora_mean']:.4f}",
         "effect size (change / across-seed std)": f"{effect:.2f}" if effect is not None
-        else f"undefined: {metrics['effect_size_undefined']}"}, widget)
+        else f"undefined: {metrics['effect_size_undefined']}"}, widget, type(pipe))
     if repo_id is not None:
         hub.push_to_hub(config.hub, output_dir, repo_id)
     return metrics

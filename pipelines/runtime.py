@@ -13,6 +13,21 @@ import torch
 from pipelines.config import OptimConfig, RunConfig
 
 
+SHARDED_MODES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
+
+
+def refuse_sharded_training() -> None:
+    """DDP (or one process) is the supported mode: the trainable part is a small LoRA that every process holds
+    whole, while DeepSpeed and FSDP shard or wrap the UNet and break the LoRA hooks this trainer saves,
+    checkpoints and reloads through; ``accelerate launch`` with such a config is refused before any model loads."""
+    for variable, mode in SHARDED_MODES.items():
+        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
+            raise ValueError(f"the accelerate configuration selects {mode}; this trainer supports DDP (or one "
+                             "process): the LoRA is small enough for every process to hold whole, and "
+                             f"{mode}'s sharding breaks the LoRA saving and resuming. Run `accelerate config` "
+                             "and choose multi-GPU (DDP), without --use_deepspeed / --use_fsdp")
+
+
 def setup_accelerator(run: RunConfig, optim: OptimConfig):
     """Accelerator with trackers, mixed precision, gradient accumulation and the process-group timeout
     (--ddp_timeout); fp16 on a CPU is refused whichever way it was asked for."""
@@ -21,6 +36,7 @@ def setup_accelerator(run: RunConfig, optim: OptimConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+    refuse_sharded_training()
     if run.report_to == "wandb":
         import importlib.util
 

@@ -84,6 +84,9 @@ def test_empty_prompt_file_fails_before_loading_the_model(tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_push_without_credentials_fails_before_training(tmp_path, monkeypatch, script):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, but no token
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
@@ -108,6 +111,9 @@ def test_reward_is_called_without_gradients_on_cpu_images(tmp_path):
 
 @pytest.mark.parametrize("script,method", [("sd", "drpo"), ("sdxl", "drpo"), ("sd", "draft")])
 def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypatch, script, method):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the fake Hub client below answers
     calls = []
 
     def fake_create_repo(repo_id, exist_ok=False, token=None, **kwargs):
@@ -133,12 +139,16 @@ def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypat
     assert "samples_before_after.png" in card and "load_lora_weights" in card and f"method `{method}`" in card
     assert "base_model:" not in card  # a local folder is no Hub id (the Hub would reject it)
     assert "widget:" in card and "samples/prompt_0.png" in card and (tmp_path / "samples" / "prompt_0.png").is_file()
-    assert {"diffusers-training", "lora", "template:sd-lora"} <= set(re.findall(r"^- (\S+)$", card, re.M))
+    family = "stable-diffusion-xl" if script == "sdxl" else "stable-diffusion"
+    assert {"text-to-image", "diffusers-training", "lora", "template:sd-lora", family, f"{family}-diffusers"} <= set(
+        re.findall(r"^- (\S+)$", card, re.M))
 
 
 def test_model_card_names_the_base_models_licence():
-    assert hub.base_model_licence("stabilityai/sd-turbo") == ("other", "sai-nc-community")  # offline: the table
-    assert hub.base_model_licence(None) == ("other", None)
+    assert hub.base_model_licence("stabilityai/sd-turbo") == (  # offline: the table
+        "other", "sai-nc-community", "https://huggingface.co/stabilityai/sd-turbo/blob/main/LICENSE.md")
+    assert hub.base_model_licence(None) == ("other", None, None)
+    assert hub.family_tags(StableDiffusionXLPipeline) == ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]
 
 
 def test_model_card_base_model_is_a_hub_id_or_nothing(tmp_path):
@@ -324,6 +334,7 @@ def test_no_secret_reaches_the_tracker_files_and_the_diffusers_flags_reach_their
         dropout=self.lora_dropout) or original(self))
     monkeypatch.setattr("huggingface_hub.create_repo", lambda repo_id, **kwargs: type("Repo", (), {"repo_id": repo_id}))
     monkeypatch.setattr("huggingface_hub.upload_folder", lambda **kwargs: None)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the fake Hub client above answers
     args = train_drpo.parse_args(args_for(tmp_path, "--push_to_hub", f"--hub_token={planted}", "--report_to=tensorboard",
                                           "--lr_scheduler=cosine_with_restarts", "--lr_num_cycles=3",
                                           "--lora_dropout=0.1", "--tracker_project_name=mine",
@@ -340,7 +351,15 @@ def test_no_secret_reaches_the_tracker_files_and_the_diffusers_flags_reach_their
     assert secret not in json.dumps(masked) and masked["reward"] == "http://***@h:1/s?token=***"
 
 
-def test_wandb_with_a_hub_token_and_8bit_adam_without_a_gpu_are_refused(tmp_path):
+def test_an_offline_push_is_refused_at_start_up_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match="--push_to_hub uploads to the Hub, but HF_HUB_OFFLINE is set"):
+        train_drpo.parse_args(args_for(tmp_path, "--push_to_hub", "--hub_token=hf_x"))  # conftest: offline
+
+
+def test_wandb_with_a_hub_token_and_8bit_adam_without_a_gpu_are_refused(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(ValueError, match="would upload the token"):
         train_drpo.parse_args(args_for(tmp_path, "--push_to_hub", "--hub_token=hf_x", "--report_to=wandb"))
     with pytest.raises((ImportError, ValueError), match="bitsandbytes|needs a GPU"):
@@ -354,15 +373,37 @@ def test_the_kohya_file_holds_the_same_lora_under_kohyas_names(tmp_path):
 
     unet = UNet2DConditionModel.from_pretrained(TINY_SD, subfolder="unet")
     lora_files.add_lora(unet, AdapterConfig(rank=4, lora_alpha=8))
+    torch.manual_seed(0)
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:  # a trained-looking LoRA (a fresh one is zero: every file would give the base images)
+            parameter.data.normal_(0, 0.2)
     lora_files.save_lora(str(tmp_path), unet, StableDiffusionPipeline)
-    kohya = load_file(lora_files.save_kohya_lora(str(tmp_path), alpha=8))
+    kohya_path = lora_files.save_kohya_lora(str(tmp_path), alpha=8, base_model_version="sd_v2")
+    kohya = load_file(kohya_path)
     ours = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    with safe_open(kohya_path, "pt") as handle:
+        assert {k: v for k, v in handle.metadata().items() if k != "ss_training_comment"} == {
+            "ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "8",
+            "ss_base_model_version": "sd_v2", "ss_v2": "True"}
+    assert lora_files.kohya_base_model_version(StableDiffusionPipeline, 1024) == "sd_v2"
+    assert lora_files.kohya_base_model_version(StableDiffusionXLPipeline, 2048) == "sdxl_base_v1-0"
     assert all(key.startswith("lora_unet_") for key in kohya)
     downs = {k: v for k, v in kohya.items() if k.endswith(".lora_down.weight")}
     assert len(downs) == len(ours) // 2 == sum(k.endswith(".alpha") for k in kohya)
     assert all(kohya[k.replace(".lora_down.weight", ".alpha")].item() == 8 for k in downs)
     ours_down = sorted(v.sum().item() for k, v in ours.items() if "lora_A" in k or "lora.down" in k)
     assert ours_down == pytest.approx(sorted(v.sum().item() for v in downs.values()))  # the same tensors: measured 0
+    # diffusers' load_lora_weights reads the kohya file into the same images as the diffusers file
+    pipe = StableDiffusionPipeline.from_pretrained(TINY_SD, safety_checker=None)
+    images = []
+    for weights in (kohya_path, str(tmp_path / "pytorch_lora_weights.safetensors"), None):
+        if weights is not None:
+            pipe.load_lora_weights(weights)
+        images.append(pipe("a large red circle in the center", num_inference_steps=1, guidance_scale=0.0,
+                           generator=torch.Generator().manual_seed(0), output_type="pt").images)
+        pipe.unload_lora_weights()
+    torch.testing.assert_close(images[0], images[1])
+    assert (images[1] - images[2]).abs().max() > 0.01  # and the LoRA does change them
 
 
 def test_a_reward_that_ties_every_candidate_stops_the_run_naming_it(tmp_path):
@@ -408,3 +449,33 @@ def test_an_unreachable_hub_fails_at_once_naming_what_is_missing(tmp_path, monke
             train_drpo.main(args, load_pipeline=no_model_loading)
     finally:
         downloads.hub_reachable.cache_clear()
+
+
+def test_init_lora_starts_a_new_run_from_a_lora_and_refuses_another_rank(tmp_path):
+    """--init_lora: the new run's adapter starts as the given LoRA (after one step at a negligible learning
+    rate it is still that LoRA, not a fresh one), recorded in run.json and the card; a rank mismatch is
+    refused naming the flags to pass."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_drpo.main(train_drpo.parse_args(args_for(first, "--max_train_steps=2", "--rank=4", "--learning_rate=1e-2")))
+    train_drpo.main(train_drpo.parse_args(args_for(second, "--max_train_steps=1", "--rank=4", "--learning_rate=1e-12",
+                                                   f"--init_lora={first}", "--checkpointing_steps=1")))
+    start, after = (load_file(folder / "pytorch_lora_weights.safetensors") for folder in (first, second))
+    assert start.keys() == after.keys()
+    for key in start:
+        torch.testing.assert_close(after[key], start[key], atol=1e-6, rtol=0)
+    assert any(value.abs().max() > 1e-3 for key, value in start.items() if ".up." in key)  # a trained LoRA, not zero
+    assert json.loads((second / "checkpoint-1" / "run.json").read_text())["init_lora"] == str(first)
+    assert f"starting from the LoRA `{first}`" in (second / "README.md").read_text()
+    with pytest.raises(ValueError, match=r"is a LoRA of --rank=4 --lora_alpha=4, this run's is --rank=8 "
+                                         r"--lora_alpha=8: pass --rank=4 --lora_alpha=4"):
+        train_drpo.main(train_drpo.parse_args(args_for(tmp_path / "third", "--rank=8", f"--init_lora={first}")))
+    with pytest.raises(FileNotFoundError, match="--init_lora"):
+        train_drpo.parse_args(args_for(tmp_path / "fourth", f"--init_lora={tmp_path / 'missing'}"))
+
+
+@pytest.mark.parametrize("variable,mode", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
+def test_a_deepspeed_or_fsdp_launch_is_refused_before_any_model_loads(tmp_path, monkeypatch, variable, mode):
+    """What `accelerate launch` sets from a DeepSpeed / FSDP config: refused in one message, DDP named."""
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ValueError, match=f"selects {mode}; this trainer supports DDP"):
+        train_drpo.main(train_drpo.parse_args(args_for(tmp_path)), load_pipeline=no_model_loading)
