@@ -24,8 +24,7 @@ import threading
 
 from pipelines import flags
 from pipelines.rewards.remote import TOKEN_ENV
-from pipelines.rewards.server import (RequestError, ServerLimits, decode_batch, json_answer, parse_batch,
-                                      read_body)
+from pipelines.rewards.server import ServerLimits, answer, decode_batch, server_info
 
 
 def score_together(reward_fn, reward_name: str, requests: list[tuple]) -> list[list[float]]:
@@ -50,8 +49,6 @@ def build_application(reward: str, token: str | None, limits: ServerLimits, num_
                       cpus_per_replica: float, gpus_per_replica: float, max_batch_requests: int,
                       batch_wait_s: float, batch_log: str | None):
     """The Ray Serve application: ``num_replicas`` copies of the reward behind Serve's HTTP proxy."""
-    import hmac
-
     from ray import serve
     from starlette.concurrency import run_in_threadpool
 
@@ -63,8 +60,7 @@ def build_application(reward: str, token: str | None, limits: ServerLimits, num_
             from pipelines.rewards import load_reward
 
             self.reward_fn = load_reward(reward, device="cuda" if gpus_per_replica else "cpu")
-            self.info = {"reward": reward, "protocol_version": "2", "replicas": num_replicas,
-                         "max_batch_requests": max_batch_requests, "limits": vars(limits)}
+            self.info = server_info(reward, limits, replicas=num_replicas, max_batch_requests=max_batch_requests)
 
         @serve.batch(max_batch_size=max_batch_requests, batch_wait_timeout_s=batch_wait_s)
         async def score_batch(self, requests: list[tuple]) -> list[list[float]]:
@@ -75,26 +71,12 @@ def build_application(reward: str, token: str | None, limits: ServerLimits, num_
                                              "images": sum(len(prompts) for _, prompts in requests)}) + "\n")
             return answers
 
-        async def __call__(self, request):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ")
-            if token is not None and not hmac.compare_digest(given.encode(), token.encode()):
-                return json_answer(401, {"error": "missing or wrong token"})
-            path = request.url.path.rstrip("/")
-            if request.method == "GET" and path in ("/health", "/info"):
-                return json_answer(200, {"status": "ok", "reward": reward} if path == "/health" else self.info)
-            if request.method != "POST" or path != "/score":
-                return json_answer(404, {"error": "POST /score, GET /health or GET /info"})
-            try:
-                import asyncio
+        async def score(self, prompts: list[str], encoded: list[str]) -> list[float]:
+            images = await run_in_threadpool(decode_batch, encoded, limits)
+            return await self.score_batch((images, prompts))
 
-                raw = await asyncio.wait_for(read_body(request, limits.max_request_bytes), limits.request_timeout)
-                prompts, encoded = parse_batch(raw, limits)
-                images = await run_in_threadpool(decode_batch, encoded, limits)
-                return json_answer(200, {"scores": await self.score_batch((images, prompts))})
-            except RequestError as error:
-                return json_answer(error.status, {"error": str(error)})
-            except TimeoutError:
-                return json_answer(408, {"error": f"the request did not arrive within {limits.request_timeout:g} s"})
+        async def __call__(self, request):
+            return await answer(request, token, limits, self.info, self.score)
 
     return RewardReplica.bind()
 

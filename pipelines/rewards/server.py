@@ -170,52 +170,57 @@ class Workers:
         return score_candidates(reward_fn, images, prompts, self.reward_name).ranking.tolist()
 
 
+def authorized(request, token: str | None) -> bool:
+    given = request.headers.get("authorization", "").removeprefix("Bearer ")
+    return token is None or hmac.compare_digest(given.encode(), token.encode())
+
+
+async def answer(request, token: str | None, limits: ServerLimits, info: dict, score):
+    """One request to the protocol's three routes (this server and the Ray Serve replicas): token, limits,
+    and every error mapped to its status; ``score(prompts, encoded)`` scores a checked batch."""
+    from starlette.requests import ClientDisconnect
+
+    path = request.url.path.rstrip("/")
+    try:
+        if not authorized(request, token):
+            raise RequestError(401, "missing or wrong token")
+        if request.method == "GET" and path in ("/health", "/info"):
+            return json_answer(200, {"status": "ok", "reward": info["reward"]} if path == "/health" else info)
+        if request.method != "POST" or path != "/score":
+            raise RequestError(404, "POST /score, GET /health or GET /info")
+        raw = await asyncio.wait_for(read_body(request, limits.max_request_bytes), limits.request_timeout)
+        return json_answer(200, {"scores": await score(*parse_batch(raw, limits))})
+    except asyncio.TimeoutError:
+        return json_answer(408, {"error": f"the request did not arrive within {limits.request_timeout:g} s "
+                                          "(--request_timeout)"})
+    except RequestError as error:
+        return json_answer(error.status, {"error": str(error)})
+    except RewardError as error:  # the reward's own fault: deterministic, not worth a retry
+        return json_answer(422, {"error": str(error)})
+    except ClientDisconnect:
+        return json_answer(400, {"error": "the client went away"})  # never sent: nobody listens
+
+
+def server_info(reward_name: str, limits: ServerLimits, **facts) -> dict:
+    return {"reward": reward_name, "protocol_version": PROTOCOL_VERSION, **facts, "limits": asdict(limits)}
+
+
 def build_app(reward_fns: list, reward_name: str, token: str | None, limits: ServerLimits):
     """The ASGI app: /score, /health and /info, token-checked, every limit enforced."""
     from starlette.applications import Starlette
-    from starlette.requests import ClientDisconnect
     from starlette.routing import Route
 
     workers = Workers(reward_fns, reward_name, limits)
-    info = {"reward": reward_name, "protocol_version": PROTOCOL_VERSION, "workers": len(reward_fns),
-            "limits": asdict(limits)}
+    info = server_info(reward_name, limits, workers=len(reward_fns))
 
-    def authorized(request) -> bool:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ")
-        return token is None or hmac.compare_digest(given.encode(), token.encode())
-
-    async def score(request):
-        try:
-            if not authorized(request):
-                raise RequestError(401, "missing or wrong token")
-            raw = await asyncio.wait_for(read_body(request, limits.max_request_bytes), limits.request_timeout)
-            prompts, encoded = parse_batch(raw, limits)
-            return json_answer(200, {"scores": await workers.score(prompts, encoded)})
-        except asyncio.TimeoutError:
-            return json_answer(408, {"error": f"the request did not arrive within {limits.request_timeout:g} s "
-                                              "(--request_timeout)"})
-        except RequestError as error:
-            return json_answer(error.status, {"error": str(error)})
-        except RewardError as error:  # the reward's own fault: deterministic, not worth a retry
-            return json_answer(422, {"error": str(error)})
-        except ClientDisconnect:
-            return json_answer(400, {"error": "the client went away"})  # never sent: nobody listens
-
-    async def health(request):
-        if not authorized(request):
-            return json_answer(401, {"error": "missing or wrong token"})
-        return json_answer(200, {"status": "ok", "reward": reward_name})
-
-    async def describe(request):
-        if not authorized(request):
-            return json_answer(401, {"error": "missing or wrong token"})
-        return json_answer(200, info)
+    async def route(request):
+        return await answer(request, token, limits, info, workers.score)
 
     async def server_error(request, error):
         return json_answer(500, {"error": f"{type(error).__name__}: {error}"})
 
-    return Starlette(routes=[Route("/score", score, methods=["POST"]), Route("/health", health, methods=["GET"]),
-                             Route("/info", describe, methods=["GET"])],
+    return Starlette(routes=[Route("/score", route, methods=["POST"]), Route("/health", route, methods=["GET"]),
+                             Route("/info", route, methods=["GET"])],
                      exception_handlers={Exception: server_error})
 
 
