@@ -44,7 +44,7 @@ def main(argv=None):
         train_run("train_drpo.py", [*TRAINING, reward, f"--max_train_steps={args.max_train_steps}"],
                   os.path.join(work, name))
     from pipelines import evaluate
-    from pipelines.eval_report import render_markdown
+    from pipelines.eval_tables import render_markdown
 
     os.chdir(ROOT)  # the flags' relative paths, as in the README command
     flags = evaluation_flags(work, args.num_prompts, args.seeds)

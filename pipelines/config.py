@@ -209,6 +209,8 @@ class EvalConfig:
     geneval_detector: str = ""
     geneval_clip: str = ""
     judge: str | None = None
+    judge_model: str | None = None
+    judge_timeout: float = 300.0
     judge_max_new_tokens: int = 64
     output_dir: str = "evaluation"
     image_cache_dir: str | None = None

@@ -4,12 +4,16 @@ Every quantity is a ratio of per-prompt sums (a mean over (prompt, seed) pairs i
 prompt's scores over the sum of its seeds), so one resampling of prompts serves them all:
 ``bootstrap_indices`` draws it once (seeded), every metric and model reuses it, and a paired
 difference is resampled with its two arms together. Standard errors are the standard deviation of
-the resampled statistic; intervals are its 2.5 % / 97.5 % percentiles.
+the resampled statistic. Win rates get a Wilson score interval (it never collapses to a point, unlike
+the percentile interval of a bootstrap when every pair is won) over Kish's effective number of pairs:
+the pairs of one prompt are not independent, and the bootstrap's variance against the binomial one
+says by how much.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -67,22 +71,43 @@ def paired_difference(base: torch.Tensor, tuned: torch.Tensor, indices: torch.Te
     return {"delta": result["mean"], "delta_se": result["se"]}
 
 
+def wilson_interval(rate: float, trials: float, confidence: float = CONFIDENCE) -> list[float]:
+    """Wilson score interval of a proportion ``rate`` observed over ``trials`` (possibly effective) trials."""
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    shrink = 1 + z * z / trials
+    centre = (rate + z * z / (2 * trials)) / shrink
+    half = z * math.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials)) / shrink
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def effective_trials(rate: float, trials: int, prompts: int, se: float) -> float:
+    """Kish's effective sample size, trials / design effect, where the design effect is the bootstrap
+    variance over the binomial one; kept between ``prompts`` (every seed of a prompt alike) and ``trials``
+    (independent pairs), and ``trials`` when the binomial variance is 0 (all outcomes equal: no estimate)."""
+    binomial = rate * (1 - rate) / trials
+    if binomial <= 0 or not math.isfinite(se):
+        return float(trials)
+    return min(float(trials), max(float(prompts), trials * binomial / se**2 if se > 0 else float(trials)))
+
+
 def outcome_rates(outcomes: torch.Tensor, indices: torch.Tensor) -> dict:
     """Win / tie / loss fractions of a [prompts, seeds] table of outcomes (1 win, 0.5 tie, 0 loss, NaN
-    not counted), the win rate with ties counted half (``rate``) and its bootstrap interval (``ci``)."""
+    not counted), the win rate with ties counted half (``rate``), its Wilson interval over the effective
+    number of pairs (``ci``, ``effective_pairs``) and its bootstrap SE and percentile interval."""
     outcomes = outcomes.double()
     counted = torch.isfinite(outcomes)
     total = int(counted.sum())
-    fraction = (lambda value: (outcomes == value).sum().item() / total)
-    scores = torch.where(counted, outcomes, torch.zeros_like(outcomes))
-    resampled = resampled_ratio(scores.sum(1), counted.double().sum(1), indices)
     if not total:
         return {"win": None, "tie": None, "loss": None, "rate": None, "ci": None,
                 "undefined": "no outcome was counted (every judgement unparsed)"}
-    ci = interval(resampled)
-    rates = {"win": fraction(1.0), "tie": fraction(0.5), "loss": fraction(0.0), "rate": scores.sum().item() / total,
-             "ci": ci if all(map(math.isfinite, ci)) else None}
-    return rates if rates["ci"] is not None else {**rates, "ci_undefined": "no resampling had a counted outcome"}
+    fraction = (lambda value: (outcomes == value).sum().item() / total)
+    scores = torch.where(counted, outcomes, torch.zeros_like(outcomes))
+    resampled = resampled_ratio(scores.sum(1), counted.double().sum(1), indices)
+    rate, se = scores.sum().item() / total, spread(resampled)
+    pairs = effective_trials(rate, total, int(counted.any(1).sum()), se)
+    return {"win": fraction(1.0), "tie": fraction(0.5), "loss": fraction(0.0), "rate": rate,
+            "ci": wilson_interval(rate, pairs), "effective_pairs": pairs, "pairs": total,
+            "se": se if math.isfinite(se) else None, "bootstrap_ci": interval(resampled)}
 
 
 def win_outcomes(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:

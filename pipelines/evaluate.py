@@ -29,7 +29,8 @@ from pipelines import flags
 from pipelines.cli import from_namespace
 from pipelines.config import EvalConfig
 from pipelines.eval_cache import ImageCache, model_weights, parse_models, split_label
-from pipelines.eval_report import render_markdown, summarize_run, write_reports
+from pipelines.eval_report import summarize_run, write_reports
+from pipelines.eval_tables import render_markdown
 from pipelines.eval_sets import GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_tag, load_prompt_set
 from pipelines.inference import generate_images, load_one_step_pipeline
 from pipelines.redact import public_text
@@ -167,8 +168,8 @@ def run_judge(evaluation: EvalConfig, models, prompts, seeds, cache, state) -> d
     """Per candidate model, one judged pair (candidate vs base, same prompt and seed) per record."""
     from pipelines.judge import judge_pair, load_judge, shows_candidate_second
 
-    judge = load_judge(evaluation.judge, state.device, DTYPES[evaluation.mixed_precision],
-                       evaluation.judge_max_new_tokens)
+    judge = load_judge(evaluation.judge, evaluation.judge_model, state.device, DTYPES[evaluation.mixed_precision],
+                       evaluation.judge_max_new_tokens, evaluation.judge_timeout)
     base, candidates = models[0], models[1:]
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
     mine = pairs[state.process_index::state.num_processes]
@@ -315,7 +316,12 @@ def add_metric_flags(parser) -> None:
                          help="CLIP model of the GenEval colour classifier (Hub id or folder).")
     scoring.add_argument("--judge", default=None,
                          help="Pairwise judge of each model vs the base: a transformers VLM id or folder (Qwen3-VL, "
-                              "Qwen2.5-VL), a judge server URL, or file.py:function.")
+                              "Qwen2.5-VL), openai:<base_url> (an OpenAI-compatible server: vllm serve, SGLang; key "
+                              "from $OPENAI_API_KEY), or file.py:function.")
+    scoring.add_argument("--judge_model", default=None,
+                         help="The model name an openai:<base_url> judge serves (e.g. Qwen/Qwen3-VL-8B-Instruct).")
+    scoring.add_argument("--judge_timeout", type=flags.positive_float, default=300.0,
+                         help="Seconds one judgement may take over an openai: judge, retries included.")
     scoring.add_argument("--judge_max_new_tokens", type=flags.positive_int, default=64,
                          help="Longest judge answer, in tokens.")
 
@@ -347,11 +353,14 @@ def missing_local_path(path: str) -> bool:
 
 
 def check_config(evaluation: EvalConfig) -> None:
-    """Every metric spec and model path checked before anything loads or is generated."""
+    """Every metric spec, model path and the judge checked before anything loads or is generated."""
+    from pipelines.judge import check_judge
+
     for item in evaluation.metrics.split(","):
         if item.strip() and item.strip() != "none":
             check_reward_spec(metric_label(item.strip())[1], None, flag="--metrics")
             probe_servers(metric_label(item.strip())[1])
+    check_judge(evaluation.judge, evaluation.judge_model)
     for model in parse_models(evaluation.lora, evaluation.unet)[1:]:
         if missing_local_path(model.path):
             offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -5,38 +5,32 @@ A judge is any callable ``judge(image_a, image_b, text) -> str``: two [3, H, W] 
 and the judge prompt in, the judge's raw answer out. ``load_judge`` builds one from
 
 - a transformers vision-language model id or folder (Qwen3-VL, Qwen2.5-VL, ...): ``TransformersJudge``;
-- a server URL ``http://host:port/judge``: ``RemoteJudge`` (``python -m pipelines.judge`` serves one);
+- ``openai:<base_url>`` with ``--judge_model``: ``OpenAIJudge``, a VLM behind an OpenAI-compatible
+  chat-completions API, the way large VLMs are served (on its own GPU):
+
+      vllm serve Qwen/Qwen3-VL-8B-Instruct --port 8000 --limit-mm-per-prompt '{"image": 2}'
+      python -m pipelines.evaluate ... --judge openai:http://127.0.0.1:8000/v1 --judge_model Qwen/Qwen3-VL-8B-Instruct
+
 - ``path/to/file.py:function`` or ``package.module:function`` (stand-ins, other services).
-
-Serve a large judge on its own GPU (the reward server's conventions: 127.0.0.1 unless --host, an
-optional shared token, JSON and PNG only):
-
-    python -m pipelines.judge --judge Qwen/Qwen3-VL-8B-Instruct --port 8001
-    python -m pipelines.evaluate ... --judge http://127.0.0.1:8001/judge
-
-POST /judge with ``{"prompt": text, "images": [base64 PNG A, base64 PNG B]}`` answers ``{"answer": text}``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import hmac
+import http.client
 import json
 import os
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from pipelines import flags
+from pipelines.redact import public_text
 from pipelines.rewards import is_url, load_custom_reward
-from pipelines.rewards.remote import TOKEN_ENV, decode_png, encode_png
+from pipelines.rewards.remote import encode_png, post_within
 
 # The Appendix B.4 template, reconstructed from the paper's text. Normalised from the arXiv text
 # extraction: the "{internallinenumbers*}" markers before the rubric items are dropped; the
@@ -190,118 +184,119 @@ class TransformersJudge:
         return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
 
 
-class RemoteJudge:
-    """A judge served over HTTP (``python -m pipelines.judge``): POST ``{"prompt", "images"}``, read ``answer``.
-    Connection failures and 5xx answers are retried ``retries`` times with backoff."""
+OPENAI = "openai:"
+API_KEY_ENV = "OPENAI_API_KEY"
+RETRIED_STATUSES = {408, 429, 500, 502, 503, 504}
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 300.0, retries: int = 2):
-        self.url, self.timeout, self.retries = url, timeout, retries
-        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+
+class OpenAIJudge:
+    """A VLM served behind an OpenAI-compatible chat-completions API (``vllm serve``, SGLang, a hosted API).
+
+    One user message: Image A and Image B as base64 PNG ``image_url`` parts, then the judge prompt;
+    temperature 0 (greedy, as ``TransformersJudge``), at most ``max_tokens`` tokens; the answer is
+    ``choices[0].message.content``. The key is read from ``$OPENAI_API_KEY`` (none sent when unset).
+    ``deadline`` bounds a whole judgement, retries included: refused connections, timeouts, 408 / 429 /
+    5xx are retried with exponential backoff while time is left; any other answer fails at once, naming
+    the URL.
+    """
+
+    def __init__(self, base_url: str, model: str, deadline: float = 300.0, max_tokens: int = 64,
+                 backoff: float = 1.0):
+        self.url, self.model = base_url.rstrip("/") + "/chat/completions", model
+        self.name = public_text(self.url)
+        self.deadline, self.max_tokens, self.backoff = deadline, max_tokens, backoff
+
+    def body(self, image_a: torch.Tensor, image_b: torch.Tensor, text: str) -> bytes:
+        parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encode_png(image)}"}}
+                 for image in (image_a, image_b)]
+        return json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
+                           "messages": [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]}).encode()
 
     def __call__(self, image_a: torch.Tensor, image_b: torch.Tensor, text: str) -> str:
-        body = json.dumps({"prompt": text, "images": [encode_png(image_a), encode_png(image_b)]}).encode()
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.token}"} if self.token else {})}
-        for attempt in range(self.retries + 1):
+        body, headers = self.body(image_a, image_b, text), api_headers()
+        give_up, attempt = time.monotonic() + self.deadline, 0
+        while True:
             try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    answer = json.loads(response.read()).get("answer")
-                if not isinstance(answer, str):
-                    raise RuntimeError(f"judge server {self.url} answered without an 'answer' string")
-                return answer
-            except urllib.error.HTTPError as error:
-                if error.code < 500 or attempt == self.retries:
-                    raise RuntimeError(f"judge server {self.url} answered HTTP {error.code}: "
-                                       f"{error.read()[:300].decode(errors='replace')}") from error
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                if attempt == self.retries:
-                    raise RuntimeError(f"judge server {self.url} unreachable: {error}") from error
-            time.sleep(2**attempt)
-        raise AssertionError("unreachable")
+                status, data = post_within(self.url, body, headers, max(give_up - time.monotonic(), 0.001))
+            except (OSError, http.client.HTTPException) as error:  # refused, reset, deadline passed
+                reason = f"{type(error).__name__}: {error}"
+            else:
+                if status == 200 or status not in RETRIED_STATUSES:
+                    return self.answer_of(status, data)
+                reason = f"HTTP {status}"
+            delay = self.backoff * 2**attempt
+            attempt += 1
+            if time.monotonic() + delay >= give_up:
+                raise RuntimeError(f"judge {self.name} gave no answer within {self.deadline:g} s (--judge_timeout; "
+                                   f"{attempt} attempt{'s' * (attempt > 1)}, last: {reason})")
+            time.sleep(delay)
+
+    def answer_of(self, status: int, data: bytes) -> str:
+        """The answer text of a complete response, or a ``RuntimeError`` naming the judge's URL."""
+        shown = data[:300].decode(errors="replace")
+        if status != 200:
+            raise RuntimeError(f"judge {self.name} answered HTTP {status}: {shown}")
+        try:
+            content = json.loads(data)["choices"][0]["message"]["content"]
+        except json.JSONDecodeError:
+            raise RuntimeError(f"judge {self.name} did not answer JSON (is it an OpenAI-compatible API?): "
+                               f"{shown!r}") from None
+        except (KeyError, IndexError, TypeError):
+            raise RuntimeError(f"judge {self.name} answered without choices[0].message.content: {shown}") from None
+        if not isinstance(content, str):
+            raise RuntimeError(f"judge {self.name} answered a non-text message content: {shown}")
+        return content
 
 
-def load_judge(spec: str, device="cpu", dtype=torch.float32, max_new_tokens: int = 64):
-    """The judge ``spec`` names (see the module docstring)."""
+def api_headers() -> dict:
+    key = os.environ.get(API_KEY_ENV)
+    return {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+
+def probe_openai_judge(base_url: str, model: str, timeout: float = 10.0) -> None:
+    """GET ``<base_url>/models`` before any image is generated: a judge that is down, refuses the key or
+    does not serve ``model`` stops the evaluation with a ``ValueError`` naming it."""
+    name = public_text(base_url)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(base_url.rstrip("/") + "/models", headers=api_headers()),
+                                    timeout=timeout) as response:
+            listing = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        hint = f" (set ${API_KEY_ENV})" if error.code == 401 else ""
+        raise ValueError(f"judge {name} answered HTTP {error.code} to GET /models{hint}") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"judge {name} is not reachable as an OpenAI-compatible API ({type(error).__name__}: "
+                         f"{error}); start it first (vllm serve ...) or fix the URL") from None
+    served = [entry.get("id") for entry in listing.get("data", []) if isinstance(entry, dict)] \
+        if isinstance(listing, dict) else []
+    if model not in served:
+        raise ValueError(f"judge {name} does not serve --judge_model {model!r}; it serves: {', '.join(map(str, served))}")
+
+
+def check_judge(spec: str | None, model: str | None) -> None:
+    """The judge flags checked at start-up (``--judge openai:<url>`` needs ``--judge_model``; the server is
+    probed); the removed judge server's plain URLs are refused with the replacement."""
+    if spec is None:
+        if model is not None:
+            raise ValueError("--judge_model names the served model of --judge openai:<url>: give --judge")
+        return
     if is_url(spec):
-        return RemoteJudge(spec)
+        raise ValueError(f"--judge {public_text(spec)}: serve the judge behind an OpenAI-compatible API "
+                         "(vllm serve <model>) and pass --judge openai:http://host:port/v1 --judge_model <model>")
+    if spec.startswith(OPENAI):
+        if not is_url(spec[len(OPENAI):]) or not model:
+            raise ValueError("--judge openai:<base_url> needs an http(s) base URL (e.g. openai:http://127.0.0.1:8000/v1) "
+                             "and --judge_model, the name the server serves")
+        probe_openai_judge(spec[len(OPENAI):], model)
+    elif model is not None:
+        raise ValueError("--judge_model applies to --judge openai:<url> only")
+
+
+def load_judge(spec: str, model: str | None = None, device="cpu", dtype=torch.float32, max_new_tokens: int = 64,
+               deadline: float = 300.0):
+    """The judge ``spec`` names (see the module docstring)."""
+    if spec.startswith(OPENAI):
+        return OpenAIJudge(spec[len(OPENAI):], model, deadline=deadline, max_tokens=max_new_tokens)
     if ":" in spec and not os.path.exists(spec):
         return load_custom_reward(spec)  # any callable from a file or module (same loader as rewards)
     return TransformersJudge(spec, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
-
-
-# ---------------------------------------------------------------------------------------------
-# The judge server
-# ---------------------------------------------------------------------------------------------
-
-
-def make_handler(judge, token: str | None, max_bytes: int):
-    lock = threading.Lock()  # one request on the model at a time
-
-    class Handler(BaseHTTPRequestHandler):
-        timeout = 60
-
-        def do_POST(self):  # noqa: N802 (http.server API)
-            try:
-                status, answer = self.handle_judge()
-            except Exception as error:  # noqa: BLE001 - answer rather than drop the connection
-                status, answer = 500, {"error": f"{type(error).__name__}: {error}"}
-            payload = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def handle_judge(self):
-            if self.path.rstrip("/") != "/judge":
-                return 404, {"error": "POST /judge"}
-            given = self.headers.get("Authorization", "").removeprefix("Bearer ")
-            if token is not None and not hmac.compare_digest(given.encode(), token.encode()):
-                return 401, {"error": "missing or wrong token"}
-            length = int(self.headers.get("Content-Length") or 0)
-            if not 0 < length <= max_bytes:
-                return 413, {"error": f"request body must be 1..{max_bytes} bytes"}
-            try:
-                body = json.loads(self.rfile.read(length))
-                text, images = body["prompt"], [decode_png(item) for item in body["images"]]
-                if not isinstance(text, str) or len(images) != 2:
-                    raise ValueError("need a 'prompt' string and two 'images'")
-            except Exception as error:  # noqa: BLE001 - the client's error
-                return 400, {"error": f"expected {{'prompt': str, 'images': [PNG, PNG]}}: {error}"}
-            with lock:
-                return 200, {"answer": judge(images[0], images[1], text)}
-
-        def log_message(self, format, *args):  # noqa: A002 - quiet by default
-            pass
-
-    return Handler
-
-
-def serve(judge, host: str = "127.0.0.1", port: int = 8001, token: str | None = None,
-          max_bytes: int = 64 * 2**20) -> ThreadingHTTPServer:
-    """A started-later server (call ``serve_forever``) answering POST /judge with ``judge``."""
-    return ThreadingHTTPServer((host, port), make_handler(judge, token, max_bytes))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = flags.Parser(description="Serve a pairwise image judge over HTTP (POST /judge).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--judge", required=True, help="transformers VLM id or folder, or file.py:function.")
-    parser.add_argument("--host", default="127.0.0.1", help="Address to bind.")
-    parser.add_argument("--port", type=flags.port, default=8001, help="Port to listen on.")
-    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"Shared token (default ${TOKEN_ENV}).")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Judge device.")
-    parser.add_argument("--max_new_tokens", type=flags.positive_int, default=64, help="Longest answer, in tokens.")
-    return parser
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    server = serve(load_judge(args.judge, args.device, max_new_tokens=args.max_new_tokens), args.host, args.port,
-                   args.token)
-    print(f"judging on http://{args.host}:{server.server_port}/judge", flush=True)
-    server.serve_forever()
-
-
-if __name__ == "__main__":
-    main()

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -17,9 +18,11 @@ from test_train import REWARDS, train, training_args
 
 from pipelines import eval_cache, evaluate
 from pipelines.eval_sets import PROMPT_SETS, geneval_summary, load_prompt_set
-from pipelines.eval_stats import bootstrap_indices, bootstrap_se, outcome_rates, win_rate
-from pipelines.judge import (JUDGE_PROMPT, RemoteJudge, judge_pair, judge_text, parse_verdict, serve,
+from pipelines.eval_stats import bootstrap_indices, bootstrap_se, outcome_rates, wilson_interval, win_rate
+from pipelines.eval_tables import decimals
+from pipelines.judge import (JUDGE_PROMPT, OpenAIJudge, judge_pair, judge_text, parse_verdict,
                              shows_candidate_second)
+from pipelines.rewards.remote import decode_png
 from pipelines.rewards import rules
 
 PAPER = "/work/shared/reference/drpo-paper-arxiv-2606.02521v3.txt"  # the arXiv text, where available
@@ -151,7 +154,15 @@ def test_means_ses_and_win_rates_are_recomputed_from_the_cached_images(first_run
         low, high = torch.quantile(torch.tensor(resampled, dtype=torch.float64), torch.tensor(
             [0.025, 0.975], dtype=torch.float64)).tolist()
         # bootstrap means are multiples of 1/64, the same torch.quantile interpolates: measured 0
-        assert rates["ci"] == pytest.approx([low, high], abs=1e-12) and low <= rates["rate"] <= high
+        assert rates["bootstrap_ci"] == pytest.approx([low, high], abs=1e-12) and low <= rates["rate"] <= high
+        # Wilson over Kish's effective pairs, by hand: 32 pairs / (bootstrap variance / binomial variance)
+        p, se = rates["rate"], torch.tensor(resampled, dtype=torch.float64).std().item()
+        pairs = min(32.0, max(8.0, 32 * (p * (1 - p) / 32) / se**2)) if 0 < p < 1 else 32.0
+        z = 1.959963984540054
+        centre, half = (p + z * z / (2 * pairs)), z * math.sqrt(p * (1 - p) / pairs + z * z / (4 * pairs**2))
+        wilson = [max(0, (centre - half) / (1 + z * z / pairs)), min(1, (centre + half) / (1 + z * z / pairs))]
+        assert rates["effective_pairs"] == pytest.approx(pairs, rel=1e-9)  # float64 either way: measured 0
+        assert rates["ci"] == pytest.approx(wilson, abs=1e-12) and wilson[0] <= p <= wilson[1]
 
 
 def test_reports_table_grids_plot_and_per_image_scores(first_run):
@@ -219,6 +230,58 @@ def test_win_rate_counts_ties_half():
     assert (rates["win"], rates["tie"], rates["loss"], rates["rate"]) == (0.5, 0.25, 0.25, 0.625)
     with_unparsed = outcome_rates(torch.tensor([[1.0, float("nan")], [0.5, 0.0]]), bootstrap_indices(2, 50, 0))
     assert (with_unparsed["win"], with_unparsed["tie"], with_unparsed["loss"]) == (1 / 3, 1 / 3, 1 / 3)
+
+
+def test_wilson_interval_matches_published_values_and_never_collapses():
+    # Newcombe (1998), Table I: 0/10 -> [0, 0.2775], 1/10 -> [0.0179, 0.4042]; 15/148 -> [0.0624, 0.1605]
+    assert wilson_interval(0 / 10, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert wilson_interval(1 / 10, 10) == pytest.approx([0.0179, 0.4042], abs=1e-4)
+    assert wilson_interval(15 / 148, 148) == pytest.approx([0.0624, 0.1605], abs=1e-4)
+    # six prompts x five seeds all won: the bootstrap's percentile interval is a point, Wilson's is not
+    rates = outcome_rates(torch.ones(6, 5), bootstrap_indices(6, 200, 0))
+    assert rates["bootstrap_ci"] == [1.0, 1.0] and rates["ci"] == pytest.approx([0.8865, 1.0], abs=1e-4)
+    # every seed of a prompt alike: the pairs count as one per prompt (design effect = seeds per prompt)
+    alike = outcome_rates(torch.tensor([[1.0] * 4, [0.0] * 4] * 4), bootstrap_indices(8, 4000, 0))
+    assert alike["effective_pairs"] == pytest.approx(8, rel=0.2) and alike["ci"][1] - alike["ci"][0] > 0.5
+
+
+def test_tables_in_markdown_latex_and_csv(first_run):
+    """One decimals count per column (from its smallest SE), best in bold, the paired-change table, the
+    CSV's numbers equal to metrics.json's (the folder's latest: another test adds a metric to it)."""
+    out, _ = first_run
+    result = json.loads((out / "metrics.json").read_text())
+    table = (out / "metrics.md").read_text().splitlines()
+    rows = [line for line in table[2:4]]
+    for column, metric in enumerate(result["metrics"], start=2):
+        digits = {len(cell.split(" ± ")[0].strip("* ").split(".")[1]) for cell in (r.split("|")[column] for r in rows)}
+        smallest = min(result["metrics"][metric][m]["se"] for m in result["models"])
+        assert digits == {1 - math.floor(math.log10(smallest))}  # two significant figures of the smallest SE
+    change = table.index("Paired change against the base (same prompt and seed) ± SE; largest in bold:")
+    lora = result["metrics"]["brightness"]["bright-lora"]
+    assert table[change + 4].startswith(f"| bright-lora | **{lora['delta']:+.{decimals([lora['delta_se']])}f} ± ")
+    tex = (out / "metrics.tex").read_text()
+    assert tex.count(r"\toprule") == 2 and tex.count(r"\bottomrule") == 2 and r"\_match" in tex
+    assert r"\mathbf{" in tex and r"\pm" in tex and "±" not in tex
+    import csv
+
+    records = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(records) == 2 * len(result["metrics"])
+    for record in records:
+        entry = result["metrics"][record["metric"]][record["model"]]
+        assert float(record["mean"]) == entry["mean"] and float(record["se"]) == entry["se"]
+        if record["model"] != "base":
+            assert float(record["win_rate_low"]) == result["win_rates"][record["metric"]][record["model"]]["ci"][0]
+
+
+def test_a_judge_that_never_parses_says_so(first_run, work):
+    out, _ = first_run
+    (work / "mute.py").write_text("def mute(image_a, image_b, text):\n    return 'I cannot tell.'\n")
+    run_cli(f"--pretrained_model_name_or_path={TINY_SD}", f"--lora={work / 'bright-lora'}", f"--prompts_file={PROMPTS}",
+            "--max_prompts=2", "--seeds=0-1", "--metrics=none", f"--judge={work / 'mute.py'}:mute",
+            f"--image_cache_dir={out / 'images'}", f"--output_dir={work / 'mute'}", "--bootstrap=20")
+    table = (work / "mute" / "metrics.md").read_text()
+    assert "| bright-lora | – | – | – | 4 / 4 | no verdict parsed |" in table
+    assert "No answer of the judge parsed as a verdict for bright-lora" in table and "None" not in table
 
 
 def test_geneval_summary_arithmetic_on_hand_built_verdicts():
@@ -393,27 +456,116 @@ def test_scripted_judge_aggregation(first_run, work):
     assert "unparsed" in (work / "judged" / "metrics.md").read_text()
 
 
-def test_judge_server_round_trip(work):
-    answers = []
+class FakeOpenAIJudge(ThreadingHTTPServer):
+    """A local OpenAI-compatible chat-completions server: GET /v1/models lists ``fake-vlm``; POST
+    /v1/chat/completions answers the brighter image as the winner (``brighter``'s rule). /html/v1 answers an
+    HTML page, /busy/v1 answers 503 to the first request, /silent/v1 accepts the request and never answers. Every request body is kept."""
 
-    def scripted(image_a, image_b, text):
-        answers.append((tuple(image_a.shape), text))
-        return '{"winner": "tie", "confidence": 0.5, "reason": "ok"}'
+    def __init__(self):
+        self.requests, self.release = [], threading.Event()
+        server = self
 
-    server = serve(scripted, port=0, token="s3cret")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/judge"
-        image = torch.rand(3, 8, 8)
-        assert RemoteJudge(url, token="s3cret")(image, image, "the text") == '{"winner": "tie", "confidence": 0.5, ' \
-                                                                           '"reason": "ok"}'
-        assert answers == [((3, 8, 8), "the text")]
-        with pytest.raises(RuntimeError, match="HTTP 401"):
-            RemoteJudge(url, token="wrong", retries=0)(image, image, "the text")
-    finally:
-        server.shutdown()
-        server.server_close()
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server API)
+                self.reply(200, {"object": "list", "data": [{"id": "fake-vlm", "object": "model"}]})
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append((self.path, self.headers.get("Authorization"), body))
+                if self.path.startswith("/silent/"):
+                    server.release.wait(30)
+                    return
+                if self.path.startswith("/html/"):
+                    return self.reply(200, "<html><body>502 Bad Gateway</body></html>", raw=True)
+                if self.path.startswith("/busy/") and len(server.requests) == 1:
+                    return self.reply(503, {"error": "loading"})
+                images = [decode_png(part["image_url"]["url"].removeprefix("data:image/png;base64,"))
+                          for part in body["messages"][0]["content"][:2]]
+                a, b = images[0].mean().item(), images[1].mean().item()
+                verdict = json.dumps({"winner": "A" if a > b else "B", "confidence": 0.9, "reason": "brighter"})
+                self.reply(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": verdict}}]})
+
+            def reply(self, status, payload, raw=False):
+                data = (payload if raw else json.dumps(payload)).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def url(self, prefix=""):
+        return f"http://127.0.0.1:{self.server_port}{prefix}/v1"
+
+    def close(self):
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture
+def fake_judge():
+    server = FakeOpenAIJudge()
+    yield server
+    server.close()
+
+
+def test_openai_compatible_judge_end_to_end(first_run, work, fake_judge, monkeypatch):
+    """--judge openai:<url>: the B.4 prompt and both images sent as image_url parts, the key from the
+    environment, verdicts mapped back through the A/B order (recomputed from the cached images)."""
+    out, _ = first_run
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
+    result = run_cli(f"--pretrained_model_name_or_path={TINY_SD}", f"--lora={work / 'bright-lora'}",
+                     f"--prompts_file={PROMPTS}", "--max_prompts=3", "--seeds=0-1", "--metrics=none",
+                     f"--judge=openai:{fake_judge.url()}", "--judge_model=fake-vlm", "--judge_max_new_tokens=40",
+                     f"--image_cache_dir={out / 'images'}", f"--output_dir={work / 'openai'}", "--bootstrap=50")
+    prompts, wins = tiny_prompts(3), 0
+    for prompt in prompts:
+        for seed in (0, 1):
+            lora = cached(out / "images", "bright-lora", prompt, seed).mean().item()
+            wins += lora > cached(out / "images", "base", prompt, seed).mean().item()
+    entry = result["judge"]["bright-lora"]
+    assert entry["parsed"] == 6 and entry["unparsed"] == 0 and entry["win"] == pytest.approx(wins / 6)
+    assert len(fake_judge.requests) == 6
+    for path, authorization, body in fake_judge.requests:
+        assert path == "/v1/chat/completions" and authorization == "Bearer sk-local"
+        assert (body["model"], body["temperature"], body["max_tokens"]) == ("fake-vlm", 0, 40)
+        content = body["messages"][0]["content"]
+        assert [part["type"] for part in content] == ["image_url", "image_url", "text"]
+    assert sorted(body["messages"][0]["content"][2]["text"] for _, _, body in fake_judge.requests) == \
+        sorted(judge_text(prompt) for prompt in prompts for _ in (0, 1))
+    assert result["judge_model"] == f"fake-vlm at openai:{fake_judge.url()}"
+
+
+def test_openai_judge_names_its_url_and_keeps_a_total_deadline(fake_judge):
+    image = torch.rand(3, 8, 8)
+    assert parse_verdict(OpenAIJudge(fake_judge.url("/busy"), "fake-vlm", backoff=0.05)(image, image, "text"))
+    assert len(fake_judge.requests) == 2  # the 503 was retried
+    with pytest.raises(RuntimeError, match=r"judge .*/html/v1/chat/completions did not answer JSON .*<html>"):
+        OpenAIJudge(fake_judge.url("/html"), "fake-vlm")(image, image, "text")
+    # accepted, never answered: retried until the whole judgement's deadline, then a clear error
+    with pytest.raises(RuntimeError, match=r"gave no answer within 1.5 s \(--judge_timeout; 1 attempt, last: "
+                                           r"TimeoutError"):
+        OpenAIJudge(fake_judge.url("/silent"), "fake-vlm", deadline=1.5, backoff=0.2)(image, image, "text")
+
+
+@pytest.mark.parametrize("judge,model,message", [
+    ("openai:{url}", None, r"needs an http\(s\) base URL .* and --judge_model"),
+    ("openai:{url}", "other", "does not serve --judge_model 'other'; it serves: fake-vlm"),
+    ("openai:http://127.0.0.1:9/v1", "m", "not reachable as an OpenAI-compatible API"),
+    ("http://127.0.0.1:8001/judge", None, "serve the judge behind an OpenAI-compatible API"),
+    (None, "m", "--judge_model names the served model"),
+])
+def test_judge_flags_are_checked_before_anything_loads(fake_judge, capsys, judge, model, message):
+    given = ([f"--judge={judge.format(url=fake_judge.url())}"] if judge else []) + \
+        ([f"--judge_model={model}"] if model else [])
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([f"--pretrained_model_name_or_path={TINY_SD}", "--metrics=none", *given])
+    assert re.search(message, capsys.readouterr().err)
 
 
 TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for part in message['content'] %}"

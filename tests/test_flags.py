@@ -9,7 +9,7 @@ from conftest import PROMPTS, ROOT, TINY_SD, TINY_SDXL
 
 import train_drpo
 import train_drpo_sdxl
-from pipelines import evaluate, flags, judge
+from pipelines import evaluate, flags
 from pipelines.build_tiny_models import build_parser as tiny_models_parser
 from pipelines.rewards import server
 
@@ -124,8 +124,7 @@ def test_a_bad_evaluation_flag_is_refused_before_anything_is_generated(capsys, f
     (server.build_parser, ["--reward=color_match", "--port=-1"], "--port"),
     (server.build_parser, ["--reward=color_match", "--max_batch=0"], "--max_batch"),
     (server.build_parser, ["--reward=color_match", "--max_request_mb=nan"], "--max_request_mb"),
-    (judge.build_parser, ["--judge=x", "--port=70000"], "--port"),
-    (judge.build_parser, ["--judge=x", "--max_new_tokens=0"], "--max_new_tokens"),
+    (evaluate.build_parser, ["--pretrained_model_name_or_path=x", "--judge_timeout=0"], "--judge_timeout"),
 ])
 def test_a_bad_server_flag_is_refused(capsys, build, argv, flag):
     assert flag in refusal(build().parse_args, argv, capsys)
@@ -134,7 +133,7 @@ def test_a_bad_server_flag_is_refused(capsys, build, argv, flag):
 def parsers():
     return {"train_drpo": train_drpo.build_parser(), "train_drpo_sdxl": train_drpo_sdxl.build_parser(),
             "evaluate": evaluate.build_parser(), "reward server": server.build_parser(),
-            "judge server": judge.build_parser(), "build_tiny_models": tiny_models_parser()}
+            "build_tiny_models": tiny_models_parser()}
 
 
 def test_every_numeric_flag_has_a_checked_type():

@@ -91,10 +91,6 @@ class RemoteReward:
         self.name = public_text(url)  # what messages and logs say: the URL without its credentials
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         parts = urllib.parse.urlsplit(url)
-        self.connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        self.host, self.path = parts.netloc.rsplit("@", 1)[-1], parts.path or "/"
-        if parts.query:
-            self.path += f"?{parts.query}"
         # user:password@ in the URL: HTTP basic authentication, unless a bearer token is given
         self.basic = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode() \
             if parts.username else None
@@ -107,7 +103,7 @@ class RemoteReward:
         attempt = 0
         while True:
             try:
-                status, data = self.post(body, headers)
+                status, data = post_within(self.url, body, headers, self.timeout)
             except (OSError, http.client.HTTPException) as error:  # refused, reset, deadline passed, truncated
                 if attempt == self.retries:
                     raise RewardError(f"reward server {self.name} unreachable or too slow after {attempt + 1} "
@@ -124,30 +120,6 @@ class RemoteReward:
                            delay)
             time.sleep(delay)
 
-    def post(self, body: bytes, headers: dict) -> tuple[int, bytes]:
-        """One request, answered in full within ``timeout`` seconds, or ``TimeoutError``."""
-        connection = self.connection_class(self.host, timeout=self.timeout)
-        outcome: dict = {}
-
-        def exchange():
-            try:
-                connection.request("POST", self.path, body=body, headers=headers)
-                response = connection.getresponse()
-                outcome["answer"] = (response.status, response.read())
-            except Exception as error:  # noqa: BLE001 - handed to the caller below
-                outcome["error"] = error
-
-        worker = threading.Thread(target=exchange, name="remote-reward-request", daemon=True)
-        worker.start()
-        worker.join(self.timeout)
-        if worker.is_alive():
-            abort(connection)
-            raise TimeoutError(f"no complete answer within {self.timeout:g} s")
-        connection.close()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["answer"]
-
     def scores_of(self, status: int, data: bytes) -> list[float]:
         """The scores of a complete answer, or a ``RewardError`` naming the URL."""
         if status != 200:
@@ -162,6 +134,35 @@ class RemoteReward:
                                                    for s in scores):
             raise RewardError(f"reward server {self.name} did not return a list of numbers: {str(answer)[:200]}")
         return scores
+
+
+def post_within(url: str, body: bytes, headers: dict, timeout: float) -> tuple[int, bytes]:
+    """POST ``body`` to ``url`` and read the whole answer within ``timeout`` seconds (connect, send, wait,
+    read, however slowly the server trickles it), or ``TimeoutError``. Returns (status, body)."""
+    parts = urllib.parse.urlsplit(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.netloc.rsplit("@", 1)[-1], timeout=timeout)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    outcome: dict = {}
+
+    def exchange():
+        try:
+            connection.request("POST", path, body=body, headers=headers)
+            response = connection.getresponse()
+            outcome["answer"] = (response.status, response.read())
+        except Exception as error:  # noqa: BLE001 - handed to the caller below
+            outcome["error"] = error
+
+    worker = threading.Thread(target=exchange, name="http-request", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        abort(connection)
+        raise TimeoutError(f"no complete answer within {timeout:g} s")
+    connection.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["answer"]
 
 
 def abort(connection: http.client.HTTPConnection) -> None:
