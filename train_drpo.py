@@ -36,9 +36,10 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
-                 default_feature_extractor: str = "latent_mae") -> argparse.ArgumentParser:
+                 default_feature_extractor: str = "latent_mae", prog: str = "train_drpo.py") -> argparse.ArgumentParser:
     """The flags, group by group; train_drpo_sdxl.py extends this parser."""
-    parser = flags.Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = flags.Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    flags.add_config_flag(parser)
     cli.add_model_flags(parser)
     cli.add_prompt_flags(parser)
     cli.add_method_flags(parser, DRPO.name, default_feature_extractor)
@@ -180,6 +181,8 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
                                inputs=content.run_inputs(prompts, settings.reward.reward))
     # writable, not another run's, locked; a write that fails for space or permission names the intact checkpoint
     with checkpoints.claimed_output_dir(accelerator, settings.run, record), checkpoints.writing_outputs(settings.run):
+        if accelerator.is_main_process:  # the resolved flags, reusable as --config
+            hub.write_run_config(settings.run.output_dir, args.run_config)
         train(accelerator, settings, record, prompts, memory.own_resolution(unet_config, vae_config), encode_prompts,
               load_pipeline)
     accelerator.end_training()

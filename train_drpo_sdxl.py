@@ -26,7 +26,8 @@ encode_prompts = drpo_utils.encode_prompts_sdxl  # condition c: both encoders + 
 
 def build_parser():
     # Pixel-space MAE features: the paper's choice for SDXL (the latent-MAE speaks SD-VAE latents only).
-    parser = train_drpo.build_parser("DrPO for SDXL-Turbo-family one-step models.", default_feature_extractor="vit_mae")
+    parser = train_drpo.build_parser("DrPO for SDXL-Turbo-family one-step models.", default_feature_extractor="vit_mae",
+                                    prog="train_drpo_sdxl.py")
     parser.add_argument(
         "--pretrained_vae_model_name_or_path", default=None,
         help="An fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix); without it the SDXL VAE stays in fp32.",

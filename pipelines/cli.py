@@ -397,9 +397,10 @@ def hub_needs(args) -> dict[str, list[str]]:
 
 
 def parse_and_check(parser: argparse.ArgumentParser, input_args=None) -> argparse.Namespace:
-    """Parse the flags and check them all (``check_args``) before anything loads."""
-    args = parser.parse_args(input_args)
-    check_args(args, flags.explicit_flags(parser, input_args))
+    """Parse the flags (over a ``--config`` file's) and check them all (``check_args``) before anything loads."""
+    args, given = flags.parse_with_config(parser, input_args)
+    check_args(args, given)
+    args.run_config = {"script": parser.prog, "flags": hub.run_flags(parser, args)}
     return args
 
 

@@ -18,6 +18,7 @@ The single-reward helpers (``reward_table``, ``summarize``, ``evaluate``) are ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -31,6 +32,7 @@ from pipelines.config import EvalConfig
 from pipelines.eval_cache import ImageCache, model_weights, parse_models, split_label
 from pipelines.eval_report import summarize_run, write_reports
 from pipelines.eval_tables import render_markdown
+from pipelines.hub import run_flags, write_run_config
 from pipelines.eval_sets import GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_tag, load_prompt_set
 from pipelines.inference import generate_images, load_one_step_pipeline
 from pipelines.redact import public_text
@@ -232,6 +234,9 @@ def run(evaluation: EvalConfig) -> dict | None:
     specs = dict(metric_label(item) for item in evaluation.metrics.split(",")
                  if item.strip() and item.strip() != "none")
     os.makedirs(evaluation.output_dir, exist_ok=True)
+    if state.is_main_process:  # the resolved flags, reusable as --config
+        write_run_config(evaluation.output_dir, {"script": "-m pipelines.evaluate", "flags": run_flags(
+            build_parser(), argparse.Namespace(**dataclasses.asdict(evaluation)))})
     prompt_set = load_prompt_set(evaluation.prompts_file, evaluation.dataset_name, evaluation.dataset_split,
                                  evaluation.prompt_column, evaluation.prompt_set, evaluation.max_prompts,
                                  evaluation.unique_prompts)
@@ -338,6 +343,7 @@ def add_output_flags(parser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The evaluation's flags, group by group."""
     parser = flags.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    flags.add_config_flag(parser)
     for add_flags in (add_model_flags, add_prompt_flags, add_metric_flags, add_output_flags):
         add_flags(parser)
     return parser
@@ -371,7 +377,7 @@ def check_config(evaluation: EvalConfig) -> None:
 def parse_args(argv=None) -> EvalConfig:
     """The flags as an EvalConfig, every metric and model path checked before anything loads."""
     parser = build_parser()
-    evaluation = from_namespace(EvalConfig, parser.parse_args(argv))
+    evaluation = from_namespace(EvalConfig, flags.parse_with_config(parser, argv)[0])
     try:
         check_config(evaluation)
     except (ValueError, OSError) as error:

@@ -197,3 +197,128 @@ def refuse_idle_flags(given: set[str], rules: Iterable[tuple[Iterable[str], bool
             listed = ", ".join(f"--{flag}" for flag in idle)
             raise ValueError(f"{listed} {'does' if len(idle) == 1 else 'do'} nothing in this run: "
                              f"{'it applies' if len(idle) == 1 else 'they apply'} only {when}")
+
+
+# ---------------------------------------------------------------------------------------------
+# --config: a YAML file of flag values, the command line over it
+# ---------------------------------------------------------------------------------------------
+
+CONFIG_HELP = ("A YAML file of flag values, keyed by flag name without the dashes (learning_rate: 1.0e-5); "
+               "flags given on the command line override it. configs/ holds the paper's recipes.")
+
+
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE.yaml", help=CONFIG_HELP)
+
+
+def config_loader():
+    """A YAML loader whose booleans are true / false only (YAML 1.2): ``mixed_precision: no`` stays "no"."""
+    import re
+
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    ConfigLoader.yaml_implicit_resolvers = {first: [(tag, rule) for tag, rule in rules if tag != bool_tag]
+                                            for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    ConfigLoader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return ConfigLoader
+
+
+def read_config(path: str) -> dict:
+    """The flag values of a --config file (a YAML mapping)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.load(handle, Loader=config_loader())  # noqa: S506 - a SafeLoader subclass
+    except OSError as error:
+        raise ValueError(f"--config {path}: cannot be read ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(values).__name__}")
+    return values
+
+
+def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """dest -> action of every option a config file may set (not --help, not --config)."""
+    return {action.dest: action for action in parser._actions  # noqa: SLF001 - no public list of actions
+            if action.option_strings and action.dest not in ("help", "config")}
+
+
+def config_tokens(parser: argparse.ArgumentParser, values: dict, path: str) -> list[str]:
+    """Command-line tokens for a config file's values, so that each is checked exactly as the flag is."""
+    import difflib
+
+    actions, tokens = option_actions(parser), []
+    for key, value in values.items():
+        if key not in actions:
+            close = difflib.get_close_matches(key, list(actions), n=1)
+            raise ValueError(f"--config {path}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close
+                                                                        else " (keys are flag names without --)"))
+        tokens += action_tokens(actions[key], value, path)
+    return tokens
+
+
+def action_tokens(action: argparse.Action, value, path: str) -> list[str]:
+    flag = action.option_strings[0]
+    if value is None:
+        return []
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"--config {path}: {action.dest} is a switch: true or false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [flag if value else f"--no-{flag[2:]}"]
+        return [flag] if value != bool(action.default) else []  # store_true given true
+    if isinstance(value, (list, tuple)):
+        if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+            return [flag, *map(str, value)]
+        return [f"{flag}={','.join(map(str, value))}"]  # a comma-separated flag (radii, seeds, names)
+    if isinstance(value, dict):
+        raise ValueError(f"--config {path}: {action.dest} takes a value, not a mapping")
+    return [f"{flag}={value}"]
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None
+                      ) -> tuple[argparse.Namespace, set[str]]:
+    """Parse ``argv`` over the values of its ``--config`` file; returns the namespace and the flags given (on
+    the command line or in the file). A bad key or value stops with a one-line error naming it."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    probe.add_argument("--config", default=None)
+    path = probe.parse_known_args(argv)[0].config
+    given = explicit_flags(parser, argv)
+    if path is None:
+        return parser.parse_args(argv), given
+    try:
+        values = read_config(path)
+        config_tokens(parser, values, path)  # every key checked, those the command line overrides included
+        tokens = config_tokens(parser, {key: value for key, value in values.items() if key not in given}, path)
+    except ValueError as error:
+        parser.error(str(error))
+    return parser.parse_args(tokens + argv), given | set(values)
+
+
+def changed_flags(parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                  drop: Callable[[str], bool] = lambda key: False) -> dict:
+    """The flags of a parsed run that differ from their defaults, as a --config file holds them."""
+    values, listed = {}, (lambda value: list(value) if isinstance(value, tuple) else value)
+    for dest, action in option_actions(parser).items():
+        value = listed(getattr(namespace, dest, action.default))
+        if value != listed(action.default) and value is not None and not drop(dest):
+            values[dest] = value
+    return values
+
+
+def config_yaml(values: dict, header: str) -> str:
+    import yaml
+
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    return comment + yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=120)

@@ -1,12 +1,14 @@
-"""What leaves the machine: the trackers' config (never a secret), the Hub repository and its upload, and
-the base model's licence for the model card."""
+"""What leaves the machine: the trackers' config and the run's ``config.yaml`` (never a secret), the Hub
+repository and its upload, and the base model's licence for the model card."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
 
+from pipelines import files, flags
 from pipelines.config import HubConfig, TrainingConfig
 from pipelines.redact import public_text
 
@@ -28,6 +30,24 @@ def public_config(config: TrainingConfig) -> dict:
                     continue
                 flat[key] = public_text(leaf) if isinstance(leaf, str) else leaf
     return flat
+
+
+def run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The run's flags that differ from their defaults (what ``config.yaml`` holds), without secrets: no
+    token, no credential in a URL."""
+    values = flags.changed_flags(parser, args, drop=lambda dest: SECRET_NAME.search(dest) is not None)
+    return {key: public_text(value) if isinstance(value, str) else value for key, value in values.items()}
+
+
+RUN_CONFIG = "config.yaml"
+
+
+def write_run_config(output_dir: str, run_config: dict) -> None:
+    """``config.yaml`` in the run folder: the resolved flags, reusable as ``--config`` (``run_config``: the
+    script and its flags, from ``parse_and_check``)."""
+    header = (f"The flags of this run that differ from their defaults (--config file and command line resolved).\n"
+              f"Rerun: accelerate launch {run_config['script']} --config {RUN_CONFIG}")
+    files.write_text(os.path.join(output_dir, RUN_CONFIG), flags.config_yaml(run_config["flags"], header))
 
 
 def init_trackers(accelerator, config: TrainingConfig) -> None:

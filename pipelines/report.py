@@ -116,6 +116,16 @@ def card_setup(config: TrainingConfig) -> str:
             + (f", starting from the LoRA `{config.adapter.init_lora}`." if config.adapter.init_lora else "."))
 
 
+def run_config_section(output_dir: str) -> str:
+    """The card's training configuration: the run's ``config.yaml`` (its resolved flags), when there is one."""
+    path = os.path.join(output_dir, hub.RUN_CONFIG)
+    if not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    return f"\n## Training configuration\n\n`config.yaml` in this repository, reusable with `--config`:\n\n```yaml\n{text}```\n"
+
+
 def write_model_card(config: TrainingConfig, sample_file: str | None, metrics: dict,
                      widget: list[dict] | None = None, pipeline_cls=None) -> None:
     """``README.md`` model card (huggingface_hub.ModelCard) with the samples, a widget gallery, the base
@@ -133,6 +143,7 @@ def write_model_card(config: TrainingConfig, sample_file: str | None, metrics: d
                               tags=["text-to-image", "diffusers", "diffusers-training", "lora", "template:sd-lora",
                                     *family, "drpo", "one-step"])  # "drpo": the project's tag, whatever the method
     lines = "\n".join(f"- {k}: {v}" for k, v in metrics.items())
+    recipe = run_config_section(output_dir)
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -153,7 +164,7 @@ pipe = AutoPipelineForText2Image.from_pretrained("{base_model or model}")
 pipe.load_lora_weights("{hub.repo_name(config.hub, output_dir)}")
 image = pipe("a prompt", num_inference_steps=1, guidance_scale=0.0).images[0]
 ```
-"""
+{recipe}"""
     files.write_text(os.path.join(output_dir, "README.md"), str(ModelCard(content)))
 
 
