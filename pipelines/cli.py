@@ -400,7 +400,7 @@ def parse_and_check(parser: argparse.ArgumentParser, input_args=None) -> argpars
     """Parse the flags (over a ``--config`` file's) and check them all (``check_args``) before anything loads."""
     args, given = flags.parse_with_config(parser, input_args)
     check_args(args, given)
-    args.run_config = {"script": parser.prog, "flags": hub.run_flags(parser, args)}
+    args.run_config = {"script": parser.prog, "flags": hub.public_flags(flags.changed_flags(parser, vars(args)))}
     return args
 
 

@@ -32,7 +32,7 @@ from pipelines.config import EvalConfig
 from pipelines.eval_cache import ImageCache, model_weights, parse_models, split_label
 from pipelines.eval_report import summarize_run, write_reports
 from pipelines.eval_tables import render_markdown
-from pipelines.hub import run_flags, write_run_config
+from pipelines.hub import public_flags, write_run_config
 from pipelines.eval_sets import GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_tag, load_prompt_set
 from pipelines.inference import generate_images, load_one_step_pipeline
 from pipelines.redact import public_text
@@ -235,8 +235,8 @@ def run(evaluation: EvalConfig) -> dict | None:
                  if item.strip() and item.strip() != "none")
     os.makedirs(evaluation.output_dir, exist_ok=True)
     if state.is_main_process:  # the resolved flags, reusable as --config
-        write_run_config(evaluation.output_dir, {"script": "-m pipelines.evaluate", "flags": run_flags(
-            build_parser(), argparse.Namespace(**dataclasses.asdict(evaluation)))})
+        changed = flags.changed_flags(build_parser(), dataclasses.asdict(evaluation))
+        write_run_config(evaluation.output_dir, {"script": "-m pipelines.evaluate", "flags": public_flags(changed)})
     prompt_set = load_prompt_set(evaluation.prompts_file, evaluation.dataset_name, evaluation.dataset_split,
                                  evaluation.prompt_column, evaluation.prompt_set, evaluation.max_prompts,
                                  evaluation.unique_prompts)

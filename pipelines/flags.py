@@ -306,15 +306,15 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Iterable[str] | Non
     return parser.parse_args(tokens + argv), given | set(values)
 
 
-def changed_flags(parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                  drop: Callable[[str], bool] = lambda key: False) -> dict:
-    """The flags of a parsed run that differ from their defaults, as a --config file holds them."""
-    values, listed = {}, (lambda value: list(value) if isinstance(value, tuple) else value)
+def changed_flags(parser: argparse.ArgumentParser, values: dict) -> dict:
+    """Of a run's flag values (dest -> value), those that differ from their defaults, as a --config file
+    holds them."""
+    changed, listed = {}, (lambda value: list(value) if isinstance(value, tuple) else value)
     for dest, action in option_actions(parser).items():
-        value = listed(getattr(namespace, dest, action.default))
-        if value != listed(action.default) and value is not None and not drop(dest):
-            values[dest] = value
-    return values
+        value = listed(values.get(dest, action.default))
+        if value != listed(action.default) and value is not None:
+            changed[dest] = value
+    return changed
 
 
 def config_yaml(values: dict, header: str) -> str:

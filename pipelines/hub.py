@@ -3,7 +3,6 @@ repository and its upload, and the base model's licence for the model card."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -32,11 +31,10 @@ def public_config(config: TrainingConfig) -> dict:
     return flat
 
 
-def run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """The run's flags that differ from their defaults (what ``config.yaml`` holds), without secrets: no
-    token, no credential in a URL."""
-    values = flags.changed_flags(parser, args, drop=lambda dest: SECRET_NAME.search(dest) is not None)
-    return {key: public_text(value) if isinstance(value, str) else value for key, value in values.items()}
+def public_flags(values: dict) -> dict:
+    """Flag values as ``config.yaml`` publishes them: no token-like flag, no credential in a URL."""
+    return {key: public_text(value) if isinstance(value, str) else value for key, value in values.items()
+            if not SECRET_NAME.search(key)}
 
 
 RUN_CONFIG = "config.yaml"

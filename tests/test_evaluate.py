@@ -183,6 +183,8 @@ def test_reports_table_grids_plot_and_per_image_scores(first_run):
     assert len(lines) == 2 * 8 * 4 and set(json.loads(lines[0])) >= {"model", "prompt", "seed", "brightness"}
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved) >= {"models", "num_prompts", "seeds", "metrics", "win_rates"}
+    config = (out / "config.yaml").read_text()  # the resolved flags, reusable with --config
+    assert "bootstrap: 300\n" in config and "--config config.yaml" in config and "seeds:\n- 0\n" in config
 
 
 def test_a_second_call_adding_a_metric_generates_nothing(first_run, work, monkeypatch):
