@@ -77,6 +77,53 @@ def push_to_hub(hub: HubConfig, output_dir: str, repo_id: str) -> None:
                   ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "*.tmp", ".drpo*"])
 
 
+CARD_START, CARD_END = "<!-- drpo:card -->", "<!-- /drpo:card -->"  # the part of a card this project writes
+CARD_FIELDS = ("base_model", "library_name", "license", "license_name", "license_link", "widget")
+
+
+def hub_card_text(repo_id: str, token: str | None) -> str | None:
+    """The README.md the Hub repository holds already, or None (a new repository)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        with open(hf_hub_download(repo_id, "README.md", token=token), encoding="utf-8") as handle:
+            return handle.read()
+    except EntryNotFoundError:
+        return None
+
+
+def merge_model_cards(existing: str, ours: str) -> str:
+    """diffusers' convention (``load_or_create_model_card``): a card already on the Hub is kept — its text
+    and metadata — and extended: our tags join its own, the fields it lacks (base model, licence, widget)
+    are filled, and our section is added, or replaced where an earlier push left it."""
+    from huggingface_hub import ModelCard
+
+    kept, new = ModelCard(existing), ModelCard(ours)
+    kept.data.tags = list(dict.fromkeys([*(kept.data.tags or []), *(new.data.tags or [])]))
+    for field in CARD_FIELDS:
+        if getattr(kept.data, field, None) is None and getattr(new.data, field, None) is not None:
+            setattr(kept.data, field, getattr(new.data, field))
+    section = new.text[new.text.index(CARD_START):new.text.index(CARD_END) + len(CARD_END)]
+    text = kept.text
+    if CARD_START in text and CARD_END in text:
+        text = text[:text.index(CARD_START)] + section + text[text.index(CARD_END) + len(CARD_END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    return str(ModelCard(f"---\n{kept.data.to_yaml()}\n---\n{text}"))
+
+
+def extend_existing_card(hub: HubConfig, output_dir: str, repo_id: str) -> None:
+    """Before the upload: the output folder's card merged into the one the repository holds, if any."""
+    existing = hub_card_text(repo_id, hub_token(hub))
+    if existing is None:
+        return
+    path = os.path.join(output_dir, "README.md")
+    with open(path, encoding="utf-8") as handle:
+        ours = handle.read()
+    files.write_text(path, merge_model_cards(existing, ours))
+
+
 def hub_base_model(name_or_path: str) -> str | None:
     """The base model's Hub id for the card's ``base_model``: the id itself, the repo of a Hub cache
     snapshot folder, or None for a model that only exists on this disk."""

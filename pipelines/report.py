@@ -138,8 +138,10 @@ def write_model_card(config: TrainingConfig, sample_file: str | None, metrics: d
     samples = (f"![base vs LoRA]({sample_file})\n\nPer prompt (named above its rows): the base model, then the "
                f"same seeds with this LoRA.\n" if sample_file else "")
     family = hub.family_tags(pipeline_cls) if pipeline_cls is not None else []
-    card_data = ModelCardData(base_model=base_model, library_name="diffusers", license=licence,
-                              license_name=licence_name, license_link=licence_link, widget=widget or None,
+    datasets = [name for name in (config.data.dataset_name, config.data.preference_dataset)
+                if name is not None and not os.path.exists(name)]  # Hub datasets, not local folders
+    card_data = ModelCardData(base_model=base_model, library_name="diffusers", license=licence, license_name=licence_name,
+                              license_link=licence_link, datasets=datasets or None, widget=widget or None,
                               tags=["text-to-image", "diffusers", "diffusers-training", "lora", "template:sd-lora",
                                     *family, "drpo", "one-step"])  # "drpo": the project's tag, whatever the method
     lines = "\n".join(f"- {k}: {v}" for k, v in metrics.items())
@@ -147,6 +149,7 @@ def write_model_card(config: TrainingConfig, sample_file: str | None, metrics: d
     content = f"""---
 {card_data.to_yaml()}
 ---
+{hub.CARD_START}
 
 # DrPO LoRA for {base_model or model}
 
@@ -164,7 +167,9 @@ pipe = AutoPipelineForText2Image.from_pretrained("{base_model or model}")
 pipe.load_lora_weights("{hub.repo_name(config.hub, output_dir)}")
 image = pipe("a prompt", num_inference_steps=1, guidance_scale=0.0).images[0]
 ```
-{recipe}"""
+{recipe}
+{hub.CARD_END}
+"""
     files.write_text(os.path.join(output_dir, "README.md"), str(ModelCard(content)))
 
 
@@ -210,5 +215,6 @@ def finish_training(accelerator, config: TrainingConfig, pipe, history, prompts:
         "effect size (change / across-seed std)": f"{effect:.2f}" if effect is not None
         else f"undefined: {metrics['effect_size_undefined']}"}, widget, type(pipe))
     if repo_id is not None:
+        hub.extend_existing_card(config.hub, output_dir, repo_id)  # a card already on the Hub is kept
         hub.push_to_hub(config.hub, output_dir, repo_id)
     return metrics

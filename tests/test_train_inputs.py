@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import PROMPTS, ROOT, TINY_SD, TINY_SDXL, build_random_pipeline
 from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import EntryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -17,7 +19,7 @@ import drpo_utils
 import train_drpo
 import train_drpo_sdxl
 from pipelines import hub, lora_files
-from pipelines.config import AdapterConfig
+from pipelines.config import AdapterConfig, HubConfig
 from pipelines.rewards import RewardError
 
 SCRIPTS = {"sd": (train_drpo, TINY_SD), "sdxl": (train_drpo_sdxl, TINY_SDXL)}
@@ -123,15 +125,21 @@ def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypat
     def fake_upload_folder(repo_id, folder_path, ignore_patterns=None, token=None, **kwargs):
         calls.append(("upload", repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
 
+    def no_card_yet(repo_id, filename, token=None, **kwargs):
+        calls.append(("card", repo_id, filename))
+        raise EntryNotFoundError(f"{repo_id} has no {filename}")
+
     monkeypatch.setattr("huggingface_hub.create_repo", fake_create_repo)
     monkeypatch.setattr("huggingface_hub.upload_folder", fake_upload_folder)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_card_yet)
     module, model = SCRIPTS[script]
     reward = f"--reward={REWARDS}:brightness" if method == "draft" else "--reward=color_match"
     args = module.parse_args(args_for(tmp_path, "--push_to_hub", "--hub_token=hf_fake", "--hub_model_id=drpo-tiny",
                                       reward, "--checkpointing_steps=1", f"--method={method}", model=model))
     train_drpo.main(args, encode_prompts=module.encode_prompts, load_pipeline=module.load_pipeline)
     assert calls[0] == ("create", "drpo-tiny", "hf_fake", False)  # created before any training output
-    kind, repo_id, files, ignore = calls[1]
+    assert calls[1] == ("card", "someone/drpo-tiny", "README.md")  # a card already there would be kept
+    kind, repo_id, files, ignore = calls[2]
     assert kind == "upload" and repo_id == "someone/drpo-tiny"
     assert {"pytorch_lora_weights.safetensors", "README.md", "samples_before_after.png"} <= set(files)
     assert "checkpoint-*" in ignore
@@ -142,6 +150,50 @@ def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypat
     family = "stable-diffusion-xl" if script == "sdxl" else "stable-diffusion"
     assert {"text-to-image", "diffusers-training", "lora", "template:sd-lora", family, f"{family}-diffusers"} <= set(
         re.findall(r"^- (\S+)$", card, re.M))
+
+
+EXISTING_CARD = """---
+license: mit
+tags:
+- my-tag
+- lora
+---
+
+# My LoRA
+
+Words the owner wrote.
+"""
+
+
+def test_an_existing_hub_card_is_kept_and_extended(tmp_path, monkeypatch):
+    """Its text, licence and tags stay; ours join; our section is added once and replaced on the next push."""
+    ours = (f"---\nlicense: other\nlicense_name: sai-nc-community\nbase_model: stabilityai/sd-turbo\n"
+            f"tags:\n- lora\n- drpo\n---\n{hub.CARD_START}\n\n# DrPO LoRA, run 1\n{hub.CARD_END}\n")
+    merged = hub.merge_model_cards(EXISTING_CARD, ours)
+    card = ModelCard(merged)
+    assert card.data.license == "mit" and card.data.license_name == "sai-nc-community"
+    assert card.data.base_model == "stabilityai/sd-turbo" and card.data.tags == ["my-tag", "lora", "drpo"]
+    assert "# My LoRA\n\nWords the owner wrote." in card.text and card.text.count("DrPO LoRA, run 1") == 1
+    again = hub.merge_model_cards(merged, ours.replace("run 1", "run 2"))
+    assert "run 1" not in again and again.count("run 2") == 1 and "Words the owner wrote." in again
+    # through the push path: the Hub's README.md is downloaded and the folder's card rewritten before the upload
+    (tmp_path / "README.md").write_text(ours)
+    existing = tmp_path / "hub-readme.md"
+    existing.write_text(EXISTING_CARD)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda repo_id, filename, token=None: str(existing))
+    hub.extend_existing_card(HubConfig(), str(tmp_path), "someone/drpo")
+    assert (tmp_path / "README.md").read_text() == merged
+
+
+def test_model_card_lists_hub_datasets_not_local_folders(tmp_path):
+    from pipelines import report
+
+    for dataset, listed in (("someone/prompts", ["someone/prompts"]), (str(tmp_path), None)):
+        args = train_drpo.parse_args([f"--pretrained_model_name_or_path={TINY_SD}", "--reward=color_match",
+                                      f"--dataset_name={dataset}", f"--output_dir={tmp_path / 'run'}"])
+        os.makedirs(tmp_path / "run", exist_ok=True)
+        report.write_model_card(train_drpo.build_config(args), None, {})
+        assert ModelCard.load(tmp_path / "run" / "README.md").data.datasets == listed
 
 
 def test_model_card_names_the_base_models_licence():
