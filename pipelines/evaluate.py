@@ -389,7 +389,12 @@ def main(argv=None):
     return run(parse_args(argv))
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """``python -m pipelines.evaluate`` / ``drpo-evaluate``: an input error ends in one line."""
     from pipelines.cli import run_reporting_user_errors
 
     run_reporting_user_errors(main)
+
+
+if __name__ == "__main__":
+    command()

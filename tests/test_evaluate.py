@@ -322,6 +322,7 @@ GENEVAL_PROMPTS = [  # (GenEval metadata, passes with the scene below)
 def test_geneval_mode_on_tiny_stand_ins_reproduces_the_summary(tmp_path, monkeypatch):
     """GenEval's metadata file, the geneval checker on a tiny Mask2Former + CLIP whose detections and
     colours are scripted (a dog on the left, a person on the right; the dog red, the person green)."""
+    pytest.importorskip("scipy", reason="the GenEval checker is the optional geneval install: pip install -e .[geneval]")
     from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
     from pipelines.rewards.geneval import GenEvalReward

@@ -91,6 +91,7 @@ def test_mask_box_is_right_and_bottom_exclusive():
 @pytest.fixture(scope="module")
 def tiny_geneval(tmp_path_factory):
     """A tiny Mask2Former (Swin backbone) + its image processor, and a tiny CLIP, saved as on the Hub."""
+    pytest.importorskip("scipy", reason="the GenEval checker is the optional geneval install: pip install -e .[geneval]")
     from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
     detector = tmp_path_factory.mktemp("tiny-mask2former")

@@ -59,6 +59,7 @@ def test_pickscore_is_logit_scale_times_cosine_and_reads_the_image(tiny_clip):
 @pytest.fixture(scope="module")
 def tiny_hps(tmp_path_factory):
     """A tiny open_clip config + a checkpoint in the HPS v2 release format ``{"state_dict": ...}``."""
+    pytest.importorskip("open_clip", reason="HPS v2 is the optional hps install: pip install -e .[hps]")
     import open_clip
 
     path = tmp_path_factory.mktemp("tiny-hps")
@@ -128,6 +129,8 @@ def tiny_image_reward(tmp_path, monkeypatch):
     The test replaces the ``bert-base-uncased`` download with a local BERT vocabulary and shrinks the
     ViT-L the package hard-codes to a 1-layer, 32-wide ViT of the same class (same key layout).
     """
+    pytest.importorskip("ImageReward", reason="ImageReward is its own install: pip install --no-deps image-reward==1.5 "
+                                              "(docs/rewards.md; .ci/run installs it)")
     from transformers import BertTokenizer
 
     import pipelines.rewards.models
