@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 PROJECT_DIRS = ("pipelines", "benchmarks")
@@ -311,3 +313,26 @@ def test_no_module_imports_a_posix_only_module_at_import_time():
                 offenders[name] = sorted(found)
     assert offenders == {}
     assert top_level_imports("import fcntl\ndef f():\n    import termios\n") == {"fcntl"}  # the rule sees them
+
+
+def test_the_package_metadata_is_whole():
+    """pyproject.toml: every console entry point names a callable that exists; every project module is in
+    the package (a top-level module or a pipelines* package; benchmarks/ stays in the clone); requirements.txt installs the extras, not a
+    list of its own; pytest only in the test extra."""
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        project = tomllib.load(handle)
+    for name, target in project["project"]["scripts"].items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+    top_level = set(project["tool"]["setuptools"]["py-modules"])
+    for name in project_modules():  # benchmarks/ is the clone's tooling, not the package
+        assert name.split(".")[0] in top_level | {"pipelines", "benchmarks"}, f"{name} is outside the package"
+    extras = project["project"]["optional-dependencies"]
+    assert set(extras) >= {"hps", "imagereward", "geneval", "judge", "test", "all"}
+    assert not any("pytest" in dependency for dependency in project["project"]["dependencies"])
+    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as handle:
+        requirements = [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+    assert requirements == ["-e .[all]"]
