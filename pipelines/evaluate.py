@@ -36,8 +36,8 @@ from pipelines.hub import public_flags, write_run_config
 from pipelines.eval_sets import GENEVAL_IMAGES_PER_PROMPT, PROMPT_SETS, geneval_tag, load_prompt_set
 from pipelines.inference import generate_images, load_one_step_pipeline
 from pipelines.redact import public_text
-from pipelines.rewards import (REWARDS, check_reward_spec, hub_resources, is_url, load_reward, probe_servers,
-                               score_candidates)
+from pipelines.rewards import (REWARDS, check_installed, check_reward_spec, hub_resources, is_url, load_reward,
+                               probe_servers, score_candidates)
 
 
 
@@ -367,6 +367,8 @@ def check_config(evaluation: EvalConfig) -> None:
             check_reward_spec(metric_label(item.strip())[1], None, flag="--metrics")
             probe_servers(metric_label(item.strip())[1])
     check_judge(evaluation.judge, evaluation.judge_model)
+    if evaluation.geneval:
+        check_installed("geneval", "--geneval")
     for model in parse_models(evaluation.lora, evaluation.unet)[1:]:
         if missing_local_path(model.path):
             offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

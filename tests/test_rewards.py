@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, build_tiny_clip
+import train_drpo
+from conftest import PROMPTS, ROOT, TINY_SD, build_tiny_clip
 
 import pipelines.rewards as rewards
 from pipelines.rewards import REWARDS as REGISTRY
@@ -192,6 +194,20 @@ def test_named_model_reward_without_network_says_which_weights(name, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="needs the weights"):
         rewards.load_reward(name)
+
+
+@pytest.mark.parametrize("reward,module,install", [
+    ("imagereward", "ImageReward", "pip install -e .[imagereward] && pip install --no-deps image-reward==1.5"),
+    ("hpsv2", "open_clip", "pip install -e .[hps]"), ("geneval", "scipy", "pip install -e .[geneval]")])
+def test_a_reward_of_an_optional_install_that_is_absent_says_the_command(monkeypatch, reward, module, install):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    with pytest.raises(ValueError, match=re.escape(f"--reward {reward} needs the {module} package, an optional "
+                                                   f"install: {install}")):
+        train_drpo.parse_args([f"--pretrained_model_name_or_path={TINY_SD}", f"--reward=color_match,{reward}",
+                               f"--prompts_file={PROMPTS}"])
 
 
 def test_training_with_a_model_reward_fails_at_start_up_not_in_step_one(tmp_path):

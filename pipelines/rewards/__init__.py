@@ -40,12 +40,14 @@ class RewardEntry:
     downloads: str = ""  # empty: needs no weights
     differentiable: bool = False
     hub: tuple[str, ...] = ()  # what it fetches from the Hub (pipelines.downloads resources), checked at start
+    requires: tuple[str, str] | None = None  # (module, the install that provides it) beyond the core install
 
 
 def _rule(function: RewardFn) -> Callable[..., RewardFn]:
     return lambda device="cpu": function
 
 
+HPS_EXTRA = ("open_clip", "pip install -e .[hps]")
 REWARDS: dict[str, RewardEntry] = {
     "color_match": RewardEntry(_rule(rules.color_match), "share of the image in the colour the prompt names "
                                                          "(fits the tiny models)"),
@@ -63,15 +65,18 @@ REWARDS: dict[str, RewardEntry] = {
                              differentiable=True, hub=("openai/clip-vit-large-patch14",)),
     "hpsv2": RewardEntry(models.hpsv2, "Human Preference Score v2",
                          f"{models.HPS_REPO}:HPS_v2_compressed.pt (open_clip ViT-H-14, ~3.9 GB)", differentiable=True,
-                         hub=(f"{models.HPS_REPO}:HPS_v2_compressed.pt",)),
+                         hub=(f"{models.HPS_REPO}:HPS_v2_compressed.pt",), requires=HPS_EXTRA),
     "hpsv21": RewardEntry(models.hpsv21, "Human Preference Score v2.1",
                           f"{models.HPS_REPO}:HPS_v2.1_compressed.pt (open_clip ViT-H-14, ~3.9 GB)",
-                          differentiable=True, hub=(f"{models.HPS_REPO}:HPS_v2.1_compressed.pt",)),
+                          differentiable=True, hub=(f"{models.HPS_REPO}:HPS_v2.1_compressed.pt",),
+                          requires=HPS_EXTRA),
     "imagereward": RewardEntry(models.imagereward, "ImageReward-v1.0",
                                "THUDM/ImageReward: ImageReward.pt + med_config.json (~1.8 GB), tokenizer "
                                "bert-base-uncased", differentiable=True,
                                hub=("THUDM/ImageReward:ImageReward.pt", "THUDM/ImageReward:med_config.json",
-                                    "bert-base-uncased")),
+                                    "bert-base-uncased"),
+                               requires=("ImageReward", "pip install -e .[imagereward] && pip install --no-deps "
+                                                        "image-reward==1.5")),
     "hpsv3": RewardEntry(models.hpsv3, "HPSv3 (Qwen2-VL-7B reward model; its own environment)",
                          "MizzenAI/HPSv3:HPSv3.safetensors + Qwen/Qwen2-VL-7B-Instruct (~16 GB), "
                          "and the hpsv3 package",
@@ -79,7 +84,8 @@ REWARDS: dict[str, RewardEntry] = {
     "geneval": RewardEntry(geneval.geneval, "GenEval task checks, binary",
                            "facebook/mask2former-swin-small-coco-instance (~280 MB) + openai/clip-vit-large-patch14 "
                            "(~1.7 GB)", hub=("facebook/mask2former-swin-small-coco-instance",
-                                             "openai/clip-vit-large-patch14")),
+                                             "openai/clip-vit-large-patch14"),
+                           requires=("scipy", "pip install -e .[geneval]")),
 }
 
 OTHER_SPECS = ("a comma-separated mixture like pickscore,clip, a server URL http://host:port/score (several "
@@ -150,6 +156,15 @@ def hub_resources(spec: str) -> list[str]:
     return [resource for part in mixture_parts(spec) if part in REWARDS for resource in REWARDS[part].hub]
 
 
+def check_installed(name: str, flag: str = "--reward") -> None:
+    """A named reward whose package is an optional install: present, or a ValueError saying the command."""
+    import importlib.util
+
+    requires = REWARDS[name].requires
+    if requires is not None and importlib.util.find_spec(requires[0]) is None:
+        raise ValueError(f"{flag} {name} needs the {requires[0]} package, an optional install: {requires[1]}")
+
+
 def check_reward_spec(spec: str, weights: Sequence[float] | None, flag: str = "--reward") -> None:
     """Cheap validation of ``--reward`` / ``--reward_weights`` (no model loading): names, files, weight count."""
     parts = mixture_parts(spec)
@@ -158,7 +173,10 @@ def check_reward_spec(spec: str, weights: Sequence[float] | None, flag: str = "-
     if weights is not None and len(weights) != len(parts):
         raise ValueError(f"--reward_weights has {len(weights)} values for {len(parts)} rewards in {spec!r}")
     for part in parts:
-        if part in REWARDS or is_url(part):  # servers are probed by ``probe_servers``, after the cheap checks
+        if part in REWARDS:
+            check_installed(part, flag)
+            continue
+        if is_url(part):  # servers are probed by ``probe_servers``, after the cheap checks
             continue
         location, colon, function = part.rpartition(":")
         if colon and (not location.strip() or not function.strip()):
