@@ -53,15 +53,24 @@ class DriftNumerics:
     rms_floor: float = 1e-24  # RMS = sqrt(max(mean square, floor)) (eps_v of Eq. 25)
     affinity_floor: float = 0.0  # A = sqrt(max(softmax_j * softmax_i, floor)) w_j (Eq. 22)
     self_penalty: float = math.inf  # logit - penalty / rho on a masked copy; inf removes it
+    distance_floor: float = 0.0  # Delta_ij = sqrt(max(||z_i - b_j||^2, floor)) (Eq. 18); 0: exact
 
     def __post_init__(self):
-        if self.scale_floor <= 0 or self.rms_floor <= 0 or self.affinity_floor < 0 or self.self_penalty <= 0:
+        if self.scale_floor <= 0 or self.rms_floor <= 0 or self.affinity_floor < 0 or self.self_penalty <= 0 \
+                or self.distance_floor < 0:
             raise ValueError(f"drift numerics: the floors of s and RMS and the self penalty must be positive, the "
-                             f"affinity floor non-negative; got {self}")
+                             f"affinity and distance floors non-negative; got {self}")
 
 
 EXACT_NUMERICS = DriftNumerics()
-RELEASED_NUMERICS = DriftNumerics(scale_floor=1e-3, rms_floor=1e-8, affinity_floor=1e-6, self_penalty=100.0)
+RELEASED_NUMERICS = DriftNumerics(scale_floor=1e-3, rms_floor=1e-8, affinity_floor=1e-6, self_penalty=100.0,
+                                  distance_floor=1e-8)
+
+
+def pairwise_distances(queries: torch.Tensor, supports: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """Delta_ij = ||z_i - b_j|| (Eq. 18), or sqrt(max(||z_i - b_j||^2, floor)) with a distance floor."""
+    delta = torch.cdist(queries, supports)
+    return delta.clamp_min(math.sqrt(floor)) if floor > 0 else delta
 
 
 def kernel_logits(distances: torch.Tensor, cosine: torch.Tensor | None, radius: float, kernel: str) -> torch.Tensor:
@@ -151,7 +160,7 @@ def drift_field(
         [_support_weights(neg_weight, num_neg, supports), _support_weights(pos_weight, len(pos), supports)]
     )
 
-    delta = torch.cdist(queries, supports)  # Eq. 18
+    delta = pairwise_distances(queries, supports, numerics.distance_floor)  # Eq. 18
     scale, coord_scale = feature_scales(delta, weights, dim, numerics.scale_floor)  # Eqs. 19-20
     supports_normalised = supports / coord_scale
     distances = delta / scale
@@ -266,6 +275,35 @@ def sample_reward_pairs(
     return torch.where(first_wins, first, second), torch.where(first_wins, second, first)
 
 
+def top_bottom_split(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A+ / A- as the released recipe builds them: the top floor(K/2) candidates by reward and the bottom
+    floor(K/2), each candidate used once (for an odd K the median is left out; ties are broken by a stable
+    sort, the earlier candidate first). A constant reward ranks nothing: no pairs, as Eq. 12's sampler.
+
+    Returns ``(winners, losers)`` of equal length, winners best first, losers worst last.
+    """
+    rewards = torch.as_tensor(rewards).flatten().cpu()
+    if len(rewards) < 2:
+        raise ValueError(f"need at least 2 candidates to form pairs, got {len(rewards)}")
+    if rewards.max() == rewards.min():
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty
+    order, half = torch.sort(rewards, descending=True, stable=True).indices, len(rewards) // 2
+    return order[:half], order[len(rewards) - half:]
+
+
+PAIRINGS = ("random", "top_bottom")
+
+
+def preference_pairs(rewards: torch.Tensor, num_pairs: int, pairing: str = "random",
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A+ / A- of one prompt: M random reward-ordered pairs (Eq. 12, the paper) or the top / bottom split
+    of the released recipe (``num_pairs`` unused: K/2 a side)."""
+    if pairing == "top_bottom":
+        return top_bottom_split(rewards)
+    return sample_reward_pairs(rewards, num_pairs, generator)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The DrPO loss (Eqs. 15-17)
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +330,10 @@ class DriftConfig:
     mask_paired_reference: bool = True
     numerics: DriftNumerics = EXACT_NUMERICS
     loss_reduction: str = "sum"  # "sum": 1/(2K) sum_i ||.||^2 (Eq. 17); "mean": over candidates and dims
+    # Several feature tensors (a multi-layer phi): "sum" adds their losses (as Drifting Models, which
+    # Appendix A follows; the paper does not say), "mean" averages them (the released code).
+    feature_reduction: str = "sum"
+    pairing: str = "random"  # A+ / A-: M random reward-ordered pairs (Eq. 12) or "top_bottom" (released recipe)
     # False: one target z~ + eta (V_pref + lambda V_ref) in the preference call's coordinates (Eqs. 15-17).
     # True: two regressions, each field in its own call's coordinates, the reference one weighted by lambda.
     separate_branch_losses: bool = False
@@ -301,8 +343,11 @@ class DriftConfig:
             raise ValueError(f"Unknown drift kernel {self.kernel!r}; choose one of {', '.join(DRIFT_KERNELS)}.")
         if not self.radii or any(r <= 0 for r in self.radii):
             raise ValueError(f"drift radii must be positive, got {self.radii}")
-        if self.loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+        if self.loss_reduction not in LOSS_REDUCTIONS or self.feature_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss and feature reductions must be one of {LOSS_REDUCTIONS}, got "
+                             f"{self.loss_reduction!r} / {self.feature_reduction!r}")
+        if self.pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}")
         if self.pair_weight <= 0:
             raise ValueError(f"the pair weight must be positive, got {self.pair_weight}")
 
@@ -312,7 +357,7 @@ DRIFT_PRESETS = {
     # The released code's estimator (UGVly/DrPO, drift_loss and its callers).
     "authors": DriftConfig(radii=(0.02, 0.05, 0.2), kernel="laplacian", pair_weight=3000.0, self_negatives=True,
                            mask_paired_reference=False, numerics=RELEASED_NUMERICS, loss_reduction="mean",
-                           separate_branch_losses=True),
+                           separate_branch_losses=True, feature_reduction="mean", pairing="top_bottom"),
 }
 
 
@@ -366,7 +411,7 @@ def coordinate_scale(z: torch.Tensor, supports: dict, config: DriftConfig) -> to
     pos, neg = supports["pos"].to(queries.dtype), supports["neg"].to(queries.dtype)
     weights = torch.cat([_support_weights(supports["neg_weight"], len(neg), queries),
                          _support_weights(supports["pos_weight"], len(pos), queries)])
-    delta = torch.cdist(queries, torch.cat([neg, pos]))
+    delta = pairwise_distances(queries, torch.cat([neg, pos]), config.numerics.distance_floor)
     return feature_scales(delta, weights, queries.shape[1], config.numerics.scale_floor)[1]
 
 
@@ -459,7 +504,7 @@ def regression_loss(
             squared = (z_normalised - target).square().sum()
             scale = 0.5 / count if config.loss_reduction == "sum" else 1.0 / (count * z.shape[1])
             total = total + term.weight * scale * squared  # Eq. 17
-    return total
+    return total / len(features) if config.feature_reduction == "mean" else total
 
 
 def drpo_loss(

@@ -85,7 +85,8 @@ def drpo_step(ctx: candidates.StepContext, cand: candidates.Candidates):
     device = ctx.accelerator.device
     # 6-7: the reward's ranking (maybe scored while the previous prompt trained) and the pairs A+ / A-
     scores, waited = ctx.scorer.result(cand.scores)
-    winners, losers = drpo_utils.sample_reward_pairs(scores.ranking, ctx.setup.num_pairs, cand.rng)
+    winners, losers = drpo_utils.preference_pairs(scores.ranking, ctx.setup.num_pairs, ctx.drift.pairing,
+                                                  cand.rng)
     # 8-11: V = V_pref + lambda V_ref and the detached targets sg(z~ + eta V)
     targets, stats = drpo_utils.drift_targets(cand.features, cand.ref_features, winners.to(device),
                                               losers.to(device), ctx.drift)

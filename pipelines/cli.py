@@ -43,6 +43,12 @@ DRIFT_FLAGS = {
                                                                    "(Eq. 22)."),
     "self_penalty": ("self_penalty", flags.positive_float_or_inf, "Logit penalty / rho on a masked copy; inf removes "
                                                                   "it (Appendix A)."),
+    "drift_distance_floor": ("distance_floor", flags.non_negative_float, "Floor of squared distances before the root "
+                                                                         "(Eq. 18); 0: exact."),
+    "feature_reduction": ("feature_reduction", str, "Several feature tensors: sum their losses (Drifting Models) or "
+                                                    "mean (the released code)."),
+    "pairing": ("pairing", str, "A+ / A-: random = M random reward-ordered pairs (Eq. 12); top_bottom = the top and "
+                                "bottom K/2 by reward, each once (the released recipe; M unused)."),
 }
 DRIFT_FIELDS = {flag: field for flag, (field, _, _) in DRIFT_FLAGS.items()}  # flag -> DriftConfig field
 NUMERICS_FIELDS = {field.name for field in dataclasses.fields(drpo_utils.DriftNumerics)}
@@ -69,7 +75,8 @@ def add_drift_flags(group) -> None:
             group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
                                help=f"{text} {presets}")
         else:
-            choices = {"kernel": drpo_utils.DRIFT_KERNELS, "loss_reduction": drpo_utils.LOSS_REDUCTIONS}.get(field)
+            choices = {"kernel": drpo_utils.DRIFT_KERNELS, "loss_reduction": drpo_utils.LOSS_REDUCTIONS,
+                       "feature_reduction": drpo_utils.LOSS_REDUCTIONS, "pairing": drpo_utils.PAIRINGS}.get(field)
             group.add_argument(f"--{flag}", default=None, choices=choices, help=f"{text} {presets}",
                                type=None if choices else parse)
 

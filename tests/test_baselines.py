@@ -141,3 +141,35 @@ def test_reward_gradient_methods_refuse_ranking_only_rewards_at_start_up(tmp_pat
     with pytest.raises(ValueError, match=f"--method vggflow backpropagates through the reward.*{reward}"):
         train_drpo.parse_args(args_for(tmp_path, "--method=vggflow", f"--reward={reward}"))
 
+
+
+@pytest.mark.parametrize("method", ["drpo", "drpo_top_bottom", "dpo"])
+def test_ranking_methods_ignore_the_rewards_scale_and_offset(tmp_path, method):
+    """The reward only ranks (DrPO's random pairs or top / bottom split, DPO's pairs): 100 x R + 5 trains
+    the same LoRA as R, bit for bit."""
+    from test_train import lora_tensors, train, training_args
+
+    from conftest import TINY_SD
+
+    extra = ["--method=drpo", "--drift_preset=authors"] if method == "drpo_top_bottom" else [f"--method={method}"]
+    loras = []
+    for reward in ("brightness", "brightness_rescaled"):
+        train("train_drpo.py", *training_args(TINY_SD, tmp_path / reward, f"--reward={REWARDS}:{reward}",
+                                              "--max_train_steps=2", "--learning_rate=1e-3", *extra))
+        loras.append(lora_tensors(tmp_path / reward))
+    plain, rescaled = loras
+    assert plain.keys() == rescaled.keys()
+    moved = max(tensor.abs().max().item() for name, tensor in plain.items() if "lora.up" in name)
+    assert moved > 0  # the runs trained (the up matrices start at zero)
+    assert all(torch.equal(plain[name], rescaled[name]) for name in plain)
+
+
+def test_grpo_advantages_ignore_the_offset_and_the_scale_up_to_eps():
+    """A_k = alpha (r_k - mean r) / (std r + eps_r) (Appendix C): an offset cancels; a scale c changes A by
+    the factor (std + eps) / (std + eps / c), at most eps / std relative."""
+    rewards = torch.tensor([0.41, 0.43, 0.40, 0.47, 0.45, 0.42], dtype=torch.float64)
+    plain = group_advantages(rewards, 1.0, 5.0).double()
+    torch.testing.assert_close(group_advantages(rewards + 5.0, 1.0, 5.0).double(), plain, rtol=1e-6, atol=0)
+    rescaled = group_advantages(100.0 * rewards + 5.0, 1.0, 5.0).double()
+    bound = 1e-6 / rewards.std().item()  # 4e-5 here
+    assert ((rescaled - plain).abs() <= 2 * bound * plain.abs() + 1e-7).all()

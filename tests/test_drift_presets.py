@@ -18,7 +18,10 @@ from drpo_utils import (
     preference_supports,
     reference_field,
     reference_supports,
+    pairwise_distances,
+    preference_pairs,
     sample_reward_pairs,
+    top_bottom_split,
 )
 
 
@@ -32,7 +35,7 @@ def released_drift(z, pos, neg, radii, kernel="laplacian", weights=None, self_co
                    numerics=RELEASED_NUMERICS):
     """The documented formulas, one query and one support at a time (float64):
 
-    Delta_ij = ||z_i - b_j||; s = max(floor_s, Mean_ij(w_j Delta_ij) / Mean_j(w_j)); s_z = max(floor_s, s / sqrt(d));
+    Delta_ij = sqrt(max(floor_d, ||z_i - b_j||^2)); s = max(floor_s, Mean_ij(w_j Delta_ij) / Mean_j(w_j)); s_z = max(floor_s, s / sqrt(d));
     L_ij = kernel(Delta_ij / s, rho) - (penalty / rho) [j is a masked copy of i];
     A_ij = sqrt(max(floor_a, softmax_j(L)_ij softmax_i(L)_ij)) w_j;
     V_i = m-_i sum_{j in B+} A_ij b_j / s_z - m+_i sum_{j in B-} A_ij b_j / s_z;
@@ -42,7 +45,8 @@ def released_drift(z, pos, neg, radii, kernel="laplacian", weights=None, self_co
     supports = torch.cat([neg, pos])
     q, b, d = len(z), len(supports), z.shape[1]
     w = torch.ones(b, dtype=torch.float64) if weights is None else weights.double()
-    delta = [[math.dist(z[i].tolist(), supports[j].tolist()) for j in range(b)] for i in range(q)]
+    floor = math.sqrt(numerics.distance_floor)
+    delta = [[max(floor, math.dist(z[i].tolist(), supports[j].tolist())) for j in range(b)] for i in range(q)]
     s = max(numerics.scale_floor, sum(w[j] * delta[i][j] for i in range(q) for j in range(b)) / (q * b) / (w.sum() / b))
     s_z = max(numerics.scale_floor, s / math.sqrt(d))
 
@@ -188,5 +192,50 @@ def test_presets_differ_only_where_documented():
     assert paper == DriftConfig()
     changed = {f for f in DriftConfig.__dataclass_fields__ if getattr(paper, f) != getattr(authors, f)}
     assert changed == {"radii", "kernel", "pair_weight", "self_negatives", "mask_paired_reference", "numerics",
-                       "loss_reduction", "separate_branch_losses"}
-    assert authors.numerics == DriftNumerics(scale_floor=1e-3, rms_floor=1e-8, affinity_floor=1e-6, self_penalty=100)
+                       "loss_reduction", "separate_branch_losses", "feature_reduction", "pairing"}
+    assert authors.numerics == DriftNumerics(scale_floor=1e-3, rms_floor=1e-8, affinity_floor=1e-6, self_penalty=100,
+                                             distance_floor=1e-8)
+    assert (authors.feature_reduction, authors.pairing) == ("mean", "top_bottom")
+
+
+def test_top_bottom_split_by_hand():
+    """The released recipe's A+ / A-: a stable descending sort, the top and bottom floor(K/2), each once."""
+    rewards = torch.tensor([0.3, 0.9, 0.1, 0.9, 0.5])
+    winners, losers = top_bottom_split(rewards)
+    assert winners.tolist() == [1, 3] and losers.tolist() == [0, 2]  # the median (0.5, index 4) is left out
+    winners, losers = top_bottom_split(torch.tensor([2.0, 1.0, 4.0, 3.0]))
+    assert winners.tolist() == [2, 3] and losers.tolist() == [0, 1]
+    assert [len(side) for side in top_bottom_split(torch.ones(6))] == [0, 0]  # a constant reward ranks nothing
+    # z-scoring (their first step) changes no order; the pairing only reads the order
+    assert [t.tolist() for t in top_bottom_split(100 * rewards + 5)] == [[1, 3], [0, 2]]
+    assert [t.tolist() for t in preference_pairs(rewards, 3, "top_bottom")] == [[1, 3], [0, 2]]
+    random_pairs = preference_pairs(rewards, 3, "random", torch.Generator().manual_seed(0))
+    assert len(random_pairs[0]) == 3 and (rewards[random_pairs[0]] > rewards[random_pairs[1]]).all()
+
+
+def test_distance_floor_by_hand():
+    """sqrt(max(d^2, 1e-8)): a support on the query is 1e-4 away, and the batch scale s counts it so."""
+    z = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    pos, neg = torch.tensor([[0.0]], dtype=torch.float64), torch.tensor([[3.0]], dtype=torch.float64)
+    assert pairwise_distances(z, pos, 1e-8).tolist() == [[1e-4], [1.0]]
+    assert pairwise_distances(z, pos).tolist() == [[0.0], [1.0]]
+    numerics = DriftNumerics(distance_floor=1e-8)
+    supports = dict(pos=pos, neg=neg, pos_weight=1.0, neg_weight=1.0)
+    # s = mean(Delta) over [B-; B+] = (3 + 1e-4 + 2 + 1) / 4; s_z = s / sqrt(1)
+    expected = (3 + 1e-4 + 2 + 1) / 4
+    assert coordinate_scale(z, supports, DriftConfig(numerics=numerics)).item() == pytest.approx(expected, rel=1e-12)
+    got = drift_field(z, pos, neg, [0.5], kernel="laplacian", numerics=numerics)
+    torch.testing.assert_close(got, released_drift(z, pos, neg, [0.5], numerics=numerics), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="distance floors non-negative"):
+        DriftNumerics(distance_floor=-1.0)
+
+
+def test_feature_reduction_mean_is_the_mean_of_the_per_tensor_losses():
+    g = torch.Generator().manual_seed(15)
+    features = {name: torch.randn(6, dim, generator=g, dtype=torch.float64) for name, dim in (("a", 4), ("b", 3))}
+    refs = {name: torch.randn_like(value) for name, value in features.items()}
+    winners, losers = torch.tensor([0, 1]), torch.tensor([4, 5])
+    per_tensor = [drpo_loss(features[n], refs[n], winners, losers, DriftConfig())[0].item() for n in ("a", "b")]
+    summed = drpo_loss(features, refs, winners, losers, DriftConfig())[0].item()
+    mean = drpo_loss(features, refs, winners, losers, DriftConfig(feature_reduction="mean"))[0].item()
+    assert summed == pytest.approx(sum(per_tensor), rel=1e-12) and mean == pytest.approx(sum(per_tensor) / 2, rel=1e-12)

@@ -60,3 +60,8 @@ def meet_a_partner(images, prompts):
 def constant(images, prompts):
     """The same score for every image: no ranking at all."""
     return [0.5] * len(images)
+
+
+def brightness_rescaled(images, prompts):
+    """100 x brightness + 5: the same ranking as ``brightness`` on another scale and offset."""
+    return 100.0 * images.mean(dim=(1, 2, 3)) + 5.0
