@@ -5,7 +5,8 @@
 
 One factor at a time from a base run (the quickstart's settings with fewer steps): the candidate
 count K, the feature map, the kernel, the authors' preset at pair weights 1000-10000 (the paper's
-"velocity scale" beta), radii sets, the reference weight lambda and the unmasked reference drift.
+"velocity scale" beta), the pairing (random reward-ordered pairs vs the released top / bottom split, under
+either estimator), radii sets, the reference weight lambda and the unmasked reference drift.
 Every run has the same seed, prompts and step budget and is evaluated on the same held-out seeds:
 the gain of the trained reward (``color_match``), the change of a reward it was not trained on
 (``jpeg_compressibility``: minus the JPEG size, i.e. how smooth the image stays), the RMS pixel
@@ -39,6 +40,8 @@ GRID = [
     ("pair weight beta (authors' preset)", "beta = 3000", ["--drift_preset=authors"]),
     ("pair weight beta (authors' preset)", "beta = 5000", ["--drift_preset=authors", "--pair_weight=5000"]),
     ("pair weight beta (authors' preset)", "beta = 10000", ["--drift_preset=authors", "--pair_weight=10000"]),
+    ("pairing", "top / bottom K/2 (released recipe), paper estimator", ["--pairing=top_bottom"]),
+    ("pairing", "random M pairs, authors' preset", ["--drift_preset=authors", "--pairing=random"]),
     ("radii", "0.02,0.05,0.2 (exact Eqs. 22-25)", ["--drift_radii=0.02,0.05,0.2"]),
     ("radii", "0.2,0.5,1.0", ["--drift_radii=0.2,0.5,1.0"]),
     ("reference drift", "lambda = 0", ["--ref_weight=0"]),
