@@ -32,9 +32,14 @@ def public_config(config: TrainingConfig) -> dict:
 
 
 def public_flags(values: dict) -> dict:
-    """Flag values as ``config.yaml`` publishes them: no token-like flag, no credential in a URL."""
-    return {key: public_text(value) if isinstance(value, str) else value for key, value in values.items()
-            if not SECRET_NAME.search(key)}
+    """Flag values as ``config.yaml`` publishes them: no token-like flag, no credential in a URL (in a
+    string or in a list of them)."""
+    def public(value):
+        if isinstance(value, str):
+            return public_text(value)
+        return [public(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+    return {key: public(value) for key, value in values.items() if not SECRET_NAME.search(key)}
 
 
 RUN_CONFIG = "config.yaml"

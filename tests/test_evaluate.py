@@ -613,6 +613,8 @@ def build_tiny_qwen25_vl(path) -> str:
 
 
 def test_tiny_qwen25_vl_judges_end_to_end(first_run, work, monkeypatch):
+    pytest.importorskip("torchvision", reason="Qwen-VL's processors need torchvision: the judge extra, "
+                                              "pip install -e .[judge]")
     from transformers import Qwen2_5_VLProcessor
 
     out, _ = first_run
