@@ -334,6 +334,12 @@ class DriftConfig:
     # Appendix A follows; the paper does not say), "mean" averages them (the released code).
     feature_reduction: str = "sum"
     pairing: str = "random"  # A+ / A-: M random reward-ordered pairs (Eq. 12) or "top_bottom" (released recipe)
+    # Each branch its own support weights and radii (the released trainer: pos / neg / ref / ref-neg weights,
+    # preference and reference radius lists); None: pair_weight and radii, Appendix A's single w_j and rho set.
+    negative_weight: float | None = None  # A- in V_pref
+    reference_weight: float | None = None  # R in V_ref
+    reference_negative_weight: float | None = None  # sg(Z) in V_ref
+    reference_radii: tuple[float, ...] | None = None
     # False: one target z~ + eta (V_pref + lambda V_ref) in the preference call's coordinates (Eqs. 15-17).
     # True: two regressions, each field in its own call's coordinates, the reference one weighted by lambda.
     separate_branch_losses: bool = False
@@ -348,8 +354,18 @@ class DriftConfig:
                              f"{self.loss_reduction!r} / {self.feature_reduction!r}")
         if self.pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}")
-        if self.pair_weight <= 0:
-            raise ValueError(f"the pair weight must be positive, got {self.pair_weight}")
+        weights = (self.pair_weight, self.negative_weight, self.reference_weight, self.reference_negative_weight)
+        if any(weight is not None and weight <= 0 for weight in weights):
+            raise ValueError(f"support weights must be positive, got {weights}")
+        if self.reference_radii is not None and (not self.reference_radii or min(self.reference_radii) <= 0):
+            raise ValueError(f"reference radii must be positive, got {self.reference_radii}")
+
+    def branch_weight(self, support: str) -> float:
+        """w_j of one kind of support: "positive" (A+), "negative" (A-), "reference" (R), "reference_negative"
+        (sg(Z) in V_ref); each defaults to ``pair_weight``."""
+        own = {"positive": None, "negative": self.negative_weight, "reference": self.reference_weight,
+               "reference_negative": self.reference_negative_weight}[support]
+        return self.pair_weight if own is None else own
 
 
 DRIFT_PRESETS = {
@@ -369,24 +385,27 @@ def _with_self_negatives(queries: torch.Tensor, neg: torch.Tensor, neg_weight: f
 
 def preference_supports(z: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, config: DriftConfig) -> dict:
     """Supports of V_pref: A+ and A- (Eq. 12; online Z[winners] / Z[losers], offline the dataset's chosen /
-    rejected features), weighted ``pair_weight``; with ``self_negatives`` also sg(Z) as unit-weight
-    negatives, each query's own copy masked."""
+    rejected features), weighted ``pair_weight`` (A- ``negative_weight`` when set); with ``self_negatives``
+    also sg(Z) as unit-weight negatives, each query's own copy masked."""
     queries = z.detach()
     pos, neg = pos.detach().to(queries.dtype), neg.detach().to(queries.dtype)
-    supports = dict(pos=pos, neg=neg, pos_weight=config.pair_weight, neg_weight=config.pair_weight)
+    negative_weight = config.branch_weight("negative")
+    supports = dict(pos=pos, neg=neg, pos_weight=config.pair_weight, neg_weight=negative_weight)
     if config.self_negatives:
-        supports["neg"], supports["neg_weight"] = _with_self_negatives(queries, neg, config.pair_weight)
+        supports["neg"], supports["neg_weight"] = _with_self_negatives(queries, neg, negative_weight)
         supports["mask_self"] = True
     return supports
 
 
 def reference_supports(z: torch.Tensor, z_ref: torch.Tensor, config: DriftConfig) -> dict:
-    """Supports of V_ref: R (positives) and sg(Z) (negatives), weighted ``pair_weight`` (Eq. 14)."""
+    """Supports of V_ref: R (positives) and sg(Z) (negatives) (Eq. 14), weighted ``pair_weight`` unless
+    ``reference_weight`` / ``reference_negative_weight`` are set."""
     queries, ref = z.detach(), z_ref.detach()
-    supports = dict(pos=ref, neg=queries, pos_weight=config.pair_weight, neg_weight=config.pair_weight,
+    negative_weight = config.branch_weight("reference_negative")
+    supports = dict(pos=ref, neg=queries, pos_weight=config.branch_weight("reference"), neg_weight=negative_weight,
                     mask_self=config.mask_self, mask_paired_positive=config.mask_self and config.mask_paired_reference)
     if config.self_negatives:  # [sg(Z) (unit weight); sg(Z)]: the first copy always masked, the second with mask_self
-        supports["neg"], supports["neg_weight"] = _with_self_negatives(queries, queries, config.pair_weight)
+        supports["neg"], supports["neg_weight"] = _with_self_negatives(queries, queries, negative_weight)
         supports.update(mask_self=True, self_copies=2 if config.mask_self else 1)
     return supports
 
@@ -400,8 +419,10 @@ def preference_field(z: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, conf
 
 
 def reference_field(z: torch.Tensor, z_ref: torch.Tensor, config: DriftConfig) -> torch.Tensor:
-    """V_ref = DriftField(Z, R, sg(Z)): attraction to the base model's samples (Eq. 14)."""
-    return drift_field(z, radii=config.radii, kernel=config.kernel, numerics=config.numerics,
+    """V_ref = DriftField(Z, R, sg(Z)): attraction to the base model's samples (Eq. 14), at
+    ``reference_radii`` when set."""
+    radii = config.radii if config.reference_radii is None else config.reference_radii
+    return drift_field(z, radii=radii, kernel=config.kernel, numerics=config.numerics,
                        **reference_supports(z, z_ref, config))
 
 

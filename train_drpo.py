@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 import drpo_utils
-from pipelines import (candidates, checkpoints, cli, config, content, downloads, features, flags, hub, lora_files,
-                       memory, methods, offline, preference_data, report, rewards, runtime, validation)
+from pipelines import (candidates, checkpoints, cli, config, content, downloads, drift_flags, features, flags, hub,
+                       lora_files, memory, methods, offline, preference_data, report, rewards, runtime, validation)
 from pipelines.inference import load_one_step_pipeline
 from pipelines.prompts import load_prompts
 
@@ -43,7 +43,7 @@ def build_parser(description: str = "DrPO for SD-Turbo-family one-step models.",
     cli.add_model_flags(parser)
     cli.add_prompt_flags(parser)
     cli.add_method_flags(parser, DRPO.name, default_feature_extractor)
-    cli.add_drift_flags(parser.add_argument_group(
+    drift_flags.add_drift_flags(parser.add_argument_group(
         "drift field and loss: --drift_preset sets them all; a flag given overrides its preset value"))
     for method in methods.registered().values():
         if method.options is not None:

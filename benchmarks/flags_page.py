@@ -55,11 +55,11 @@ def flag_rows(parser, other=None, drift_presets=None, only_in_other=()) -> list[
 def render_training() -> str:
     import train_drpo
     import train_drpo_sdxl
-    from pipelines import cli
+    from pipelines import drift_flags
 
     parser, sdxl = train_drpo.build_parser(), train_drpo_sdxl.build_parser()
-    presets = {flag: (cli.shown(cli.preset_value("paper", field)), cli.shown(cli.preset_value("authors", field)))
-               for flag, (field, _, _) in cli.DRIFT_FLAGS.items()}
+    presets = {flag: tuple(drift_flags.shown(drift_flags.preset_value(preset, field)) for preset in ("paper", "authors"))
+               for flag, (field, _, _) in drift_flags.DRIFT_FLAGS.items()}
     ours = {action.dest for action in parser._actions}
     sdxl_only = [action for action in sdxl._actions if action.dest not in ours]
     return "\n".join(flag_rows(parser, sdxl, presets, sdxl_only)) + "\n"

@@ -12,7 +12,7 @@ from conftest import PROMPTS, TINY_SD
 
 import train_drpo
 import train_drpo_sdxl
-from pipelines import candidates, cli, config, flags, methods
+from pipelines import candidates, config, drift_flags, flags, methods
 
 
 def training_flags(output_dir, *extra):
@@ -38,7 +38,7 @@ def test_every_flag_is_a_classified_config_field(module):
                for item in dataclasses.fields(method.options)}
     flags_given = {action.dest for action in module.build_parser()._actions if action.option_strings
                    and action.dest not in ("help", "config")}  # --config only supplies the other flags' values
-    unclassified = flags_given - set(fields) - options - set(cli.DRIFT_FIELDS)
+    unclassified = flags_given - set(fields) - options - set(drift_flags.DRIFT_FIELDS)
     assert unclassified == set()
     assert all(isinstance(item.metadata.get("result"), bool) for item in fields.values())
 

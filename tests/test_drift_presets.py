@@ -239,3 +239,26 @@ def test_feature_reduction_mean_is_the_mean_of_the_per_tensor_losses():
     summed = drpo_loss(features, refs, winners, losers, DriftConfig())[0].item()
     mean = drpo_loss(features, refs, winners, losers, DriftConfig(feature_reduction="mean"))[0].item()
     assert summed == pytest.approx(sum(per_tensor), rel=1e-12) and mean == pytest.approx(sum(per_tensor) / 2, rel=1e-12)
+
+
+def test_each_branch_takes_its_own_weights_and_radii():
+    """The released trainer's four support weights and two radius lists: V_pref with A- at its own weight,
+    V_ref with R and sg(Z) at theirs and its own radii, each equal to the drift field called with exactly
+    those supports; unset, they fall back to pair_weight and radii (the presets are unchanged)."""
+    g = torch.Generator().manual_seed(16)
+    z, z_ref = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    pos, neg = z[:2], z[4:]
+    config = DriftConfig(pair_weight=3.0, negative_weight=2.0, reference_weight=5.0, reference_negative_weight=7.0,
+                         reference_radii=(0.3, 0.9), mask_self=False)
+    expected_pref = drift_field(z, pos, neg, config.radii, pos_weight=3.0, neg_weight=2.0)
+    torch.testing.assert_close(preference_field(z, pos, neg, config), expected_pref, rtol=0, atol=0)
+    expected_ref = drift_field(z, z_ref, z, (0.3, 0.9), pos_weight=5.0, neg_weight=7.0)
+    torch.testing.assert_close(reference_field(z, z_ref, config), expected_ref, rtol=0, atol=0)
+    # the weights are no common factor now: a different A- weight changes V_pref
+    assert not torch.allclose(preference_field(z, pos, neg, DriftConfig(pair_weight=3.0)), expected_pref)
+    plain = DriftConfig(pair_weight=3.0, mask_self=False)
+    assert [plain.branch_weight(kind) for kind in ("positive", "negative", "reference", "reference_negative")] == [3.0] * 4
+    with pytest.raises(ValueError, match="support weights must be positive"):
+        DriftConfig(negative_weight=0.0)
+    with pytest.raises(ValueError, match="reference radii must be positive"):
+        DriftConfig(reference_radii=(0.1, -1.0))

@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from pipelines import cli
+from pipelines import drift_flags
 
 README = open(f"{ROOT}/README.md").read()
 FLAGS_PAGE = open(f"{ROOT}/docs/flags.md").read()
@@ -89,10 +89,10 @@ def test_measured_blocks_are_the_saved_benchmark_results():
 
 
 def test_drift_flag_rows_state_both_presets():
-    for flag, (field, _, _) in cli.DRIFT_FLAGS.items():
+    for flag, (field, _, _) in drift_flags.DRIFT_FLAGS.items():
         cell = FLAG_ROWS[f"--{flag}"]  # "the preset's (paper: `...`, authors: `...`)"
         for preset in ("paper", "authors"):
-            assert f"{preset}: `{cli.shown(cli.preset_value(preset, field))}`" in cell, (flag, cell)
+            assert f"{preset}: `{drift_flags.shown(drift_flags.preset_value(preset, field))}`" in cell, (flag, cell)
 
 
 DOCUMENTS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
