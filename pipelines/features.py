@@ -142,6 +142,47 @@ class ViTMAEFeatures(ImageTransformerFeatures):
         return self.model(pixel_values=pixels, noise=keep_order).last_hidden_state
 
 
+class ReleasedViTMAEFeatures(ViTMAEFeatures):
+    """The released SDXL trainer's MAE features (UGVly/DrPO ``FrozenViTMAEImageFeatureExtractor``): three
+    tensors of the last encoder layer's hidden states *before* the final LayerNorm — the patch tokens' mean,
+    their std sqrt(var + 1e-6) (population variance) and the CLS token — on the image resized bicubically
+    (no antialiasing) to the model's input. Masking off and patches in order, as ``vit_mae``: our reading
+    of their intent (``vit_mae_released_masked`` keeps what their code does)."""
+
+    MASK_RATIO = 0.0
+    STD_EPS = 1e-6
+
+    def load(self, path: str):
+        from transformers import ViTMAEModel
+
+        return ViTMAEModel.from_pretrained(path, mask_ratio=self.MASK_RATIO)
+
+    def hidden_before_layernorm(self, pixels: torch.Tensor) -> torch.Tensor:
+        noise = None
+        if not self.MASK_RATIO:
+            patches = (self.input_size // self.model.config.patch_size) ** 2
+            noise = torch.arange(patches, device=pixels.device, dtype=torch.float32).expand(len(pixels), -1)
+        hidden_states = self.model(pixel_values=pixels, noise=noise, output_hidden_states=True).hidden_states
+        return hidden_states[self.model.config.num_hidden_layers]
+
+    def forward(self, latents: torch.Tensor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = self.input_size
+        pixels = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False)
+        hidden = self.hidden_before_layernorm(((pixels - self.mean) / self.std).to(self.model.dtype)).float()
+        patches = hidden[:, 1:]
+        variance = (patches - patches.mean(1, keepdim=True)).square().mean(1)
+        return {"patch_mean": patches.mean(1), "patch_std": (variance.clamp_min(0) + self.STD_EPS).sqrt(),
+                "cls": hidden[:, 0]}
+
+
+class ReleasedMaskedViTMAEFeatures(ReleasedViTMAEFeatures):
+    """``vit_mae_released`` as the released code literally runs it: ``ViTMAEModel`` keeps its configured random
+    masking (ratio 0.75) at inference, so each call sees another random quarter of the patches, and A+ / A-
+    features differ from those of the same image computed in another call."""
+
+    MASK_RATIO = 0.75
+
+
 class DINOv2Features(ImageTransformerFeatures):
     """VAE-decode + DINOv2 (Table 3b "VAE-dec.+DINOv2"): ``Dinov2Model`` at 224 px, as its processor crops."""
 
@@ -308,8 +349,9 @@ class TeacherUNetFeatures(FeatureMap):
 FEATURE_MAPS: dict[str, Callable[..., FeatureMap]] = {
     "latent_mae": LatentMAEFeatures, "latent_mae1": LatentMAEFeatures, "latent_mae2": LatentMAELastThreeFeatures,
     "latent_mae3": LatentMAEFinalFeatures,
-    "latent": LatentFeatures, "image": ImageFeatures, "vit_mae": ViTMAEFeatures, "dinov2": DINOv2Features,
-    "teacher_unet": TeacherUNetFeatures,
+    "latent": LatentFeatures, "image": ImageFeatures, "vit_mae": ViTMAEFeatures,
+    "vit_mae_released": ReleasedViTMAEFeatures, "vit_mae_released_masked": ReleasedMaskedViTMAEFeatures,
+    "dinov2": DINOv2Features, "teacher_unet": TeacherUNetFeatures,
 }
 # The maps that load a network (and so take --feature_extractor_path).
 WEIGHTED_FEATURE_MAPS = {name for name, cls in FEATURE_MAPS.items() if getattr(cls, "DEFAULT_WEIGHTS", "")}

@@ -29,7 +29,8 @@ def tiny_dinov2(path):
 
 
 def build(name, tmp_path):
-    weights = {"vit_mae": tiny_vit_mae, "dinov2": tiny_dinov2}
+    weights = {"vit_mae": tiny_vit_mae, "vit_mae_released": tiny_vit_mae, "vit_mae_released_masked": tiny_vit_mae,
+               "dinov2": tiny_dinov2}
     weights.update(dict.fromkeys(["latent_mae", "latent_mae1", "latent_mae2", "latent_mae3"], tiny_latent_mae))
     feature_map = build_feature_map(name, weights[name](tmp_path / name) if name in weights else None)
     if feature_map.needs_condition:  # teacher_unet: reads the tiny SD generator's UNet, which carries a LoRA
@@ -72,6 +73,8 @@ EXPECTED = {
     "latent": {"latent": 4 * 8 * 8},
     "image": {"image_fine": 3 * 16 * 16, "image_coarse": 3 * 4 * 4, "color_moments": 6},
     "vit_mae": {"cls": 32, "patch_mean": 32, "patch_std": 32, "patch_2x2": 4 * 32},
+    "vit_mae_released": {"patch_mean": 32, "patch_std": 32, "cls": 32},
+    "vit_mae_released_masked": {"patch_mean": 32, "patch_std": 32, "cls": 32},
     "dinov2": {"cls": 32, "patch_mean": 32, "patch_std": 32, "patch_2x2": 4 * 32},
     "latent_mae": latent_mae_sizes(*MAE1_SOURCES),
     "latent_mae1": latent_mae_sizes(*MAE1_SOURCES),
@@ -112,8 +115,36 @@ def test_vit_mae_keeps_patch_order_and_disables_masking(tmp_path):
     torch.testing.assert_close(cells, mirrored.flip(-1), rtol=1e-4, atol=1e-4)
 
 
+def test_released_vit_mae_features_by_hand(tmp_path):
+    """The released trainer's MAE features: hidden state of the last layer before the final LayerNorm (the
+    model's own hidden_states[L]), patch mean, population std with eps 1e-6, CLS; its literal form masks
+    3/4 of the patches at random on every call."""
+    feature_map = build("vit_mae_released", tmp_path)
+    images = torch.rand(2, 3, 32, 32)
+    features = feature_map(None, images)
+    pixels = torch.nn.functional.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False)
+    pixels = (pixels - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    order = torch.arange(16, dtype=torch.float32).expand(2, -1)
+    out = feature_map.model(pixel_values=pixels, noise=order, output_hidden_states=True)
+    hidden = out.hidden_states[2]  # two layers; last_hidden_state is its LayerNorm
+    assert not torch.allclose(hidden, out.last_hidden_state)
+    patches = hidden[:, 1:]
+    by_hand = {"patch_mean": patches.mean(1), "patch_std": (patches.var(1, unbiased=False) + 1e-6).sqrt(),
+               "cls": hidden[:, 0]}
+    for key, value in by_hand.items():  # the same float32 ops: measured 0; bound 1e-6
+        torch.testing.assert_close(features[key], value, rtol=1e-6, atol=1e-6)
+    masked = build("vit_mae_released_masked", tmp_path)
+    assert masked.model.config.mask_ratio == 0.75
+    torch.manual_seed(0)
+    first = masked(None, images)["patch_mean"]
+    second = masked(None, images)["patch_mean"]
+    assert not torch.allclose(first, second)  # another random quarter of the patches on each call
+
+
 def test_unknown_feature_map_and_missing_weights_are_clear(tmp_path):
-    names = "latent_mae, latent_mae1, latent_mae2, latent_mae3, latent, image, vit_mae, dinov2"
+    names = ("latent_mae, latent_mae1, latent_mae2, latent_mae3, latent, image, vit_mae, vit_mae_released, "
+             "vit_mae_released_masked, dinov2")
     with pytest.raises(ValueError, match=f"choose one of {names}"):
         build_feature_map("dino")
     with pytest.raises(OSError, match="needs the weights"):
