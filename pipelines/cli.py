@@ -242,6 +242,10 @@ def check_args(args, given: set[str] = frozenset()) -> None:
         except RuntimeError as error:
             raise ValueError(f"--reward_device {args.reward_device!r} is no torch device: {error}") from error
     check_reward_for_method(args)
+    if args.candidate_chunk_size is not None and features.FEATURE_MAPS[args.feature_extractor].stochastic:
+        raise ValueError(f"--feature_extractor {args.feature_extractor} draws new random features on every call, so "
+                         "the features --candidate_chunk_size recomputes would not be those the targets were built "
+                         "from; drop --candidate_chunk_size (or use vit_mae_released)")
     if args.candidate_chunk_size is not None and args.candidate_chunk_size > args.num_candidates:
         raise ValueError(f"--candidate_chunk_size must be in [1, K={args.num_candidates}], "
                          f"got {args.candidate_chunk_size}")
@@ -339,11 +343,17 @@ def hub_needs(args) -> dict[str, list[str]]:
             for flag, resources in needs.items()}
 
 
+# What a run's config.yaml leaves out: how this run treated its folder, not the recipe (a switch set in a
+# --config file cannot be turned off on the command line).
+ONE_RUN_ONLY = ("overwrite_output_dir", "resume_from_checkpoint")
+
+
 def parse_and_check(parser: argparse.ArgumentParser, input_args=None) -> argparse.Namespace:
     """Parse the flags (over a ``--config`` file's) and check them all (``check_args``) before anything loads."""
     args, given = flags.parse_with_config(parser, input_args)
     check_args(args, given)
-    args.run_config = {"script": parser.prog, "flags": hub.public_flags(flags.changed_flags(parser, vars(args)))}
+    changed = {key: value for key, value in flags.changed_flags(parser, vars(args)).items() if key not in ONE_RUN_ONLY}
+    args.run_config = {"script": parser.prog, "flags": hub.public_flags(changed)}
     return args
 
 

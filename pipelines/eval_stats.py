@@ -83,11 +83,15 @@ def wilson_interval(rate: float, trials: float, confidence: float = CONFIDENCE) 
 def effective_trials(rate: float, trials: int, prompts: int, se: float) -> float:
     """Kish's effective sample size, trials / design effect, where the design effect is the bootstrap
     variance over the binomial one; kept between ``prompts`` (every seed of a prompt alike) and ``trials``
-    (independent pairs), and ``trials`` when the binomial variance is 0 (all outcomes equal: no estimate)."""
+    (independent pairs). All outcomes equal (binomial variance 0): ``trials``, no design effect to
+    estimate; outcomes that vary but a bootstrap that cannot see it (one prompt): ``prompts``, the
+    cautious end."""
     binomial = rate * (1 - rate) / trials
-    if binomial <= 0 or not math.isfinite(se):
+    if binomial <= 0:
         return float(trials)
-    return min(float(trials), max(float(prompts), trials * binomial / se**2 if se > 0 else float(trials)))
+    if not math.isfinite(se) or se <= 0:
+        return float(prompts)
+    return min(float(trials), max(float(prompts), trials * binomial / se**2))
 
 
 def outcome_rates(outcomes: torch.Tensor, indices: torch.Tensor) -> dict:

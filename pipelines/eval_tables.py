@@ -53,7 +53,7 @@ def estimate_grid(result: dict, models: list[str], value: str, error: str) -> tu
     for metric, entries in metrics.items():
         headers.append(metric)
         digits = decimals(entries[model].get(error) for model in models)
-        best = max(entries[model][value] for model in models)
+        best = max((entries[model][value] for model in models if entries[model][value] is not None), default=None)
         for row, model in zip(rows, models):
             row.append((entries[model][value], entries[model].get(error), digits, entries[model][value] == best))
     return headers, rows
@@ -61,6 +61,8 @@ def estimate_grid(result: dict, models: list[str], value: str, error: str) -> tu
 
 def estimate_text(cell, plus_minus: str = "±", signed: bool = False) -> str:
     value, error, digits, _ = cell
+    if value is None:  # undefined (metrics.json says why)
+        return "n/a"
     sign = "+" if signed else ""
     shown = f"{value:{sign}.{digits}f}"
     return f"{shown} {plus_minus} {error:.{digits}f}" if error is not None else f"{shown} {plus_minus} n/a"
@@ -132,7 +134,8 @@ def render_csv(result: dict) -> str:
 def judge_lines(result: dict) -> list[str]:
     lines = ["", f"Pairwise judge (`{result['judge_model']}`, Appendix B.4 prompt, A/B order randomised), "
                  "% of parsed answers [95% Wilson interval]:", "",
-             "| Model vs base | win | tie | loss | unparsed | win rate (ties half) [95% CI] |", "|---|---:|---:|---:|---:|---:|"]
+             "| Model vs base | win | tie | loss | unparsed | win rate (ties half) [95% CI] |",
+             "|---|---:|---:|---:|---:|---:|"]
     silent = []
     for model, entry in result["judge"].items():
         answered = f"{entry['unparsed']} / {entry['unparsed'] + entry['parsed']}"

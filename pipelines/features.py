@@ -30,6 +30,7 @@ class FeatureMap(torch.nn.Module):
 
     needs_images = False
     needs_condition = False
+    stochastic = False  # another call on the same input gives other features (chunked gradients refuse it)
 
     def bind(self, pipe) -> None:
         """Called once with the run's pipeline (default: nothing to take from it)."""
@@ -181,6 +182,7 @@ class ReleasedMaskedViTMAEFeatures(ReleasedViTMAEFeatures):
     features differ from those of the same image computed in another call."""
 
     MASK_RATIO = 0.75
+    stochastic = True
 
 
 class DINOv2Features(ImageTransformerFeatures):

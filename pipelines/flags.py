@@ -15,7 +15,12 @@ SEED_MAX = 2**32 - 1  # numpy's (and so accelerate.set_seed's) largest seed
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (argparse prints the whole usage, ~90 lines here, first)."""
+    """An ArgumentParser whose errors are one line (argparse prints the whole usage, ~90 lines here, first)
+    and which takes flags by their whole names only (a prefix such as ``--conf`` is no flag: ``--config``
+    is read before the parser runs, and a silent prefix match could change a run)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
@@ -278,7 +283,8 @@ def action_tokens(action: argparse.Action, value, path: str) -> list[str]:
     if isinstance(value, (list, tuple)):
         if action.nargs in ("*", "+") or isinstance(action.nargs, int):
             return [flag, *map(str, value)]
-        return [f"{flag}={','.join(map(str, value))}"]  # a comma-separated flag (radii, seeds, names)
+        separator = "|" if action.type is prompt_list else ","  # the flag's own list syntax
+        return [f"{flag}={separator.join(map(str, value))}"]
     if isinstance(value, dict):
         raise ValueError(f"--config {path}: {action.dest} takes a value, not a mapping")
     return [f"{flag}={value}"]
@@ -303,7 +309,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Iterable[str] | Non
         tokens = config_tokens(parser, {key: value for key, value in values.items() if key not in given}, path)
     except ValueError as error:
         parser.error(str(error))
-    return parser.parse_args(tokens + argv), given | set(values)
+    return parser.parse_args(tokens + argv), given | {key for key, value in values.items() if value is not None}
 
 
 def changed_flags(parser: argparse.ArgumentParser, values: dict) -> dict:

@@ -11,7 +11,7 @@ from pipelines import files, flags
 from pipelines.config import HubConfig, TrainingConfig
 from pipelines.redact import public_text
 
-SECRET_NAME = re.compile(r"token|secret|password|api_?key", re.I)
+SECRET_NAME = re.compile(r"(^|_)(token|secret|password|api_?key)$", re.I)  # hub_token, not max_new_tokens
 
 
 def public_config(config: TrainingConfig) -> dict:
@@ -89,13 +89,17 @@ CARD_FIELDS = ("base_model", "library_name", "license", "license_name", "license
 def hub_card_text(repo_id: str, token: str | None) -> str | None:
     """The README.md the Hub repository holds already, or None (a new repository)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     try:
         with open(hf_hub_download(repo_id, "README.md", token=token), encoding="utf-8") as handle:
             return handle.read()
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:
         return None
+    except Exception as error:  # noqa: BLE001 - unreadable is not absent: never overwrite a card unseen
+        raise RuntimeError(f"could not read the model card {repo_id} already has ({type(error).__name__}: {error}); "
+                           "nothing was uploaded, the outputs are in the output folder: upload them with `hf upload` "
+                           "once the Hub answers") from error
 
 
 def merge_model_cards(existing: str, ours: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import logging
 import os
 import re
 import time
@@ -31,6 +32,8 @@ import torch
 from pipelines.redact import public_text
 from pipelines.rewards import is_url, load_custom_reward
 from pipelines.rewards.remote import encode_png, post_within
+
+logger = logging.getLogger(__name__)
 
 # The Appendix B.4 template, reconstructed from the paper's text. Normalised from the arXiv text
 # extraction: the "{internallinenumbers*}" markers before the rubric items are dropped; the
@@ -209,8 +212,9 @@ class OpenAIJudge:
     def body(self, image_a: torch.Tensor, image_b: torch.Tensor, text: str) -> bytes:
         parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encode_png(image)}"}}
                  for image in (image_a, image_b)]
+        message = {"role": "user", "content": parts + [{"type": "text", "text": text}]}
         return json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
-                           "messages": [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]}).encode()
+                           "messages": [message]}).encode()
 
     def __call__(self, image_a: torch.Tensor, image_b: torch.Tensor, text: str) -> str:
         body, headers = self.body(image_a, image_b, text), api_headers()
@@ -243,6 +247,8 @@ class OpenAIJudge:
                                f"{shown!r}") from None
         except (KeyError, IndexError, TypeError):
             raise RuntimeError(f"judge {self.name} answered without choices[0].message.content: {shown}") from None
+        if content is None:  # no text (a refusal, or max_tokens spent on reasoning): counted as unparsed
+            return ""
         if not isinstance(content, str):
             raise RuntimeError(f"judge {self.name} answered a non-text message content: {shown}")
         return content
@@ -262,6 +268,9 @@ def probe_openai_judge(base_url: str, model: str, timeout: float = 10.0) -> None
                                     timeout=timeout) as response:
             listing = json.loads(response.read())
     except urllib.error.HTTPError as error:
+        if error.code in (404, 405, 501):  # a compatible server without the model list: left to the first call
+            logger.warning("judge %s has no GET /models (HTTP %d): --judge_model not checked", name, error.code)
+            return
         hint = f" (set ${API_KEY_ENV})" if error.code == 401 else ""
         raise ValueError(f"judge {name} answered HTTP {error.code} to GET /models{hint}") from None
     except (OSError, json.JSONDecodeError) as error:
@@ -270,7 +279,8 @@ def probe_openai_judge(base_url: str, model: str, timeout: float = 10.0) -> None
     served = [entry.get("id") for entry in listing.get("data", []) if isinstance(entry, dict)] \
         if isinstance(listing, dict) else []
     if model not in served:
-        raise ValueError(f"judge {name} does not serve --judge_model {model!r}; it serves: {', '.join(map(str, served))}")
+        raise ValueError(f"judge {name} does not serve --judge_model {model!r}; it serves: "
+                         f"{', '.join(map(str, served))}")
 
 
 def check_judge(spec: str | None, model: str | None) -> None:
@@ -285,8 +295,8 @@ def check_judge(spec: str | None, model: str | None) -> None:
                          "(vllm serve <model>) and pass --judge openai:http://host:port/v1 --judge_model <model>")
     if spec.startswith(OPENAI):
         if not is_url(spec[len(OPENAI):]) or not model:
-            raise ValueError("--judge openai:<base_url> needs an http(s) base URL (e.g. openai:http://127.0.0.1:8000/v1) "
-                             "and --judge_model, the name the server serves")
+            raise ValueError("--judge openai:<base_url> needs an http(s) base URL (e.g. "
+                             "openai:http://127.0.0.1:8000/v1) and --judge_model, the name the server serves")
         probe_openai_judge(spec[len(OPENAI):], model)
     elif model is not None:
         raise ValueError("--judge_model applies to --judge openai:<url> only")

@@ -107,9 +107,11 @@ def card_setup(config: TrainingConfig) -> str:
     setup, drift = config.method, config.method.drift
     method = methods.registered()[setup.method]
     offline = f", offline on the preference pairs of `{config.data.preference_dataset}`" if config.data.offline else ""
+    pairs = "A+ / A- the top / bottom K/2" if drift.pairing == "top_bottom" else f"M = {setup.num_pairs}"
     return (f"LoRA weights trained with method `{setup.method}` ({method.summary}){offline}, with the DrPO project "
             f"(Drifting Preference Optimization, arXiv 2606.02521): reward `{public_text(config.reward.reward)}`, "
-            f"feature map `{setup.feature_extractor}`, K = {setup.num_candidates}, M = {setup.num_pairs}, drift preset "
+            f"feature map `{setup.feature_extractor}`, K = {setup.num_candidates}, "
+            f"{pairs}, drift preset "
             f"`{setup.drift_preset}`: lambda = {drift.ref_weight}, eta = {drift.velocity_scale}, radii "
             f"{','.join(map(str, drift.radii))}, kernel {drift.kernel}; {config.run.max_train_steps} steps at learning "
             f"rate {config.optim.learning_rate}, rank {config.adapter.rank}"
@@ -123,7 +125,8 @@ def run_config_section(output_dir: str) -> str:
         return ""
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
-    return f"\n## Training configuration\n\n`config.yaml` in this repository, reusable with `--config`:\n\n```yaml\n{text}```\n"
+    return (f"\n## Training configuration\n\n`config.yaml` in this repository, reusable with `--config`:\n\n"
+            f"```yaml\n{text}```\n")
 
 
 def write_model_card(config: TrainingConfig, sample_file: str | None, metrics: dict,
@@ -140,8 +143,9 @@ def write_model_card(config: TrainingConfig, sample_file: str | None, metrics: d
     family = hub.family_tags(pipeline_cls) if pipeline_cls is not None else []
     datasets = [name for name in (config.data.dataset_name, config.data.preference_dataset)
                 if name is not None and not os.path.exists(name)]  # Hub datasets, not local folders
-    card_data = ModelCardData(base_model=base_model, library_name="diffusers", license=licence, license_name=licence_name,
-                              license_link=licence_link, datasets=datasets or None, widget=widget or None,
+    card_data = ModelCardData(base_model=base_model, library_name="diffusers", license=licence,
+                              license_name=licence_name, license_link=licence_link, datasets=datasets or None,
+                              widget=widget or None,
                               tags=["text-to-image", "diffusers", "diffusers-training", "lora", "template:sd-lora",
                                     *family, "drpo", "one-step"])  # "drpo": the project's tag, whatever the method
     lines = "\n".join(f"- {k}: {v}" for k, v in metrics.items())

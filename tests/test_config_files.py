@@ -101,3 +101,36 @@ def test_a_runs_config_yaml_reproduces_it(tmp_path):
     first_lora, second_lora = lora_tensors(first), lora_tensors(second)
     assert first_lora.keys() == second_lora.keys()
     assert all(first_lora[key].equal(second_lora[key]) for key in first_lora)
+
+
+def test_every_kind_of_flag_survives_the_round_trip_through_config_yaml(tmp_path):
+    """The resolved flags written as config.yaml parse back to the same values: '|'-separated prompts, comma
+    lists, switches, tokens-named flags that are no secret; run-management switches are left out."""
+    from pipelines import cli
+
+    parser = train_drpo.build_parser()
+    argv = [f"--pretrained_model_name_or_path={TINY_SD}", "--reward=color_match", f"--prompts_file={PROMPTS}",
+            "--validation_prompts=a red circle, large|a blue square", "--drift_radii=0.05,0.2",
+            "--gradient_checkpointing", "--no-mask_self", "--overwrite_output_dir", f"--output_dir={tmp_path / 'run'}"]
+    args = cli.parse_and_check(parser, argv)
+    assert "overwrite_output_dir" not in args.run_config["flags"]  # how this run treated its folder, not its recipe
+    from pipelines import hub
+
+    hub.write_run_config(str(tmp_path), args.run_config)
+    again = cli.parse_and_check(parser, [f"--config={tmp_path / 'config.yaml'}"])
+    for key in ("validation_prompts", "drift_radii", "gradient_checkpointing", "mask_self", "output_dir", "reward"):
+        assert getattr(again, key) == getattr(args, key), key
+    assert again.validation_prompts == ["a red circle, large", "a blue square"]
+    assert hub.public_flags({"judge_max_new_tokens": 12, "hub_token": "hf_x", "api_key": "k"}) == {
+        "judge_max_new_tokens": 12}
+
+
+def test_a_prefix_of_a_flag_is_no_flag(tmp_path, capsys):
+    config = write(tmp_path, "rank: 8\n")
+    assert "unrecognized arguments: --conf" in refusal([f"--conf={config}"], capsys)
+    assert "unrecognized arguments: --learning_r" in refusal(["--learning_r=1e-3"], capsys)
+
+
+def test_a_null_value_in_a_file_is_not_given(tmp_path):
+    config = write(tmp_path, "hub_token: null\nrank: 8\n")  # hub_token given would be an idle flag without push
+    assert parse([f"--config={config}"]).rank == 8

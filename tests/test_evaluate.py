@@ -239,6 +239,8 @@ def test_wilson_interval_matches_published_values_and_never_collapses():
     assert wilson_interval(0 / 10, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
     assert wilson_interval(1 / 10, 10) == pytest.approx([0.0179, 0.4042], abs=1e-4)
     assert wilson_interval(15 / 148, 148) == pytest.approx([0.0624, 0.1605], abs=1e-4)
+    # one prompt, outcomes that vary: the bootstrap cannot see the design effect, so one effective pair per prompt
+    assert outcome_rates(torch.tensor([[1.0, 0.0, 1.0, 1.0]]), bootstrap_indices(1, 50, 0))["effective_pairs"] == 1
     # six prompts x five seeds all won: the bootstrap's percentile interval is a point, Wilson's is not
     rates = outcome_rates(torch.ones(6, 5), bootstrap_indices(6, 200, 0))
     assert rates["bootstrap_ci"] == [1.0, 1.0] and rates["ci"] == pytest.approx([0.8865, 1.0], abs=1e-4)
@@ -546,6 +548,8 @@ def test_openai_compatible_judge_end_to_end(first_run, work, fake_judge, monkeyp
 
 def test_openai_judge_names_its_url_and_keeps_a_total_deadline(fake_judge):
     image = torch.rand(3, 8, 8)
+    judge = OpenAIJudge(fake_judge.url(), "fake-vlm")
+    assert judge.answer_of(200, b'{"choices": [{"message": {"content": null}}]}') == ""  # no text: unparsed
     assert parse_verdict(OpenAIJudge(fake_judge.url("/busy"), "fake-vlm", backoff=0.05)(image, image, "text"))
     assert len(fake_judge.requests) == 2  # the 503 was retried
     with pytest.raises(RuntimeError, match=r"judge .*/html/v1/chat/completions did not answer JSON .*<html>"):

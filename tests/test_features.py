@@ -142,6 +142,16 @@ def test_released_vit_mae_features_by_hand(tmp_path):
     assert not torch.allclose(first, second)  # another random quarter of the patches on each call
 
 
+def test_a_stochastic_feature_map_refuses_chunked_gradients():
+    import train_drpo
+    from conftest import PROMPTS
+
+    with pytest.raises(ValueError, match="draws new random features on every call"):
+        train_drpo.parse_args([f"--pretrained_model_name_or_path={TINY_SD}", "--reward=color_match",
+                               f"--prompts_file={PROMPTS}", "--feature_extractor=vit_mae_released_masked",
+                               "--candidate_chunk_size=4"])
+
+
 def test_unknown_feature_map_and_missing_weights_are_clear(tmp_path):
     names = ("latent_mae, latent_mae1, latent_mae2, latent_mae3, latent, image, vit_mae, vit_mae_released, "
              "vit_mae_released_masked, dinov2")

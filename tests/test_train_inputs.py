@@ -185,6 +185,17 @@ def test_an_existing_hub_card_is_kept_and_extended(tmp_path, monkeypatch):
     assert (tmp_path / "README.md").read_text() == merged
 
 
+def test_an_unreadable_hub_card_is_never_overwritten(tmp_path, monkeypatch):
+    (tmp_path / "README.md").write_text("ours")
+
+    def hub_down(repo_id, filename, token=None):
+        raise ConnectionError("the Hub is down")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", hub_down)
+    with pytest.raises(RuntimeError, match="could not read the model card someone/drpo already has .* hf upload"):
+        hub.extend_existing_card(HubConfig(), str(tmp_path), "someone/drpo")
+
+
 def test_model_card_lists_hub_datasets_not_local_folders(tmp_path):
     from pipelines import report
 
