@@ -192,7 +192,7 @@ def test_an_unreadable_hub_card_is_never_overwritten(tmp_path, monkeypatch):
         raise ConnectionError("the Hub is down")
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", hub_down)
-    with pytest.raises(RuntimeError, match="could not read the model card someone/drpo already has .* hf upload"):
+    with pytest.raises(RuntimeError, match="could not read the model card someone/drpo already has .*hf upload"):
         hub.extend_existing_card(HubConfig(), str(tmp_path), "someone/drpo")
 
 
