@@ -1,5 +1,6 @@
 """The baselines' losses against their Appendix C formulas on hand-sized inputs, and their reward checks."""
 
+import importlib.util
 import math
 import os
 
@@ -134,7 +135,9 @@ def test_draft_stops_at_the_first_call_of_a_reward_without_gradient(tmp_path):
             train_drpo.main(args, load_pipeline=train_drpo.load_pipeline)
 
 
-@pytest.mark.parametrize("reward", ["color_match", "jpeg_compressibility", "http://127.0.0.1:1/score", "geneval"])
+@pytest.mark.parametrize("reward", ["color_match", "jpeg_compressibility", "http://127.0.0.1:1/score", pytest.param(
+    "geneval", marks=pytest.mark.skipif(importlib.util.find_spec("scipy") is None,
+                                        reason="the geneval reward is the optional geneval install"))])
 def test_reward_gradient_methods_refuse_ranking_only_rewards_at_start_up(tmp_path, reward):
     from test_train_inputs import args_for
 

@@ -353,9 +353,11 @@ def test_geneval_mode_on_tiny_stand_ins_reproduces_the_summary(tmp_path, monkeyp
     lines = [json.loads(line) for line in (tmp_path / "out" / "geneval" / "base.jsonl").read_text().splitlines()]
     assert len(lines) == 14 and [line["correct"] for line in lines[::2]] == [ok for _, ok in GENEVAL_PROMPTS]
     assert "GenEval" in (tmp_path / "out" / "metrics.md").read_text()
-    args = evaluate.parse_args([f"--pretrained_model_name_or_path={TINY_SD}", "--geneval", f"--prompts_file={PROMPTS}"])
+    args = evaluate.parse_args([f"--pretrained_model_name_or_path={TINY_SD}", "--geneval", f"--prompts_file={PROMPTS}",
+                                "--metrics=none"])
     assert evaluate.default_seeds(args) == [0, 1, 2, 3]  # GenEval's 4 images per prompt, unless --seeds says
-    assert evaluate.default_seeds(evaluate.parse_args([f"--pretrained_model_name_or_path={TINY_SD}"])) == list(range(5))
+    assert evaluate.default_seeds(evaluate.parse_args([f"--pretrained_model_name_or_path={TINY_SD}",
+                                                       "--metrics=none"])) == list(range(5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,8 +735,9 @@ def test_model_and_metric_names():
     assert evaluate.metric_label("pickscore") == ("pickscore", "pickscore")
     assert evaluate.metric_label(f"{REWARDS}:darkness") == ("darkness", f"{REWARDS}:darkness")
     assert evaluate.metric_label("http://127.0.0.1:8000/score?a=b") == ("http://127.0.0.1:8000/score?a=b",) * 2
-    assert evaluate.parse_args(["--pretrained_model_name_or_path=m", "--seeds=0-4"]).seeds == tuple(range(5))
-    assert evaluate.parse_args(["--pretrained_model_name_or_path=m", "--seeds=3,1"]).seeds == (3, 1)
+    assert evaluate.parse_args(["--pretrained_model_name_or_path=m", "--seeds=0-4", "--metrics=none"]).seeds == tuple(
+        range(5))
+    assert evaluate.parse_args(["--pretrained_model_name_or_path=m", "--seeds=3,1", "--metrics=none"]).seeds == (3, 1)
 
 
 def test_every_flag_is_documented_in_the_evaluation_page():

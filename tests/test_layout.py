@@ -126,7 +126,8 @@ def test_the_sys_path_check_sees_insertions(tmp_path):
 
 # Module and function size limits, with the exceptions each justified:
 LINE_LIMIT, FUNCTION_LIMIT = 450, 60
-LONGER_MODULES = {"drpo_utils": 560}  # the method and nothing else, one file, imports no project module (DESIGN)
+# the method and nothing else (with the released recipe's options), one file, imports no project module (DESIGN)
+LONGER_MODULES = {"drpo_utils": 640}
 LONGER_FUNCTIONS = {("pipelines.rewards.server", "make_handler"): 90}  # the stdlib server, rebuilt by issue 24
 
 
