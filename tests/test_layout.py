@@ -7,8 +7,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from conftest import ROOT
 
 PROJECT_DIRS = ("pipelines", "benchmarks")
@@ -321,8 +319,7 @@ def test_the_package_metadata_is_whole():
     the package (a top-level module or a pipelines* package; benchmarks/ stays in the clone); requirements.txt installs the extras, not a
     list of its own; pytest only in the test extra."""
     import importlib
-
-    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    import tomllib
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
         project = tomllib.load(handle)
     for name, target in project["project"]["scripts"].items():
