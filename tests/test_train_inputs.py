@@ -11,7 +11,7 @@ import torch
 from conftest import PROMPTS, ROOT, TINY_SD, TINY_SDXL, build_random_pipeline
 from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
 from huggingface_hub import ModelCard
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import RemoteEntryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -111,6 +111,13 @@ def test_reward_is_called_without_gradients_on_cpu_images(tmp_path):
     assert os.path.isfile(tmp_path / "pytorch_lora_weights.safetensors")
 
 
+def no_readme(repo_id, filename, token=None, **kwargs):
+    """What hf_hub_download raises for a repository without that file (a 404 from the Hub)."""
+    error = RemoteEntryNotFoundError.__new__(RemoteEntryNotFoundError)  # its constructor wants an HTTP response
+    Exception.__init__(error, f"{repo_id} has no {filename}")
+    raise error
+
+
 @pytest.mark.parametrize("script,method", [("sd", "drpo"), ("sdxl", "drpo"), ("sd", "draft")])
 def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypatch, script, method):
     from huggingface_hub import constants
@@ -127,7 +134,7 @@ def test_push_to_hub_creates_repo_first_and_uploads_the_lora(tmp_path, monkeypat
 
     def no_card_yet(repo_id, filename, token=None, **kwargs):
         calls.append(("card", repo_id, filename))
-        raise EntryNotFoundError(f"{repo_id} has no {filename}")
+        no_readme(repo_id, filename)
 
     monkeypatch.setattr("huggingface_hub.create_repo", fake_create_repo)
     monkeypatch.setattr("huggingface_hub.upload_folder", fake_upload_folder)
@@ -397,6 +404,7 @@ def test_no_secret_reaches_the_tracker_files_and_the_diffusers_flags_reach_their
         dropout=self.lora_dropout) or original(self))
     monkeypatch.setattr("huggingface_hub.create_repo", lambda repo_id, **kwargs: type("Repo", (), {"repo_id": repo_id}))
     monkeypatch.setattr("huggingface_hub.upload_folder", lambda **kwargs: None)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_readme)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the fake Hub client above answers
     args = train_drpo.parse_args(args_for(tmp_path, "--push_to_hub", f"--hub_token={planted}", "--report_to=tensorboard",
                                           "--lr_scheduler=cosine_with_restarts", "--lr_num_cycles=3",
