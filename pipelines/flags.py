@@ -256,17 +256,18 @@ def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action
             if action.option_strings and action.dest not in ("help", "config")}
 
 
-def config_tokens(parser: argparse.ArgumentParser, values: dict, path: str) -> list[str]:
-    """Command-line tokens for a config file's values, so that each is checked exactly as the flag is."""
+def config_tokens(parser: argparse.ArgumentParser, values: dict, path: str) -> dict[str, list[str]]:
+    """Per key of a config file, the command-line tokens of its value, so that each is checked exactly as the
+    flag is; an unknown key is an error naming it (and the closest flag)."""
     import difflib
 
-    actions, tokens = option_actions(parser), []
+    actions, tokens = option_actions(parser), {}
     for key, value in values.items():
         if key not in actions:
             close = difflib.get_close_matches(key, list(actions), n=1)
             raise ValueError(f"--config {path}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close
                                                                         else " (keys are flag names without --)"))
-        tokens += action_tokens(actions[key], value, path)
+        tokens[key] = action_tokens(actions[key], value, path)
     return tokens
 
 
@@ -305,10 +306,10 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Iterable[str] | Non
         return parser.parse_args(argv), given
     try:
         values = read_config(path)
-        config_tokens(parser, values, path)  # every key checked, those the command line overrides included
-        tokens = config_tokens(parser, {key: value for key, value in values.items() if key not in given}, path)
+        per_key = config_tokens(parser, values, path)  # every key checked, those the command line overrides too
     except ValueError as error:
         parser.error(str(error))
+    tokens = [token for key, key_tokens in per_key.items() if key not in given for token in key_tokens]
     return parser.parse_args(tokens + argv), given | {key for key, value in values.items() if value is not None}
 
 
