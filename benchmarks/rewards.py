@@ -17,3 +17,13 @@ def slow_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """``brightness`` after sleeping $DRPO_BENCH_LATENCY seconds: a stand-in for a large reward elsewhere."""
     time.sleep(float(os.environ.get("DRPO_BENCH_LATENCY", "0")))
     return brightness(images, prompts)
+
+
+def saturation(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean chroma (max minus min channel per pixel): a smooth colour statistic no default was tuned on."""
+    return (images.amax(dim=1) - images.amin(dim=1)).mean(dim=(1, 2))
+
+
+def warmth(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Mean red minus mean blue: a small-magnitude colour statistic no default was tuned on."""
+    return (images[:, 0] - images[:, 2]).mean(dim=(1, 2))

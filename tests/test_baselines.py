@@ -10,7 +10,7 @@ from conftest import ROOT
 
 import train_drpo
 from pipelines.baselines.dpo import dpo_loss, preference_margin
-from pipelines.baselines.draft import draft_loss
+from pipelines.baselines.draft import draft_loss, unit_rms, with_normalised_gradient
 from pipelines.baselines.grpo import gaussian_log_prob, group_advantages, grpo_loss, normalised_noise
 from pipelines.baselines.vggflow import clip_per_sample, vggflow_loss, vggflow_target
 from pipelines.rewards import RewardError
@@ -39,6 +39,37 @@ def test_draft_chunks_add_up_to_the_whole_loss():
     parts = draft_loss(rewards[:4], latents[:4], ref[:4], 0.5, count=6) + draft_loss(rewards[4:], latents[4:], ref[4:],
                                                                                      0.5, count=6)
     torch.testing.assert_close(whole, parts)  # float32 sums regrouped: measured 0 (default bound 1.3e-6 rel)
+
+
+def test_unit_rms_by_hand():
+    gradient = torch.tensor([[3.0, 4.0], [0.0, 1e-30]])  # RMS sqrt(12.5); a gradient far below float32's eps
+    rms = math.sqrt(12.5)
+    # float64 inside, float32 out: measured 0 (default bound 1.3e-6 rel)
+    torch.testing.assert_close(unit_rms(gradient), torch.tensor([[3 / rms, 4 / rms], [0.0, math.sqrt(2)]]))
+
+
+@pytest.mark.parametrize("reward_scale", [1.0, 1e-6, 100.0])
+def test_normalised_draft_gradient_is_the_unit_rms_reward_direction(reward_scale):
+    """mu_k = x_k W, R(mu) = c a . mu: with the normalised gradient dL/dW = -1/K sum_k x_k^T a / RMS(a) for any c."""
+    g = torch.Generator().manual_seed(0)
+    x, a = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    latents = x @ weight
+    passed = with_normalised_gradient(latents, count=4)
+    draft_loss(reward_scale * (passed @ a), latents, latents.detach(), ref_weight=0.0).backward()
+    direction = a / a.square().mean().sqrt()
+    expected = -sum(torch.outer(x[k], direction) for k in range(4)) / 4
+    # draft_loss casts to float32: measured 6e-8 abs at every scale, bound 1e-5 rel + 1e-6
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_vggflow_normalised_target_by_hand():
+    gradient, ref = torch.tensor([[3.0, 4.0], [3e-9, 4e-9]]), torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    step = 2.0 * 0.5 / math.sqrt(12.5)  # eta lambda_r / RMS: both rows point the same way, whatever their size
+    expected = torch.tensor([[1 + 3 * step, 1 + 4 * step], [3 * step, 4 * step]])
+    # float32 rounding only: measured 1.2e-7 (default bound 1.3e-6 rel)
+    torch.testing.assert_close(vggflow_target(ref, gradient, eta=2.0, reward_scale=0.5, max_norm=1.0,
+                                              normalised=True), expected)
 
 
 def test_vggflow_clip_target_and_loss_by_hand():
@@ -165,6 +196,36 @@ def test_ranking_methods_ignore_the_rewards_scale_and_offset(tmp_path, method):
     moved = max(tensor.abs().max().item() for name, tensor in plain.items() if "lora.up" in name)
     assert moved > 0  # the runs trained (the up matrices start at zero)
     assert all(torch.equal(plain[name], rescaled[name]) for name in plain)
+
+
+@pytest.mark.parametrize("method", ["draft", "vggflow"])
+def test_normalised_reward_gradients_ignore_the_rewards_scale(tmp_path, method):
+    """With the default normalised gradients, brightness x 1e-8 trains the LoRA brightness trains (to float
+    rounding); with the raw gradients of Appendix C the same tiny reward leaves the generator nearly where it was."""
+    from test_train import lora_tensors, train, training_args
+
+    from conftest import TINY_SD
+
+    runs = {"plain": ("brightness", []), "tiny": ("brightness_tiny", []),
+            "raw_tiny": ("brightness_tiny", [f"--{method}_gradient=raw"])}
+    loras = {}
+    for name, (reward, extra) in runs.items():
+        train("train_drpo.py", *training_args(TINY_SD, tmp_path / name, f"--reward={REWARDS}:{reward}",
+                                              "--max_train_steps=2", "--learning_rate=1e-3", f"--method={method}",
+                                              *extra))
+        loras[name] = lora_tensors(tmp_path / name)
+
+    def moved(lora):
+        return max(tensor.abs().max().item() for key, tensor in lora.items() if "lora.up" in key)
+
+    assert moved(loras["plain"]) > 0
+    # Float rounding of the two reward gradients, through Adam: measured max abs difference 0 (draft), 1.3e-6
+    # (vggflow, one of 1024 entries of a LoRA that moved by 2e-3); bound 1e-5 abs + 1e-4 rel.
+    for key in loras["plain"]:
+        torch.testing.assert_close(loras["tiny"][key], loras["plain"][key], rtol=1e-4, atol=1e-5)
+    # raw / normalised movement, measured: draft 0.0026 (Adam's eps outweighs gradients of ~1e-11), vggflow 0
+    # (the target is mu_ref to float precision, where the generator already is)
+    assert moved(loras["raw_tiny"]) < 0.1 * moved(loras["plain"])
 
 
 def test_grpo_advantages_ignore_the_offset_and_the_scale_up_to_eps():

@@ -6,6 +6,10 @@ decoder and the generator (paper, Appendix C.1).
 mu_theta,k is the one-step clean latent of noise k, D the VAE decoder, mu_ref,k the frozen base model's
 latent for the same prompt and noise. With --candidate_chunk_size the K candidates go C at a time
 (the chunking C.1 describes), each chunk through generator, decoder and reward with gradient.
+
+``--draft_gradient normalised`` (the default, ours) rescales each candidate's reward gradient at its
+latent, grad_mu R(D(mu_k)), to unit RMS before it enters the generator, so that the update no longer
+depends on the reward's scale (a reward 100x smaller trains the same LoRA); ``raw`` is C.1 as written.
 """
 
 from __future__ import annotations
@@ -24,6 +28,21 @@ def latent_anchor(latents: torch.Tensor, ref_latents: torch.Tensor) -> torch.Ten
     return (latents.float() - ref_latents.float()).square().flatten(1).sum(1)
 
 
+def unit_rms(gradient: torch.Tensor) -> torch.Tensor:
+    """g_k / RMS(g_k) per sample (computed in float64, so a gradient of any magnitude keeps its direction)."""
+    flat = gradient.double().flatten(1)
+    rms = flat.square().mean(1).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    return (flat / rms[:, None]).view_as(gradient).to(gradient.dtype)
+
+
+def with_normalised_gradient(latents: torch.Tensor, count: int) -> torch.Tensor:
+    """``latents`` whose backward passes unit_rms(dL/dmu_k) / K (K = ``count``): the gradient of the surrogate
+    -1/K sum_k <mu_theta,k, sg(grad_mu R_k / RMS(grad_mu R_k))>, whatever the reward's scale."""
+    passed = latents.clone()
+    passed.register_hook(lambda gradient: unit_rms(gradient) / count)
+    return passed
+
+
 def draft_loss(rewards: torch.Tensor, latents: torch.Tensor, ref_latents: torch.Tensor, ref_weight: float,
                count: int | None = None) -> torch.Tensor:
     """Appendix C.1: -1/K sum_k R_k + lambda_ref 1/K sum_k ||mu_theta,k - mu_ref,k||^2 (K = ``count``, the
@@ -39,6 +58,9 @@ class DRaFTOptions:
     draft_ref_weight: float = flags.option(
         0.0, flags.non_negative_float, "lambda_ref of the latent anchor (the paper does not report its value; 0 is "
                                        "plain DRaFT).")
+    draft_gradient: str = flags.option(
+        "normalised", None, "grad_mu R per candidate: rescaled to unit RMS (ours: independent of the reward's scale) "
+                            "or raw (C.1 as written).", choices=["normalised", "raw"])
 
 
 @dataclass
@@ -62,7 +84,8 @@ def update(ctx: candidates.StepContext, proposal: Proposal):
 
     def loss_of_rows(rows):
         latents = candidates.current_latents(ctx, candidates.rows_of(proposal.condition, rows), proposal.noise[rows])
-        images = drpo_utils.decode_latents(ctx.pipe.vae, latents)
+        reward_input = latents if ctx.options.draft_gradient == "raw" else with_normalised_gradient(latents, k)
+        images = drpo_utils.decode_latents(ctx.pipe.vae, reward_input)
         scores = differentiable_scores(ctx.scorer.reward_fn, images, [proposal.prompt] * len(images), ctx.scorer.name)
         rewards.append(scores.detach())
         return draft_loss(scores, latents, proposal.ref_latents[rows], ctx.options.draft_ref_weight, k)

@@ -5,7 +5,9 @@ a target built from the reward's gradient around the frozen reference.
     L = 1/K sum_k ||mu_theta,k - mu_k^target||^2 + lambda_ref 1/K sum_k ||mu_theta,k - mu_ref,k||^2
 
 The reward gradient is taken at the current sample mu_theta,k (no gradient to the LoRA through it)
-and norm-clipped per sample; eta is fixed in the one-step setting. The target is closed-form and
+and norm-clipped per sample; eta is fixed in the one-step setting. ``--vggflow_gradient normalised``
+(the default, ours) replaces clip(grad) by grad / RMS(grad) per sample, so the target sits eta lambda_r
+latent units (RMS per element) from mu_ref whatever the reward's scale; ``raw`` is C.2 as written. The target is closed-form and
 detached, so --candidate_chunk_size recomputes mu_theta C candidates at a time.
 """
 
@@ -17,7 +19,7 @@ import torch
 
 import drpo_utils
 from pipelines import candidates, flags, methods
-from pipelines.baselines.draft import latent_anchor
+from pipelines.baselines.draft import latent_anchor, unit_rms
 from pipelines.rewards.protocol import differentiable_scores
 
 
@@ -29,9 +31,12 @@ def clip_per_sample(gradient: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 
 def vggflow_target(ref_latents: torch.Tensor, reward_gradient: torch.Tensor, eta: float, reward_scale: float,
-                   max_norm: float) -> torch.Tensor:
-    """mu^target = mu_ref + eta lambda_r clip(grad_mu R) (Appendix C.2)."""
-    return ref_latents.float() + eta * reward_scale * clip_per_sample(reward_gradient.float(), max_norm)
+                   max_norm: float, normalised: bool = False) -> torch.Tensor:
+    """mu^target = mu_ref + eta lambda_r clip(grad_mu R) (Appendix C.2); ``normalised``: grad_mu R / RMS(grad_mu R)
+    in place of the clip."""
+    gradient = reward_gradient.float()
+    direction = unit_rms(gradient) if normalised else clip_per_sample(gradient, max_norm)
+    return ref_latents.float() + eta * reward_scale * direction
 
 
 def vggflow_loss(latents: torch.Tensor, target: torch.Tensor, ref_latents: torch.Tensor, ref_weight: float,
@@ -48,7 +53,11 @@ class VGGFlowOptions:
 
     vggflow_eta: float = flags.option(1.0, flags.positive_float, "eta(t), fixed at the one-step timestep.")
     vggflow_reward_scale: float = flags.option(1.0, flags.positive_float, "lambda_r, the reward's scale.")
-    vggflow_clip: float = flags.option(1.0, flags.positive_float, "Per-sample L2 norm clip of grad_mu R.")
+    vggflow_clip: float = flags.option(1.0, flags.positive_float, "Per-sample L2 norm clip of grad_mu R (with "
+                                                                  "--vggflow_gradient raw).")
+    vggflow_gradient: str = flags.option(
+        "normalised", None, "grad_mu R per sample: rescaled to unit RMS (ours: independent of the reward's scale) "
+                            "or norm-clipped (raw, C.2 as written).", choices=["normalised", "raw"])
     vggflow_ref_weight: float = flags.option(0.0, flags.non_negative_float, "lambda_ref of the latent anchor.")
 
 
@@ -83,7 +92,7 @@ def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> P
         gradients.append(gradient)
         rewards.append(scores)
     target = vggflow_target(ref_latents, torch.cat(gradients), options.vggflow_eta, options.vggflow_reward_scale,
-                            options.vggflow_clip)
+                            options.vggflow_clip, normalised=options.vggflow_gradient == "normalised")
     return Proposal(condition, noise, ref_latents, target, torch.cat(rewards))
 
 
