@@ -3,8 +3,9 @@
     python -m benchmarks.ablations --update_readme          # the full grid, ~15 minutes on 2 CPU cores
     python -m benchmarks.ablations --max_train_steps=2 ...  # a smoke run (the test suite runs one)
 
-One factor at a time from a base run (the quickstart's settings with fewer steps): the candidate
-count K, the feature map, the kernel, the authors' preset at pair weights 1000-10000 (the paper's
+One factor at a time from a base run (the quickstart's settings with fewer steps, under the paper's
+estimator): the candidate count K, the feature map, sum vs mean over a multi-tensor feature map's losses,
+the kernel, the authors' preset at pair weights 1000-10000 (the paper's
 "velocity scale" beta), the pairing (random reward-ordered pairs vs the released top / bottom split, under
 either estimator), radii sets, the reference weight lambda and the unmasked reference drift.
 Every run has the same seed, prompts and step budget and is evaluated on the same held-out seeds:
@@ -25,7 +26,7 @@ from benchmarks.readme import save_result
 TRAINED, HELD_OUT = "color_match", "jpeg_compressibility"
 BASE_FLAGS = ["--pretrained_model_name_or_path=assets/tiny-sd-turbo", "--prompts_file=assets/tiny_prompts.txt",
               f"--reward={TRAINED}", "--feature_extractor=image", "--num_candidates=16", "--num_pairs=16",
-              "--learning_rate=1e-3", "--validation_steps=0", "--seed=0"]
+              "--learning_rate=1e-3", "--validation_steps=0", "--seed=0", "--drift_preset=paper"]
 
 # (factor, setting shown, flags added to the base run); "base" is the shared reference row.
 GRID = [
@@ -33,6 +34,9 @@ GRID = [
     ("candidates K", "K = 16 (base)", []),
     ("candidates K", "K = 24", ["--num_candidates=24", "--num_pairs=12"]),
     ("feature map", "latent", ["--feature_extractor=latent"]),
+    ("feature tensors (teacher_unet: 3)", "sum of their losses (Drifting Models)", ["--feature_extractor=teacher_unet"]),
+    ("feature tensors (teacher_unet: 3)", "mean of their losses (released code)",
+     ["--feature_extractor=teacher_unet", "--feature_reduction=mean"]),
     ("kernel", "cosine", ["--drift_kernel=cosine"]),
     ("kernel", "exponential", ["--drift_kernel=exponential"]),
     ("kernel", "laplacian", ["--drift_kernel=laplacian"]),

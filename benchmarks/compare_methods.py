@@ -29,7 +29,7 @@ BASE_FLAGS = ["--pretrained_model_name_or_path=assets/tiny-sd-turbo", "--prompts
 # [0, 1]), with the reward gradients raw as Appendix C writes them; ``benchmarks.tune_methods`` gives every method
 # the same tuning budget instead. The behavioural tests train with these settings.
 METHOD_FLAGS = {
-    "drpo": ["--method=drpo"],
+    "drpo": ["--method=drpo", "--drift_preset=paper"],
     "draft": ["--method=draft", "--draft_gradient=raw"],
     "vggflow": ["--method=vggflow", "--vggflow_gradient=raw", "--vggflow_reward_scale=1000"],
     "dpo": ["--method=dpo", "--dpo_beta=0.1"],

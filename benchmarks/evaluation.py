@@ -20,7 +20,7 @@ from benchmarks.readme import save_result
 BRIGHTNESS = "benchmarks/rewards.py:brightness"
 TRAINING = ["--pretrained_model_name_or_path=assets/tiny-sd-turbo", "--prompts_file=assets/tiny_prompts.txt",
             "--feature_extractor=image", "--num_candidates=16", "--num_pairs=16", "--learning_rate=1e-3",
-            "--validation_steps=0", "--checkpointing_steps=1000", "--seed=0"]
+            "--validation_steps=0", "--checkpointing_steps=1000", "--seed=0", "--drift_preset=paper"]
 LORAS = {"color-lora": "--reward=color_match", "bright-lora": f"--reward={BRIGHTNESS}"}
 METRICS = f"color_match,jpeg_compressibility,brightness={BRIGHTNESS}"
 

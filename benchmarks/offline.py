@@ -25,7 +25,7 @@ HIDDEN_REWARD = "benchmarks.rewards:brightness"
 OFFLINE_FLAGS = ["--resolution=64", "--feature_extractor=image", "--num_candidates=8", "--num_pairs=8",
                  "--learning_rate=1e-3", "--validation_steps=0", "--seed=0",
                  f"--reward={HIDDEN_REWARD}"]  # offline, the reward only scores the final check
-METHOD_FLAGS = {"drpo": ["--method=drpo"], "dpo": ["--method=dpo", "--dpo_beta=0.1"]}
+METHOD_FLAGS = {"drpo": ["--method=drpo", "--drift_preset=paper"], "dpo": ["--method=dpo", "--dpo_beta=0.1"]}
 
 
 def png_bytes(image) -> bytes:

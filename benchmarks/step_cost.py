@@ -290,7 +290,8 @@ def latency(args) -> dict:
              f"--num_candidates={args.num_candidates}",
              f"--num_pairs={args.num_pairs}", f"--gradient_accumulation_steps={args.accumulation}",
              f"--candidate_chunk_size={args.chunk}", f"--max_train_steps={args.steps}", "--validation_steps=0",
-             "--seed=0", f"--checkpointing_steps={args.steps}", f"--resolution={args.resolution}"]
+             "--seed=0", f"--checkpointing_steps={args.steps}", f"--resolution={args.resolution}",
+             "--drift_preset=paper"]
     result = {}
     try:
         for name, extra in (("serial", ["--no-overlap_reward"]), ("overlapped", [])):
