@@ -22,11 +22,12 @@ from benchmarks.readme import save_result
 
 QUICKSTART_FLAGS = [
     "--pretrained_model_name_or_path=assets/tiny-sd-turbo", "--prompts_file=assets/tiny_prompts_all.txt",
-    "--reward=color_match", "--feature_extractor=image", "--num_candidates=16", "--num_pairs=16",
+    "--reward=color_match", "--feature_extractor=image", "--num_candidates=16",
     "--learning_rate=1e-3", "--max_train_steps=100", "--validation_steps=50", "--checkpointing_steps=50",
     "--seed=0", "--output_dir=drpo-tiny",
 ]
-VARIANTS = {"quickstart command": [], "with --drift_preset=paper": ["--drift_preset=paper"]}
+VARIANTS = {"quickstart command": [], "with --drift_preset=paper (16 random pairs)": ["--drift_preset=paper",
+                                                                                   "--num_pairs=16"]}
 LAUNCHER = [ACCELERATE, "launch", "--quiet", "--cpu"]  # as the README command (--cpu: all cores, not one thread)
 
 

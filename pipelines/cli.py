@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 
 import torch
@@ -82,7 +83,8 @@ def add_method_flags(parser, default_method: str, default_feature_extractor: str
     drpo.add_argument("--num_candidates", type=flags.positive_int, default=24,
                       help="K candidates per prompt (paper: 24).")
     drpo.add_argument("--num_pairs", type=flags.positive_int, default=12,
-                      help="M reward-ordered pairs per prompt (paper: 12); offline: at most M of the prompt's "
+                      help="M reward-ordered pairs per prompt with --pairing random (paper: 12; the default "
+                           "top / bottom split takes K/2 a side instead); offline: at most M of the prompt's "
                            "dataset pairs.")
 
 
@@ -206,6 +208,16 @@ def idle_flag_rules(args) -> list[tuple[list[str], bool, str]]:
     return rules
 
 
+def warn_unused_pair_count(args, given: set[str], drift: drpo_utils.DriftConfig) -> None:
+    """--num_pairs given to online DrPO with the top / bottom split (the default preset's) changes nothing: say so."""
+    if "num_pairs" in given and args.method == "drpo" and args.preference_dataset is None and \
+            drift.pairing == "top_bottom":
+        logging.getLogger(__name__).warning(
+            "--num_pairs %d has no effect: --pairing top_bottom (the --drift_preset authors default) takes the top "
+            "and bottom K/2 candidates as A+ / A-; add --pairing=random for M random reward-ordered pairs (Eq. 12)",
+            args.num_pairs)
+
+
 def check_start_paths(args) -> None:
     """What the run starts from exists: the checkpoint to resume, the LoRA to start from (a local path, or
     any name when the Hub is offline)."""
@@ -232,7 +244,7 @@ def check_args(args, given: set[str] = frozenset()) -> None:
     if args.feature_extractor not in features.FEATURE_MAPS:
         raise ValueError(f"Unknown feature extractor {args.feature_extractor!r}; "
                          f"choose one of {', '.join(features.FEATURE_MAPS)}.")
-    drift_config(args)  # the preset with the flags given: kernel, radii, ... validated
+    warn_unused_pair_count(args, given, drift_config(args))  # the preset with the given flags, validated
     rewards.check_reward_spec(args.reward, args.reward_weights)  # unknown names list the choices; files must exist
     for spec in args.validation_rewards or []:
         rewards.check_reward_spec(spec, None, flag="--validation_rewards")

@@ -550,3 +550,13 @@ def test_a_deepspeed_or_fsdp_launch_is_refused_before_any_model_loads(tmp_path, 
     monkeypatch.setenv(variable, "true")
     with pytest.raises(ValueError, match=f"selects {mode}; this trainer supports DDP"):
         train_drpo.main(train_drpo.parse_args(args_for(tmp_path)), load_pipeline=no_model_loading)
+
+
+@pytest.mark.parametrize("extra,warned", [([], True), (["--pairing=random"], False), (["--drift_preset=paper"], False),
+                                          (["--method=dpo"], False)])
+def test_an_unused_pair_count_is_named(tmp_path, caplog, extra, warned):
+    """The default top / bottom split takes K/2 a side: a given --num_pairs would change nothing, and the
+    run says so at start-up (random pairs, the paper preset and DPO use M)."""
+    with caplog.at_level("WARNING", logger="pipelines.cli"):
+        train_drpo.parse_args(args_for(tmp_path, *extra))
+    assert ("--num_pairs 3 has no effect" in caplog.text) == warned
