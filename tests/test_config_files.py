@@ -77,6 +77,16 @@ def test_the_shipped_recipes_parse(path):
     assert namespace.pretrained_model_name_or_path.startswith("stabilityai/") and len(given) >= 6
 
 
+def test_the_authors_recipe_file_holds_the_released_defaults():
+    """configs/authors_sdxl_turbo.yaml: the released SDXL trainer's K, learning rate, lambda, accumulation,
+    clipping, MAE features and estimator (docs/method.md, the recipe table)."""
+    path = os.path.join(ROOT, "configs", "authors_sdxl_turbo.yaml")
+    args, _ = flags.parse_with_config(train_drpo_sdxl.build_parser(), [f"--config={path}"])
+    assert (args.num_candidates, args.learning_rate, args.ref_weight) == (16, 1e-5, 0.2)
+    assert (args.gradient_accumulation_steps, args.max_grad_norm) == (8, 1.0)
+    assert (args.feature_extractor, args.drift_preset) == ("vit_mae_released", "authors")
+
+
 def test_evaluation_reads_a_config_file(tmp_path):
     config = write(tmp_path, f"pretrained_model_name_or_path: {TINY_SD}\nseeds: [0, 2]\nmetrics: color_match\n"
                              "bootstrap: 50\n")

@@ -136,6 +136,26 @@ def test_released_numerics_match_the_documented_formulas_on_random_inputs(kernel
     torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)  # float64 vs the loops: measured 1e-14 rel
 
 
+@pytest.mark.parametrize("kernel", ["laplacian", "rbf"])
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_released_numerics_in_float32_stay_within_float32_rounding(kernel, seed):
+    """The same field in float32 against the float64 loops. Any float32 code of these formulas (the released
+    one runs them in float32) carries rounding of a few ulps of the field's largest entry: rounding the inputs
+    alone to float32 moves the float64 loops by 3e-7 to 6e-7 here (|V| up to 13). Bound: 16 float32 ulps of
+    max |V| (2.5e-5 at |V| = 13); measured 2e-6 to 4.5e-6."""
+    g = torch.Generator().manual_seed(seed)
+    z, pos, neg = (torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (5, 3, 4))
+    weights = torch.tensor([1.0] * 5 + [3000.0] * 4 + [3000.0] * 3, dtype=torch.float64)
+    negatives = torch.cat([z, neg])
+    expected = released_drift(z, pos, negatives, [0.02, 0.05, 0.2], kernel, weights, self_copies=1)
+    got = drift_field(z.float(), pos.float(), negatives.float(), [0.02, 0.05, 0.2], kernel=kernel,
+                      pos_weight=weights[9:].float(), neg_weight=weights[:9].float(), mask_self=True,
+                      numerics=RELEASED_NUMERICS)
+    assert got.dtype == torch.float32
+    ulp = torch.finfo(torch.float32).eps * expected.abs().max().item()
+    assert (got.double() - expected).abs().max().item() <= 16 * ulp
+
+
 def test_authors_reference_field_matches_the_formulas():
     """V_ref of the released code: supports [sg(Z) (w 1); sg(Z) (w 3000); R (w 3000)], both copies of z_i
     pushed away by the finite penalty, r_i not masked."""
