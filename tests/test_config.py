@@ -47,7 +47,8 @@ def test_the_fingerprint_holds_the_fields_that_change_the_result(tmp_path):
     settings = train_drpo.build_config(train_drpo.parse_args(training_flags(tmp_path, "--method=dpo", "--dpo_beta=3")))
     record = config.run_record(settings, prompt_encoding="sd", num_processes=1)
     assert record["seed"] == 0 and record["learning_rate"] == 1e-4 and record["dpo_beta"] == 3.0  # result fields
-    assert record["drift"]["radii"] == [0.1, 0.2, 0.5] and record["num_processes"] == 1
+    assert record["drift"]["radii"] == [0.02, 0.05, 0.2]  # the default (authors) preset's
+    assert record["drift"]["pairing"] == "top_bottom" and record["num_processes"] == 1
     assert not {"output_dir", "max_train_steps", "report_to", "candidate_chunk_size", "hub_token"} & set(record)
     json.loads(json.dumps(record, allow_nan=False))  # standard JSON (an infinite self_penalty is "inf")
 
