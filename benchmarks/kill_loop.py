@@ -31,6 +31,7 @@ RUN_FLAGS = [
     "--reward=color_match", "--feature_extractor=image", "--resolution=64", "--num_candidates=4", "--num_pairs=2",
     "--learning_rate=1e-3", "--seed=0", "--checkpointing_steps=1", "--checkpoints_total_limit=2",
     "--validation_steps=0", "--num_validation_seeds=1", "--report_to=none",
+    "--drift_preset=paper",  # as when docs/reliability.md's table was measured
 ]
 
 

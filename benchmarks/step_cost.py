@@ -72,8 +72,9 @@ def training_flags(args, method: str, chunk_size: int | None) -> list[str]:
     """The training flags of the measured update (the reward named here is replaced by the random ViT)."""
     return [f"--pretrained_model_name_or_path={args.model}", "--prompts_file=assets/tiny_prompts.txt",
             f"--num_candidates={args.num_candidates}", f"--num_pairs={args.num_pairs}", f"--method={method}",
-            f"--feature_extractor={args.feature_extractor}", *(["--draft_ref_weight=0.05"] * (method == "draft")),
-            *(["--drift_preset=paper"] * (method == "drpo")),  # the tables were measured with Appendix A's field
+            f"--feature_extractor={args.feature_extractor}",
+            *(["--draft_ref_weight=0.05", "--draft_gradient=raw"] * (method == "draft")),
+            *(["--drift_preset=paper"] * (method == "drpo")),  # as the tables were measured
             "--reward=pipelines.rewards.rules:color_match",
             *([f"--candidate_chunk_size={chunk_size}"] * bool(chunk_size))]
 

@@ -10,7 +10,7 @@ from conftest import ROOT
 
 import train_drpo
 from pipelines.baselines.dpo import dpo_loss, preference_margin
-from pipelines.baselines.draft import draft_loss, unit_rms, with_normalised_gradient
+from pipelines.baselines.draft import draft_loss, normalised_draft_loss, unit_rms
 from pipelines.baselines.grpo import gaussian_log_prob, group_advantages, grpo_loss, normalised_noise
 from pipelines.baselines.vggflow import clip_per_sample, vggflow_loss, vggflow_target
 from pipelines.rewards import RewardError
@@ -50,16 +50,22 @@ def test_unit_rms_by_hand():
 
 @pytest.mark.parametrize("reward_scale", [1.0, 1e-6, 100.0])
 def test_normalised_draft_gradient_is_the_unit_rms_reward_direction(reward_scale):
-    """mu_k = x_k W, R(mu) = c a . mu: with the normalised gradient dL/dW = -1/K sum_k x_k^T a / RMS(a) for any c."""
+    """mu_k = x_k W, R(mu) = c a . mu: with the normalised gradient d(s L)/dW = s/K sum_k x_k^T (-a / RMS(a) +
+    2 lambda (mu_k - mu_ref,k)) for any reward scale c, and any factor s the trainer puts on the loss
+    (1 / batch, 1 / accumulation, a loss scaler) scales the reward term and the anchor alike."""
     g = torch.Generator().manual_seed(0)
     x, a = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
     weight = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(4, 5, generator=g, dtype=torch.float64)
     latents = x @ weight
-    passed = with_normalised_gradient(latents, count=4)
-    draft_loss(reward_scale * (passed @ a), latents, latents.detach(), ref_weight=0.0).backward()
+    rewards = reward_scale * (latents.detach() @ a)
+    gradient = (reward_scale * a).expand(4, 5)  # grad_mu R_k
+    loss = normalised_draft_loss(rewards, gradient, latents, ref, ref_weight=0.3)
+    assert loss.item() == pytest.approx(draft_loss(rewards, latents, ref, 0.3).item(), rel=1e-6)  # logged value
+    (0.125 * loss).backward()
     direction = a / a.square().mean().sqrt()
-    expected = -sum(torch.outer(x[k], direction) for k in range(4)) / 4
-    # draft_loss casts to float32: measured 6e-8 abs at every scale, bound 1e-5 rel + 1e-6
+    expected = 0.125 * sum(torch.outer(x[k], -direction + 2 * 0.3 * (latents[k] - ref[k]).detach()) for k in range(4)) / 4
+    # float32 inside the loss: measured 6e-8 abs at every scale, bound 1e-5 rel + 1e-6
     torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -177,7 +183,7 @@ def test_reward_gradient_methods_refuse_ranking_only_rewards_at_start_up(tmp_pat
 
 
 
-@pytest.mark.parametrize("method", ["drpo", "drpo_top_bottom", "dpo"])
+@pytest.mark.parametrize("method", ["drpo_paper", "drpo_top_bottom", "dpo"])
 def test_ranking_methods_ignore_the_rewards_scale_and_offset(tmp_path, method):
     """The reward only ranks (DrPO's random pairs or top / bottom split, DPO's pairs): 100 x R + 5 trains
     the same LoRA as R, bit for bit."""
@@ -185,7 +191,8 @@ def test_ranking_methods_ignore_the_rewards_scale_and_offset(tmp_path, method):
 
     from conftest import TINY_SD
 
-    extra = ["--method=drpo", "--drift_preset=authors"] if method == "drpo_top_bottom" else [f"--method={method}"]
+    extra = {"drpo_paper": ["--method=drpo", "--drift_preset=paper"],  # M random reward-ordered pairs
+             "drpo_top_bottom": ["--method=drpo", "--drift_preset=authors"]}.get(method, [f"--method={method}"])
     loras = []
     for reward in ("brightness", "brightness_rescaled"):
         train("train_drpo.py", *training_args(TINY_SD, tmp_path / reward, f"--reward={REWARDS}:{reward}",

@@ -7,9 +7,10 @@ mu_theta,k is the one-step clean latent of noise k, D the VAE decoder, mu_ref,k 
 latent for the same prompt and noise. With --candidate_chunk_size the K candidates go C at a time
 (the chunking C.1 describes), each chunk through generator, decoder and reward with gradient.
 
-``--draft_gradient normalised`` (the default, ours) rescales each candidate's reward gradient at its
-latent, grad_mu R(D(mu_k)), to unit RMS before it enters the generator, so that the update no longer
-depends on the reward's scale (a reward 100x smaller trains the same LoRA); ``raw`` is C.1 as written.
+``--draft_gradient normalised`` (the default, ours) takes each candidate's reward gradient at its latent,
+g_k = grad_mu R(D(mu_k)), rescales it to unit RMS and backpropagates -1/K sum_k <mu_theta,k, sg(g_k / RMS(g_k))>
+through the generator, so that the update no longer depends on the reward's scale (a reward 100x smaller
+trains the same LoRA); ``raw`` is C.1 as written.
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ def unit_rms(gradient: torch.Tensor) -> torch.Tensor:
     return (flat / rms[:, None]).view_as(gradient).to(gradient.dtype)
 
 
-def with_normalised_gradient(latents: torch.Tensor, count: int) -> torch.Tensor:
-    """``latents`` whose backward passes unit_rms(dL/dmu_k) / K (K = ``count``): the gradient of the surrogate
-    -1/K sum_k <mu_theta,k, sg(grad_mu R_k / RMS(grad_mu R_k))>, whatever the reward's scale."""
-    passed = latents.clone()
-    passed.register_hook(lambda gradient: unit_rms(gradient) / count)
-    return passed
+def normalised_draft_loss(rewards: torch.Tensor, reward_gradient: torch.Tensor, latents: torch.Tensor,
+                          ref_latents: torch.Tensor, ref_weight: float, count: int | None = None) -> torch.Tensor:
+    """``draft_loss``'s value with the gradient of -1/K sum_k <mu_theta,k, sg(g_k / RMS(g_k))> + the anchor, where
+    g_k = grad_mu R_k at mu_theta,k: each candidate pushed along its reward's ascent direction at unit RMS, whatever
+    the reward's scale (``rewards`` and ``reward_gradient`` detached)."""
+    count = count or len(latents)
+    direction = unit_rms(reward_gradient.detach()).float()
+    surrogate = -(latents.float() * direction).flatten(1).sum(1).sum() / count
+    return draft_loss(rewards.detach(), latents, ref_latents, ref_weight, count) + surrogate - surrogate.detach()
 
 
 def draft_loss(rewards: torch.Tensor, latents: torch.Tensor, ref_latents: torch.Tensor, ref_weight: float,
@@ -78,14 +82,27 @@ def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> P
     return Proposal(prompt, condition, noise, candidates.reference_latents(ctx, condition, noise))
 
 
+def reward_gradient(ctx: candidates.StepContext, latents: torch.Tensor, prompt: str) -> tuple[torch.Tensor, ...]:
+    """grad_mu R(D(mu), p) at ``latents`` (through the decoder and the reward only, not the generator) and R."""
+    leaf = latents.detach().float().requires_grad_(True)
+    scores = differentiable_scores(ctx.scorer.reward_fn, drpo_utils.decode_latents(ctx.pipe.vae, leaf),
+                                   [prompt] * len(leaf), ctx.scorer.name)
+    (gradient,) = torch.autograd.grad(scores.sum(), leaf)
+    return gradient, scores.detach()
+
+
 def update(ctx: candidates.StepContext, proposal: Proposal):
     """Yields the DRaFT loss of each chunk (generator, decoder and reward with gradient); returns stats."""
     k, rewards = ctx.num_candidates, []
 
     def loss_of_rows(rows):
         latents = candidates.current_latents(ctx, candidates.rows_of(proposal.condition, rows), proposal.noise[rows])
-        reward_input = latents if ctx.options.draft_gradient == "raw" else with_normalised_gradient(latents, k)
-        images = drpo_utils.decode_latents(ctx.pipe.vae, reward_input)
+        if ctx.options.draft_gradient == "normalised":
+            gradient, scores = reward_gradient(ctx, latents, proposal.prompt)
+            rewards.append(scores)
+            return normalised_draft_loss(scores, gradient, latents, proposal.ref_latents[rows],
+                                         ctx.options.draft_ref_weight, k)
+        images = drpo_utils.decode_latents(ctx.pipe.vae, latents)
         scores = differentiable_scores(ctx.scorer.reward_fn, images, [proposal.prompt] * len(images), ctx.scorer.name)
         rewards.append(scores.detach())
         return draft_loss(scores, latents, proposal.ref_latents[rows], ctx.options.draft_ref_weight, k)

@@ -17,10 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-import drpo_utils
 from pipelines import candidates, flags, methods
-from pipelines.baselines.draft import latent_anchor, unit_rms
-from pipelines.rewards.protocol import differentiable_scores
+from pipelines.baselines.draft import latent_anchor, reward_gradient, unit_rms
 
 
 def clip_per_sample(gradient: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -68,15 +66,6 @@ class Proposal:
     ref_latents: torch.Tensor
     target: torch.Tensor
     rewards: torch.Tensor
-
-
-def reward_gradient(ctx: candidates.StepContext, latents: torch.Tensor, prompt: str) -> tuple[torch.Tensor, ...]:
-    """grad_mu R(D(mu), p) at ``latents`` (through the decoder and the reward only) and R itself."""
-    leaf = latents.detach().float().requires_grad_(True)
-    scores = differentiable_scores(ctx.scorer.reward_fn, drpo_utils.decode_latents(ctx.pipe.vae, leaf),
-                                   [prompt] * len(leaf), ctx.scorer.name)
-    (gradient,) = torch.autograd.grad(scores.sum(), leaf)
-    return gradient, scores.detach()
 
 
 def propose(ctx: candidates.StepContext, prompt: str, rng: torch.Generator) -> Proposal:
