@@ -4,8 +4,8 @@ held out x its held-out validation seeds), so a user's own run reproduces the ta
 
     python -m benchmarks.quickstart --update_readme
 
-Variants: the quickstart command itself; ``--no-mask_self`` (the literal, unmasked reference drift of
-Eq. 22); ``--drift_radii=0.02,0.05,0.2`` (the authors' radii under the exact Eqs. 22-25). The pictures
+Variants: the quickstart command itself (the default ``authors`` estimator); ``--drift_preset=paper
+--num_pairs=16`` (Appendix A's, with 16 random reward-ordered pairs). The pictures
 (``assets/readme_before_after.png``, ``assets/readme_reward_curve.png``) come from the quickstart run.
 """
 

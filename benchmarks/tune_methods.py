@@ -6,8 +6,8 @@ on held-out seeds beside the paper's setting.
 
 Each method (DrPO included) gets the same number of runs: four grid points over the learning rate and
 its own scale (DrPO's eta, DRaFT's learning rate alone, VGG-Flow's lambda_r, DPO's beta, GRPO's sigma),
-plus the paper's setting at the base learning rate, each the same steps, prompts, K and seed as
-``benchmarks.compare_methods``. A run is scored on the training prompts at seeds 1000+ (selection), the
+plus the paper's setting at the base learning rate, each with the same steps, prompts, seed and K = 8
+(``benchmarks.compare_methods``' base flags; there GRPO's fixed settings use K = 16). A run is scored on the training prompts at seeds 1000+ (selection), the
 best grid point and the paper's setting then on held-out seeds 3000+ (report): effect size of the
 trained reward (mean change / base seed-std) ± SE, the change of the other reward, the pixel distance
 to the base model and the seconds per step. The trained rewards: ``brightness`` (differentiable),

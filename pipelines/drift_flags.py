@@ -73,7 +73,7 @@ def shown(value) -> str:
 def add_drift_flags(group) -> None:
     group.add_argument("--drift_preset", default=DEFAULT_PRESET, choices=sorted(drpo_utils.DRIFT_PRESETS),
                        help="authors (default): the released code's estimator (UGVly/DrPO), which gained most on "
-                            "each of four held-out rewards (docs/method.md); paper: Appendix A exactly "
+                            "each of four rewards, scored on held-out seeds (docs/method.md); paper: Appendix A exactly "
                             "(leave-one-out reference drift).")
     for flag, (field, parse, text) in DRIFT_FLAGS.items():
         presets = f"(paper: {shown(preset_value('paper', field))}; authors: {shown(preset_value('authors', field))})"

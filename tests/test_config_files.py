@@ -103,6 +103,7 @@ def test_a_runs_config_yaml_reproduces_it(tmp_path):
     written = (first / "config.yaml").read_text()
     assert written.startswith("# The flags of this run") and "accelerate launch train_drpo.py --config" in written
     assert "max_train_steps: 2\n" in written and "rank: 4\n" in written and "hub_token" not in written
+    assert "drift_preset: authors\n" in written  # a default that changed between versions is always recorded
     card = (first / "README.md").read_text()
     assert "## Training configuration" in card and "max_train_steps: 2\n" in card
     second = tmp_path / "second"

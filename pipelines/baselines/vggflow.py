@@ -1,13 +1,15 @@
 """VGG-Flow(1-step) (Liu et al., 2025, adapted in the paper's Appendix C.2): regress the clean latent onto
 a target built from the reward's gradient around the frozen reference.
 
-    mu_k^target = mu_ref,k + eta lambda_r clip(grad_mu R(D(mu_theta,k), p))
+    mu_k^target = mu_ref,k + eta lambda_r clip(grad_mu R(D(mu_theta,k), p))        (--vggflow_gradient raw)
+    mu_k^target = mu_ref,k + eta lambda_r g_k / RMS(g_k),  g_k = grad_mu R(...)      (normalised, the default)
     L = 1/K sum_k ||mu_theta,k - mu_k^target||^2 + lambda_ref 1/K sum_k ||mu_theta,k - mu_ref,k||^2
 
 The reward gradient is taken at the current sample mu_theta,k (no gradient to the LoRA through it)
 and norm-clipped per sample; eta is fixed in the one-step setting. ``--vggflow_gradient normalised``
 (the default, ours) replaces clip(grad) by grad / RMS(grad) per sample, so the target sits eta lambda_r
-latent units (RMS per element) from mu_ref whatever the reward's scale; ``raw`` is C.2 as written. The target is closed-form and
+latent units (RMS per element) from mu_ref whatever the reward's scale (the norm clip allows at most
+RMS 1/sqrt(D) over D latent dimensions); ``raw`` is C.2 as written. The target is closed-form and
 detached, so --candidate_chunk_size recomputes mu_theta C candidates at a time.
 """
 
