@@ -358,9 +358,9 @@ def hub_needs(args) -> dict[str, list[str]]:
 # What a run's config.yaml leaves out: how this run treated its folder, not the recipe (a switch set in a
 # --config file cannot be turned off on the command line).
 ONE_RUN_ONLY = ("overwrite_output_dir", "resume_from_checkpoint")
-# What it always records, default or not: choices whose default has changed between versions (the drift preset
-# became ``authors``; the reward-gradient methods' ``normalised``), so an older or newer version reruns the same.
-ALWAYS_RECORDED = ("drift_preset", "draft_gradient", "vggflow_gradient")
+# What it always records, default or not: the drift preset and the run's method's own flags, whose defaults
+# have changed between versions (``authors``; ``normalised`` reward gradients), so another version reruns the same.
+ALWAYS_RECORDED = ("drift_preset",)
 
 
 def parse_and_check(parser: argparse.ArgumentParser, input_args=None) -> argparse.Namespace:
@@ -368,9 +368,8 @@ def parse_and_check(parser: argparse.ArgumentParser, input_args=None) -> argpars
     args, given = flags.parse_with_config(parser, input_args)
     check_args(args, given)
     changed = {key: value for key, value in flags.changed_flags(parser, vars(args)).items() if key not in ONE_RUN_ONLY}
-    method_flags = methods.registered()[args.method].flags
-    changed.update({key: getattr(args, key) for key in ALWAYS_RECORDED
-                    if key not in changed and (key == "drift_preset" or key in method_flags)})
+    for key in (*ALWAYS_RECORDED, *methods.registered()[args.method].flags):
+        changed.setdefault(key, getattr(args, key))
     args.run_config = {"script": parser.prog, "flags": hub.public_flags(changed)}
     return args
 
