@@ -48,9 +48,10 @@ RUN_CONFIG = "config.yaml"
 def write_run_config(output_dir: str, run_config: dict) -> None:
     """``config.yaml`` in the run folder: the resolved flags, reusable as ``--config`` (``run_config``: the
     script and its flags, from ``parse_and_check``)."""
-    header = (f"The flags of this run that differ from their defaults (--config file and command line resolved),\n"
-              f"and the drift preset and the method's own flags at any value (their defaults have changed before).\n"
-              f"Rerun: accelerate launch {run_config['script']} --config {RUN_CONFIG}")
+    always = ("\nand the drift preset and the method's own flags at any value (their defaults have changed before)"
+              if "drift_preset" in run_config["flags"] else "")
+    header = (f"The flags of this run that differ from their defaults (--config file and command line resolved)"
+              f"{always}.\nRerun: accelerate launch {run_config['script']} --config {RUN_CONFIG}")
     files.write_text(os.path.join(output_dir, RUN_CONFIG), flags.config_yaml(run_config["flags"], header))
 
 
