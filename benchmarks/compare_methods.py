@@ -18,7 +18,7 @@ import math
 import os
 import tempfile
 
-from benchmarks.harness import ROOT, compare_to_base, mean_step_seconds, train_run
+from benchmarks.harness import ROOT, compare_to_base, effect_and_se, mean_step_seconds, train_run
 from benchmarks.readme import save_result
 
 BRIGHTNESS, COLOR = "benchmarks.rewards:brightness", "color_match"
@@ -87,10 +87,9 @@ def render_table(rows: dict, reward: str, other: str) -> list[str]:
         if method not in rows:
             lines.append(f"| {method} | {NEEDS_GRADIENTS} | | | | | |")
             continue
-        row, trained = rows[method], rows[method]["trained"]
-        seed_std = trained["change"] / trained["effect_size"] if trained["effect_size"] else float("nan")
-        lines.append(f"| {method} | {row['steps']} | {trained['effect_size']:+.2f} ± "
-                     f"{trained['change_se'] / seed_std:.2f} | {row['other']['change']:+.4f} | "
+        row = rows[method]
+        size, se = effect_and_se(row["trained"])
+        lines.append(f"| {method} | {row['steps']} | {size:+.2f} ± {se:.2f} | {row['other']['change']:+.4f} | "
                      f"{row['image_distance']:.3f} | {row['step_seconds']:.2f} | {row['peak_mb']:.0f} |")
     return lines
 

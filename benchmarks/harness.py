@@ -108,6 +108,13 @@ def compare_to_base(model: str, loras: dict[str, str], rewards: list[str], promp
     return results
 
 
+def effect_and_se(summary: dict) -> tuple[float, float]:
+    """A ``summarize`` result's effect size and its standard error, both in the base model's seed-std."""
+    size = summary["effect_size"] or 0.0
+    seed_std = summary["change"] / size if size else float("nan")
+    return size, summary["change_se"] / seed_std
+
+
 def mean_step_seconds(output_dir: str) -> float:
     """Mean optimisation-step time of a run, from its reward_history.jsonl."""
     with open(os.path.join(output_dir, "reward_history.jsonl")) as handle:

@@ -18,7 +18,7 @@ import os
 import statistics
 import tempfile
 
-from benchmarks.harness import ROOT, compare_to_base, train_run
+from benchmarks.harness import ROOT, compare_to_base, effect_and_se, train_run
 from benchmarks.readme import save_result
 
 REWARDS = ["color_match", "jpeg_compressibility", "benchmarks.rewards:saturation", "benchmarks.rewards:warmth"]
@@ -59,18 +59,12 @@ def run(args) -> dict:
             "prompts": len(prompts), "seeds": len(seeds), "gains": gains}
 
 
-def effect(summary: dict) -> tuple[float, float]:
-    """Effect size and its standard error, both in base seed-std."""
-    seed_std = summary["change"] / summary["effect_size"] if summary["effect_size"] else float("nan")
-    return summary["effect_size"], summary["change_se"] / seed_std
-
-
 def render(result: dict) -> str:
     rewards = list(result["gains"])
     lines = ["| estimator | " + " | ".join(f"`{r.split(':')[-1]}`" for r in rewards) + " | mean effect size |",
              "|---|" + "---|" * (len(rewards) + 1)]
     for name in result["candidates"]:
-        cells = [effect(result["gains"][reward][name]) for reward in rewards]
+        cells = [effect_and_se(result["gains"][reward][name]) for reward in rewards]
         mean = statistics.fmean(size for size, _ in cells)
         lines.append(f"| {name} | " + " | ".join(f"{size:+.2f} ± {se:.2f}" for size, se in cells) + f" | {mean:+.2f} |")
     lines += ["", f"Gain of the reward each run trained on, effect size ± SE in base seed-std; each run: "

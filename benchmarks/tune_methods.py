@@ -22,7 +22,7 @@ import os
 import tempfile
 
 from benchmarks.compare_methods import BASE_FLAGS, BRIGHTNESS, COLOR, NEEDS_GRADIENTS, REWARD_GRADIENT
-from benchmarks.harness import ROOT, compare_to_base, mean_step_seconds, train_run
+from benchmarks.harness import ROOT, compare_to_base, effect_and_se, mean_step_seconds, train_run
 from benchmarks.readme import save_result
 
 WARMTH = "benchmarks.rewards:warmth"
@@ -104,9 +104,8 @@ def tune_reward(reward: str, args, work: str) -> dict:
 
 def effect(summary: dict) -> str:
     """'effect size ± SE' in base seed-std."""
-    size = summary["effect_size"] or 0.0
-    seed_std = summary["change"] / size if size else float("nan")
-    return f"{size:+.2f} ± {summary['change_se'] / seed_std:.2f}"
+    size, se = effect_and_se(summary)
+    return f"{size:+.2f} ± {se:.2f}"
 
 
 def render_reward(part: dict) -> list[str]:
