@@ -25,6 +25,7 @@ This module imports torch only: feature maps, rewards and run plumbing live in `
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -558,23 +559,66 @@ def unet_inputs(condition: dict) -> dict:
     return inputs
 
 
-def one_step_latents(unet, scheduler, noise: torch.Tensor, condition: dict) -> torch.Tensor:
-    """x = g_theta(eps, c): the stock pipeline's single step at t = T, differentiable.
+def one_step_latents(unet, scheduler, noise: torch.Tensor, condition: dict,
+                     timesteps: Sequence[int] | None = None) -> torch.Tensor:
+    """x = g_theta(eps, c): the stock pipeline's single step, differentiable (Algorithm 1, line 4).
 
-    Mirrors ``pipe(..., num_inference_steps=1, guidance_scale=0.0, output_type="latent")`` through
-    the scheduler's own methods: the noise is scaled by ``init_noise_sigma``, the UNet sees
-    ``scale_model_input(...)``, and ``scheduler.step`` returns the x0 prediction (epsilon or
-    v_prediction). ``condition`` is a flat dict of per-sample tensors (``encode_prompts_sd`` /
+    Mirrors ``pipe(..., num_inference_steps=1, guidance_scale=0.0, output_type="latent")`` (with
+    ``timesteps=[t]`` when given: a distilled UNet's own step, e.g. DMD2's 399) through the scheduler's
+    own methods: the noise is scaled by ``init_noise_sigma``, the UNet sees ``scale_model_input(...)``,
+    and ``scheduler.step`` returns the x0 prediction (epsilon, v_prediction or sample; Euler, Euler
+    ancestral, LCM, TCD). ``condition`` is a flat dict of per-sample tensors (``encode_prompts_sd`` /
     ``encode_prompts_sdxl``). ``scheduler`` should be a private copy: its step counter is reset here.
     """
-    scheduler.set_timesteps(1, device=noise.device)
+    if timesteps is None:
+        scheduler.set_timesteps(1, device=noise.device)
+    else:
+        scheduler.set_timesteps(timesteps=list(timesteps), device=noise.device)
     timestep = scheduler.timesteps[0]
     latents = noise * scheduler.init_noise_sigma
     model_input = scheduler.scale_model_input(latents, timestep)
     model_output = unet(model_input, timestep, **unet_inputs(condition), return_dict=False)[0]
-    # The last ancestral step has sigma_up = 0, so the generator only sets where its zero noise comes from.
+    # The last ancestral step has sigma_up = 0, so the generator only sets where its zero noise comes from;
+    # eta is the pipeline's default (0) for the schedulers that take one (DDIM, TCD).
+    extra = {"eta": 0.0} if "eta" in inspect.signature(scheduler.step).parameters else {}
     generator = torch.Generator(device=noise.device).manual_seed(0)
-    return scheduler.step(model_output, timestep, latents, generator=generator, return_dict=False)[0]
+    return scheduler.step(model_output, timestep, latents, generator=generator, return_dict=False, **extra)[0]
+
+
+def one_step_latents_flow(transformer, scheduler, noise: torch.Tensor, condition: dict,
+                          timesteps: Sequence[int] | None = None) -> torch.Tensor:
+    """x = g_theta(eps, c) for a flow-matching transformer (FLUX.1-schnell): one Euler step from sigma = 1,
+    x0 = eps - v, differentiable (Algorithm 1, line 4).
+
+    Mirrors ``FluxPipeline(..., num_inference_steps=1, guidance_scale=0.0, output_type="latent")``: the
+    noise is packed into 2x2 patches, the scheduler gets the pipeline's sigmas and shift ``mu``, the
+    transformer sees ``t / 1000`` with zero text ids and the latent grid's image ids, and
+    ``scheduler.step`` takes the Euler step. ``noise`` and the result are unpacked ``[B, C, h, w]``
+    latents (as the VAE and the feature maps read them). ``timesteps`` must be None (flow matching's one
+    step is sigma = 1); ``condition``: ``encode_prompts_flux``.
+    """
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    if timesteps is not None:
+        raise ValueError("a flow-matching one-step sample starts at sigma = 1; explicit timesteps do not apply")
+    batch, channels, height, width = noise.shape
+    latents = FluxPipeline._pack_latents(noise, batch, channels, height, width)
+    config = scheduler.config
+    mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    scheduler.set_timesteps(sigmas=[1.0], device=noise.device, mu=mu)
+    scheduler.set_begin_index(0)
+    timestep = scheduler.timesteps[0]
+    text = condition["encoder_hidden_states"]
+    velocity = transformer(
+        hidden_states=latents, timestep=timestep.expand(batch).to(latents.dtype) / 1000, guidance=None,
+        pooled_projections=condition["pooled_projections"], encoder_hidden_states=text,
+        txt_ids=torch.zeros(text.shape[1], 3, device=text.device, dtype=text.dtype),
+        img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noise.device, text.dtype),
+        return_dict=False)[0]
+    latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
+    return FluxPipeline._unpack_latents(latents, height, width, vae_scale_factor=1)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -603,6 +647,14 @@ def encode_prompts_sdxl(pipe, prompts: list[str], device, resolution: int) -> di
     return {"encoder_hidden_states": prompt_embeds, "text_embeds": pooled,
             "time_ids": time_ids.to(device).expand(len(prompts), -1)}
 
+
+def encode_prompts_flux(pipe, prompts: list[str], device, resolution: int | None = None) -> dict:
+    """FLUX condition c: T5 hidden states and CLIP's pooled output, via the pipeline's own ``encode_prompt``,
+    padded to the ``max_sequence_length`` its one-step call uses (``pipe.one_step_arguments``; FLUX.1-schnell
+    allows at most 256; the pipeline's default is 512)."""
+    length = (getattr(pipe, "one_step_arguments", None) or {}).get("max_sequence_length", 512)
+    prompt_embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, device=device, max_sequence_length=length)
+    return {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled}
 
 
 @contextlib.contextmanager

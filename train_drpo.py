@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 import drpo_utils
-from pipelines import (candidates, checkpoints, cli, config, content, downloads, drift_flags, features, flags, hub,
-                       lora_files, memory, methods, offline, preference_data, report, rewards, runtime, validation)
-from pipelines.inference import load_one_step_pipeline
+from pipelines import (candidates, checkpoints, cli, config, content, downloads, drift_flags, features, flags,
+                       generators, hub, lora_files, memory, methods, offline, preference_data, report, rewards, runtime, validation)
+from pipelines.inference import denoiser, latent_channels, load_one_step_pipeline
 from pipelines.prompts import load_prompts
 
 logger = logging.getLogger(__name__)
@@ -66,9 +66,10 @@ def parse_args(input_args=None, parser: argparse.ArgumentParser | None = None) -
 
 def load_pipeline(model: config.ModelConfig, weight_dtype, **components):
     """The stock one-step pipeline; its UNet becomes g_theta (LoRA) and g_ref (LoRA disabled)."""
+    components = {**generators.pipeline_components(model, weight_dtype), **components}  # --unet, --scheduler
     return load_one_step_pipeline(model.pretrained_model_name_or_path, dtype=weight_dtype, device=None,
                                   revision=model.revision, variant=model.variant, cache_dir=model.cache_dir,
-                                  **components)
+                                  call_arguments=generators.call_arguments(model), **components)
 
 
 encode_prompts = drpo_utils.encode_prompts_sd  # condition c: CLIP hidden states (SD 2.x)
@@ -161,9 +162,10 @@ def build_config(args) -> config.TrainingConfig:
     return cli.build_training_configs(args)
 
 
-def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
+def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline, sample=drpo_utils.one_step_latents):
     """Check everything that needs no model (what the Hub must serve included) and claim the output folder,
-    then train."""
+    then train. ``encode_prompts``, ``load_pipeline``, ``sample``: what a model family changes (the SDXL and
+    FLUX scripts pass their own)."""
     downloads.check_available(cli.hub_needs(args))  # offline or unreachable: a missing download fails now
     settings = build_config(args)
     runtime.stop_when_launcher_dies()
@@ -174,6 +176,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
     else:
         prompts = load_prompts(data.prompts_file, data.dataset_name, data.dataset_split, data.prompt_column)
     unet_config, vae_config = memory.model_configs(settings.model)
+    generators.check_scheduler(settings.model)  # --scheduler / --timesteps tried on the base's config, no weights
     settings = settings.resolved(
         model={"resolution": memory.resolve_resolution(settings.model.resolution, unet_config, vae_config)},
         run={"mixed_precision": accelerator.mixed_precision})  # as resolved: the flag or accelerate's configuration
@@ -185,7 +188,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline):
         if accelerator.is_main_process:  # the resolved flags, reusable as --config
             hub.write_run_config(settings.run.output_dir, args.run_config)
         train(accelerator, settings, record, prompts, memory.own_resolution(unet_config, vae_config), encode_prompts,
-              load_pipeline)
+              load_pipeline, sample)
     accelerator.end_training()
 
 
@@ -205,16 +208,16 @@ def load_models(accelerator, settings: config.TrainingConfig, encode_prompts, lo
         space = offline.preference_space(method, settings.method)
         store = offline.load_store(settings, space, pipe, feature_map, encode_prompts, accelerator)
         method, captions = offline.offline_form(method, store), store.captions
-    lora_files.add_lora(pipe.unet, settings.adapter)
+    lora_files.add_lora(denoiser(pipe), settings.adapter)
     if settings.adapter.init_lora:
-        lora_files.init_from_lora(pipe.unet, settings.adapter, type(pipe))
+        lora_files.init_from_lora(denoiser(pipe), settings.adapter, type(pipe))
     feature_map.bind(pipe)  # teacher_unet reads the generator's own UNet (LoRA disabled)
     if accelerator.mixed_precision != "no":
         from diffusers.training_utils import cast_training_params
 
-        cast_training_params(pipe.unet, dtype=torch.float32)
+        cast_training_params(denoiser(pipe), dtype=torch.float32)
     if settings.optim.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser(pipe).enable_gradient_checkpointing()
         pipe.vae.enable_gradient_checkpointing()  # image feature maps backpropagate through the decoder
         feature_map.enable_gradient_checkpointing()
     return pipe, feature_map, reward_fn, method, captions
@@ -224,7 +227,7 @@ def optimiser(accelerator, optim: config.OptimConfig, max_train_steps: int, pipe
     """AdamW (or 8-bit AdamW) on the LoRA and the diffusers learning-rate schedule."""
     from diffusers.optimization import get_scheduler
 
-    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    params = [p for p in denoiser(pipe).parameters() if p.requires_grad]
     scale = optim.gradient_accumulation_steps * optim.train_batch_size * accelerator.num_processes
     learning_rate = optim.learning_rate * (scale if optim.scale_lr else 1)
     adamw = runtime.eight_bit_adamw() if optim.use_8bit_adam else torch.optim.AdamW
@@ -238,14 +241,15 @@ def optimiser(accelerator, optim: config.OptimConfig, max_train_steps: int, pipe
 
 
 def step_context(accelerator, settings: config.TrainingConfig, pipe, unet, feature_map, reward_fn, method,
-                 encode_prompts) -> candidates.StepContext:
+                 encode_prompts, sample) -> candidates.StepContext:
     """Everything a per-prompt step reads (scoring in the background when it can overlap compute)."""
     optim = settings.optim
     overlap = optim.overlap_reward and optim.candidate_chunk_size is not None and \
         optim.gradient_accumulation_steps * optim.train_batch_size > 1
     return candidates.StepContext(
         accelerator=accelerator, pipe=pipe, unet=unet,
-        scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
+        scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config), timesteps=settings.model.timesteps,
+        sample=sample,
         feature_map=feature_map, scorer=candidates.RewardScorer(reward_fn, settings.reward.reward, background=overlap),
         encode_prompts=encode_prompts, method=method, setup=settings.method, resolution=settings.model.resolution,
         chunk_size=optim.candidate_chunk_size, window=(optim.gradient_accumulation_steps, optim.train_batch_size),
@@ -256,14 +260,14 @@ def activation_bytes_per_candidate(ctx: candidates.StepContext, prompt: str) -> 
     """What one candidate keeps alive for backward: one differentiable sample of ``prompt``, measured."""
     condition = candidates.prompt_condition(ctx, prompt, 1)
     size = ctx.resolution // ctx.pipe.vae_scale_factor
-    noise = torch.zeros(1, ctx.pipe.unet.config.in_channels, size, size, device=ctx.accelerator.device)
-    probe = dataclasses.replace(ctx, unet=ctx.pipe.unet)  # the unwrapped UNet: no DDP bookkeeping for a probe
+    noise = torch.zeros(1, latent_channels(ctx.pipe), size, size, device=ctx.accelerator.device)
+    probe = dataclasses.replace(ctx, unet=denoiser(ctx.pipe))  # the unwrapped network: no DDP bookkeeping for a probe
     with ctx.accelerator.autocast():
         return memory.saved_activation_bytes(lambda: candidates.current_samples(probe, condition, noise))
 
 
 def train(accelerator, settings: config.TrainingConfig, record: dict, prompts: list[str] | None, own_resolution: int,
-          encode_prompts, load_pipeline):
+          encode_prompts, load_pipeline, sample):
     """Load the models, run the steps from --resume_from_checkpoint (or 0) to --max_train_steps with
     checkpoints, then save, check and publish the LoRA. ``prompts`` is None for offline DrPO: the
     preference dataset's captions, once encoded."""
@@ -278,11 +282,11 @@ def train(accelerator, settings: config.TrainingConfig, record: dict, prompts: l
     pipe, feature_map, reward_fn, method, captions = load_models(accelerator, settings, encode_prompts, load_pipeline)
     prompts = captions or prompts
     params, optimizer, lr_scheduler = optimiser(accelerator, optim, run.max_train_steps, pipe)
-    unet, optimizer, lr_scheduler = accelerator.prepare(pipe.unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(denoiser(pipe), optimizer, lr_scheduler)
     checkpoints.register_lora_checkpoint_hooks(accelerator, unet, type(pipe))
     global_step = checkpoints.maybe_resume(accelerator, run, record)
     hub.init_trackers(accelerator, settings)
-    ctx = step_context(accelerator, settings, pipe, unet, feature_map, reward_fn, method, encode_prompts)
+    ctx = step_context(accelerator, settings, pipe, unet, feature_map, reward_fn, method, encode_prompts, sample)
     prompts, held_out = validation.split_validation_prompts(valid, prompts)
     seeds = validation.validation_seeds(valid.num_validation_seeds)
     validate = validation.Validation(accelerator, pipe, held_out, seeds, settings.model.resolution,

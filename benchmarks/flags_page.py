@@ -20,49 +20,54 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def default_cell(action: argparse.Action, other: argparse.Action | None, drift_presets: dict | None) -> str:
-    """required, `default`, the drift presets' values, or a default the SDXL script sets differently."""
+def default_cell(action: argparse.Action, others: dict[str, argparse.Action], drift_presets: dict | None) -> str:
+    """required, `default`, the drift presets' values, or a default another script (SDXL, FLUX) sets differently."""
     if action.required:
         return "required"
     if drift_presets is not None and action.dest in drift_presets:
         paper, authors = drift_presets[action.dest]
         return f"the preset's (paper: `{paper}`, authors: `{authors}`)"
     text = f"`{action.default}`"
-    if other is not None and other.default != action.default:
-        text += f" (SDXL script: `{other.default}`)"
+    for name, other in others.items():
+        if other is not None and other.default != action.default:
+            text += f" ({name} script: `{other.default}`)"
     return text
 
 
-def flag_rows(parser, other=None, drift_presets=None, only_in_other=()) -> list[str]:
-    """One table per argument group: | flag | default | meaning |."""
-    others = {action.dest: action for action in (other._actions if other is not None else [])}
+def flag_rows(parser, others: dict | None = None, drift_presets=None, only_in_others=()) -> list[str]:
+    """One table per argument group: | flag | default | meaning |; ``others``: script name -> its parser."""
+    by_script = {name: {action.dest: action for action in other._actions} for name, other in (others or {}).items()}
     lines = []
     for group in parser._action_groups:
         actions = [action for action in group._group_actions if action.option_strings and action.dest != "help"]
-        extra = [action for action in only_in_other if group.title == "model and output"]
+        extra = [item for item in only_in_others if group.title == "model and output"]
         if not actions:
             continue
         lines += ["", f"**{group.title}**", "", "| flag | default | meaning |", "|---|---|---|"]
         for action in actions:
-            default = default_cell(action, others.get(action.dest), drift_presets)
+            default = default_cell(action, {name: dests.get(action.dest) for name, dests in by_script.items()},
+                                   drift_presets)
             lines.append(f"| `{action.option_strings[0]}` | {default} | {cell(action.help or '')} |")
-        for action in extra:
-            lines.append(f"| `{action.option_strings[0]}` | `{action.default}` | SDXL script only: "
+        for name, action in extra:
+            lines.append(f"| `{action.option_strings[0]}` | `{action.default}` | {name} script only: "
                          f"{cell(action.help)} |")
     return lines[1:]
 
 
 def render_training() -> str:
     import train_drpo
+    import train_drpo_flux
     import train_drpo_sdxl
     from pipelines import drift_flags
 
-    parser, sdxl = train_drpo.build_parser(), train_drpo_sdxl.build_parser()
+    parser = train_drpo.build_parser()
+    others = {"SDXL": train_drpo_sdxl.build_parser(), "FLUX": train_drpo_flux.build_parser()}
     presets = {flag: tuple(drift_flags.shown(drift_flags.preset_value(preset, field)) for preset in ("paper", "authors"))
                for flag, (field, _, _) in drift_flags.DRIFT_FLAGS.items()}
     ours = {action.dest for action in parser._actions}
-    sdxl_only = [action for action in sdxl._actions if action.dest not in ours]
-    return "\n".join(flag_rows(parser, sdxl, presets, sdxl_only)) + "\n"
+    only_in_others = [(name, action) for name, other in others.items() for action in other._actions
+                      if action.dest not in ours]
+    return "\n".join(flag_rows(parser, others, presets, only_in_others)) + "\n"
 
 
 def render_evaluation() -> str:

@@ -3,6 +3,8 @@
     python -m pipelines.build_tiny_models --output_dir assets/tiny-sd-turbo
     python -m pipelines.build_tiny_models --architecture sdxl-turbo --output_dir assets/tiny-sdxl-turbo \
         --vae_from assets/tiny-sd-turbo/vae
+    python -m pipelines.build_tiny_models --architecture sdxl-one-step-unet --output_dir assets/tiny-sdxl-base \
+        --turbo_from assets/tiny-sdxl-turbo --generator_steps 800
 
 The result is an SD-Turbo-shaped (UNet2DConditionModel, AutoencoderKL, CLIPTextModel + CLIPTokenizer,
 EulerAncestral "trailing" scheduler) or SDXL-Turbo-shaped (two text encoders, the second with a
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -38,6 +42,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from drpo_utils import encode_prompts_sd, encode_prompts_sdxl, one_step_latents
 from pipelines import flags
+from pipelines.generators import drop_custom_timestep_warning
+from pipelines.inference import denoiser
 from pipelines.rewards.rules import COLORS
 
 SHAPES = ("circle", "square", "triangle")
@@ -248,13 +254,17 @@ def calibrate_latent_scale(vae: AutoencoderKL, generator: torch.Generator) -> fl
     return 1.0 / vae.encode(images).latent_dist.mean.std().item()
 
 
-def train_generator(pipe, encode_prompts, steps: int, batch_size: int, generator: torch.Generator) -> None:
+def train_generator(pipe, encode_prompts, steps: int, batch_size: int, generator: torch.Generator,
+                    scheduler=None, timesteps=None, text_encoders: bool = True, sample=one_step_latents) -> None:
     """Fit the one-step x0 prediction for (noise, caption) to the latent of render(caption, noise).
 
-    The UNet and the text encoder(s) are trained together, through the pipeline's own prompt encoding.
+    The denoiser (UNet or FLUX transformer) and (with ``text_encoders``) the text encoder(s) are trained
+    together, through the pipeline's own prompt encoding; ``scheduler`` / ``timesteps`` / ``sample``: the
+    one step's (default: the tiny Turbo's, t = 999).
     """
-    scheduler = build_scheduler()
-    trained = [pipe.unet] + [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    scheduler = scheduler or build_scheduler()
+    encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    trained = [denoiser(pipe)] + (encoders if text_encoders else [])
     parameters = [p for module in trained for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=5e-4, weight_decay=0.0)
     lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=0.05)
@@ -265,7 +275,7 @@ def train_generator(pipe, encode_prompts, steps: int, batch_size: int, generator
         with torch.no_grad():
             target = vae.encode(render(captions, noise) * 2 - 1).latent_dist.mean * vae.config.scaling_factor
         condition = encode_prompts(pipe, captions, "cpu", RESOLUTION)
-        prediction = one_step_latents(pipe.unet, scheduler, noise, condition)
+        prediction = sample(denoiser(pipe), scheduler, noise, condition, timesteps)
         loss = F.mse_loss(prediction, target)
         optimizer.zero_grad()
         loss.backward()
@@ -276,9 +286,49 @@ def train_generator(pipe, encode_prompts, steps: int, batch_size: int, generator
             progress.set_postfix(loss=f"{loss.item():.5f}")
 
 
+# A DMD2-style stand-in: an SDXL-shaped base with SDXL base's (non-Turbo) scheduler, and beside it a separately
+# saved one-step UNet trained for an LCM step at timestep 399 from pure noise (DMD2's convention).
+ONE_STEP_UNET_FILE = "tiny_1step_unet_fp16.safetensors"
+ONE_STEP_SCHEDULER, ONE_STEP_TIMESTEP = "LCMScheduler", 399
+
+
+def sdxl_base_scheduler() -> EulerDiscreteScheduler:
+    """SDXL base's scheduler (Euler, scaled-linear betas, leading spacing, epsilon): not a one-step one."""
+    return EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+
+
+def build_one_step_unet_base(turbo_dir: str, output_dir: str, steps: int, batch_size: int,
+                             generator: torch.Generator) -> None:
+    """The tiny SDXL-Turbo's text encoders, VAE and (as the base's placeholder UNet, fp16) UNet with SDXL
+    base's scheduler; and ``ONE_STEP_UNET_FILE``: its UNet retrained as an epsilon-prediction one-step model
+    for ``LCMScheduler`` at ``timesteps=[399]`` (text encoders frozen, as they are the base's)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(turbo_dir)
+    pipe.scheduler = sdxl_base_scheduler()
+    pipe.unet.to(torch.float16)
+    pipe.save_pretrained(output_dir)
+    pipe.unet.to(torch.float32).train()
+    for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        module.requires_grad_(False).eval()
+    lcm = LCMScheduler.from_config(pipe.scheduler.config)
+    drop_custom_timestep_warning()
+    train_generator(pipe, encode_prompts_sdxl, steps, batch_size, generator, scheduler=lcm,
+                    timesteps=[ONE_STEP_TIMESTEP], text_encoders=False)
+    state_dict = {key: value.to(torch.float16).contiguous() for key, value in pipe.unet.state_dict().items()}
+    save_file(state_dict, os.path.join(output_dir, ONE_STEP_UNET_FILE))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--architecture", default="sd-turbo", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--architecture", default="sd-turbo", choices=sorted([*ARCHITECTURES, "sdxl-one-step-unet"]),
+                        help="sdxl-one-step-unet: the DMD2-style stand-in, built from --turbo_from (its UNet "
+                             "retrained for --generator_steps)")
+    parser.add_argument("--turbo_from", default="assets/tiny-sdxl-turbo",
+                        help="sdxl-one-step-unet: the tiny SDXL-Turbo folder it starts from.")
     parser.add_argument("--output_dir", default="assets/tiny-sd-turbo")
     parser.add_argument("--vae_from", default=None, help="Reuse a trained tiny VAE folder instead of training one.")
     parser.add_argument("--vae_steps", type=flags.positive_int, default=1000)
@@ -292,6 +342,10 @@ def main(args=None):
     args = build_parser().parse_args(args)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
+    if args.architecture == "sdxl-one-step-unet":
+        build_one_step_unet_base(args.turbo_from, args.output_dir, args.generator_steps, args.batch_size, generator)
+        print(f"saved {args.output_dir}")
+        return
     build_pipeline, encode_prompts = ARCHITECTURES[args.architecture]
 
     if args.vae_from:

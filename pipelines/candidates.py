@@ -23,6 +23,7 @@ import torch
 import drpo_utils
 from pipelines import rewards
 from pipelines.config import MethodConfig
+from pipelines.inference import denoiser, latent_channels
 
 
 class RewardScorer:
@@ -108,8 +109,10 @@ class StepContext:
 
     accelerator: object
     pipe: object  # the stock pipeline: its UNet with LoRA is g_theta, with LoRA disabled g_ref
-    unet: torch.nn.Module  # pipe.unet as prepared by accelerate (DDP-wrapped when distributed)
+    unet: torch.nn.Module  # the denoiser (UNet; FLUX: transformer) as prepared by accelerate (DDP-wrapped if distributed)
     scheduler: object  # private copy of the pipeline's scheduler for the differentiable one-step sampler
+    timesteps: tuple[int, ...] | None  # the one step's explicit timestep (--timesteps), else the scheduler's
+    sample: Callable  # the differentiable one-step sampler: drpo_utils.one_step_latents (UNets) or _flow (FLUX)
     feature_map: torch.nn.Module  # phi
     scorer: RewardScorer  # R, only ranks
     encode_prompts: Callable  # prompt -> condition c (SD or SDXL)
@@ -143,7 +146,7 @@ def prompt_condition(ctx: StepContext, prompt: str, count: int) -> dict:
 def candidate_noise(ctx: StepContext, count: int, rng: torch.Generator) -> torch.Tensor:
     """Initial noises eps_1..count at the training resolution's latent size."""
     size = ctx.resolution // ctx.pipe.vae_scale_factor
-    shape = (count, ctx.pipe.unet.config.in_channels, size, size)
+    shape = (count, latent_channels(ctx.pipe), size, size)
     return torch.randn(shape, generator=rng).to(ctx.accelerator.device)
 
 
@@ -152,7 +155,7 @@ def current_samples(ctx: StepContext, condition: dict, noise: torch.Tensor):
 
     Returns the latents, their decoded images (None unless phi reads images) and the features.
     """
-    latents = drpo_utils.one_step_latents(ctx.unet, ctx.scheduler, noise, condition)
+    latents = ctx.sample(ctx.unet, ctx.scheduler, noise, condition, ctx.timesteps)
     images = drpo_utils.decode_latents(ctx.pipe.vae, latents) if ctx.feature_map.needs_images else None
     return latents, images, phi(ctx, latents, images, condition)
 
@@ -167,14 +170,14 @@ def phi(ctx: StepContext, latents: torch.Tensor, images: torch.Tensor | None, co
 def current_latents(ctx: StepContext, condition: dict, noise: torch.Tensor) -> torch.Tensor:
     """mu_theta = g_theta(eps, c), differentiable, under the run's autocast."""
     with ctx.accelerator.autocast():
-        return drpo_utils.one_step_latents(ctx.unet, ctx.scheduler, noise, condition)
+        return ctx.sample(ctx.unet, ctx.scheduler, noise, condition, ctx.timesteps)
 
 
 @torch.no_grad()
 def reference_latents(ctx: StepContext, condition: dict, noise: torch.Tensor) -> torch.Tensor:
     """mu_ref = g_ref(eps, c): the frozen base model (the same UNet, LoRA disabled), same noises."""
-    with ctx.accelerator.autocast(), drpo_utils.lora_disabled(ctx.pipe.unet):
-        return drpo_utils.one_step_latents(ctx.pipe.unet, ctx.scheduler, noise, condition)
+    with ctx.accelerator.autocast(), drpo_utils.lora_disabled(denoiser(ctx.pipe)) as frozen:
+        return ctx.sample(frozen, ctx.scheduler, noise, condition, ctx.timesteps)
 
 
 @torch.no_grad()

@@ -13,8 +13,8 @@ import os
 import torch
 
 import drpo_utils
-from pipelines import (checkpoints, config, downloads, features, flags, hub, lora_files, methods, preference_data,
-                       rewards, runtime)
+from pipelines import (checkpoints, config, downloads, features, flags, generators, hub, lora_files, methods,
+                       preference_data, rewards, runtime)
 from pipelines.drift_flags import DRIFT_FIELDS
 
 
@@ -42,6 +42,7 @@ def add_model_flags(parser) -> None:
                        help="Start this new run from an existing LoRA (a folder, a .safetensors file or a Hub id): "
                             "its weights initialise the adapter; its rank and alpha must be --rank / --lora_alpha. "
                             "Not a resume: optimiser, schedule and step start afresh.")
+    generators.add_generator_flags(parser)
 
 
 
@@ -275,6 +276,8 @@ def check_args(args, given: set[str] = frozenset()) -> None:
         raise ValueError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would resume from; "
                          "give only one of them")
     check_start_paths(args)
+    generators.check_generator_flags(args.unet, args.scheduler, {key: getattr(args, key) for key in
+                                     generators.SCHEDULER_OVERRIDES if getattr(args, key) is not None}, args.timesteps)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed_precision fp16 needs a GPU; on the CPU use --mixed_precision bf16 or no")
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
@@ -348,6 +351,7 @@ def hub_needs(args) -> dict[str, list[str]]:
     vae = getattr(args, "pretrained_vae_model_name_or_path", None)
     needs = {"--pretrained_model_name_or_path": [args.pretrained_model_name_or_path],
              "--pretrained_vae_model_name_or_path": [vae] if vae else [],
+             "--unet": [args.unet] if args.unet else [],
              "--feature_extractor": [weights] if weights else [],
              "--reward": rewards.hub_resources(args.reward),
              "--validation_rewards": [r for spec in args.validation_rewards or [] for r in rewards.hub_resources(spec)]}

@@ -51,6 +51,18 @@ class ModelConfig:
     pretrained_vae_model_name_or_path: str | None = result(None)  # SDXL: an fp16-safe VAE
     resolution: int | None = result(None)  # resolved at start-up: --resolution, else the model's own
     cache_dir: str | None = setting(None)
+    unet: str | None = result(None)  # a distilled one-step UNet replacing the base's (pipelines/generators.py)
+    scheduler: str | None = result(None)  # its scheduler class, its config overrides and its one timestep
+    timestep_spacing: str | None = result(None)
+    prediction_type: str | None = result(None)
+    timesteps: tuple[int, ...] | None = result(None)
+    max_sequence_length: int | None = result(None)  # FLUX: T5 tokens (train_drpo_flux.py)
+
+    @property
+    def scheduler_overrides(self) -> dict:
+        """The scheduler config values given by flag (--timestep_spacing, --prediction_type)."""
+        return {key: value for key, value in (("timestep_spacing", self.timestep_spacing),
+                                              ("prediction_type", self.prediction_type)) if value is not None}
 
 
 @dataclass(frozen=True)

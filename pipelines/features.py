@@ -309,6 +309,9 @@ class TeacherUNetFeatures(FeatureMap):
         self._unet = []  # the generator's UNet, bound later (a list: not registered as this module's parameters)
 
     def bind(self, pipe) -> None:
+        if not hasattr(pipe, "unet"):
+            raise ValueError(f"--feature_extractor teacher_unet reads a UNet's activations; {type(pipe).__name__} has "
+                             "a transformer: choose another feature map (vit_mae, dinov2, image, latent)")
         for name in self.layers:
             pipe.unet.get_submodule(name)  # a wrong layer name fails now, naming it
         self._unet[:] = [pipe.unet]

@@ -147,6 +147,7 @@ def hub_base_model(name_or_path: str) -> str | None:
 # The base models' own card metadata (license, license_name, license_link), for runs without Hub access.
 KNOWN_LICENCES = {repo: ("other", "sai-nc-community", f"https://huggingface.co/{repo}/blob/main/LICENSE.md")
                   for repo in ("stabilityai/sd-turbo", "stabilityai/sdxl-turbo")}
+KNOWN_LICENCES["black-forest-labs/FLUX.1-schnell"] = ("apache-2.0", None, None)
 
 
 def base_model_licence(base_model: str | None) -> tuple[str, str | None, str | None]:
@@ -165,5 +166,6 @@ def base_model_licence(base_model: str | None) -> tuple[str, str | None, str | N
 
 def family_tags(pipeline_cls) -> list[str]:
     """diffusers' tags of the model family, as its training examples write them."""
-    family = "stable-diffusion-xl" if "XL" in pipeline_cls.__name__ else "stable-diffusion"
+    family = "flux" if pipeline_cls.__name__.startswith("Flux") else \
+        "stable-diffusion-xl" if "XL" in pipeline_cls.__name__ else "stable-diffusion"
     return [family, f"{family}-diffusers"]

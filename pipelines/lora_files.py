@@ -50,17 +50,23 @@ def canonical_header(path: str) -> None:
         handle.write(data[:8] + header + b" " * (length - len(header)) + data[8 + length:])
 
 
+def denoiser_name(pipeline_cls) -> str:
+    """The LoRA keys' prefix in the pipeline's LoRA format: ``unet`` (SD, SDXL), ``transformer`` (FLUX)."""
+    return getattr(pipeline_cls, "unet_name", None) or pipeline_cls.transformer_name
+
+
 def save_lora(directory: str, unet, pipeline_cls) -> None:
-    """``pytorch_lora_weights.safetensors`` (keys ``unet.*``) with the adapter metadata (alpha, rank);
-    identical runs write identical bytes."""
+    """``pytorch_lora_weights.safetensors`` (keys ``unet.*``; FLUX: ``transformer.*``) with the adapter metadata
+    (alpha, rank); identical runs write identical bytes."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    name = denoiser_name(pipeline_cls)
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".drpo-lora-") as staging:  # a whole file or none
-        pipeline_cls.save_lora_weights(staging, unet_lora_layers=state_dict,
-                                       unet_lora_adapter_metadata=adapter_metadata(unet))
+        pipeline_cls.save_lora_weights(staging, **{f"{name}_lora_layers": state_dict,
+                                                   f"{name}_lora_adapter_metadata": adapter_metadata(unet)})
         for name in os.listdir(staging):
             canonical_header(os.path.join(staging, name))
             os.replace(os.path.join(staging, name), os.path.join(directory, name))
@@ -99,13 +105,14 @@ def init_from_lora(unet, adapter: AdapterConfig, pipeline_cls) -> None:
     """``--init_lora``: a new run's adapter starts from an existing LoRA (a folder, a file or a Hub id) whose
     rank, alpha and target modules (from its adapter metadata, else its tensors) are the run's own."""
     state_dict, _, metadata = pipeline_cls.lora_state_dict(adapter.init_lora, return_lora_metadata=True)
+    name = denoiser_name(pipeline_cls)
     downs = [value for key, value in state_dict.items()
-             if key.startswith("unet.") and key.split(".")[-2] in ("down", "lora_A", "lora_down")]
+             if key.startswith(f"{name}.") and key.split(".")[-2] in ("down", "lora_A", "lora_down")]
     if not downs:
-        raise ValueError(f"--init_lora {adapter.init_lora!r} holds no UNet LoRA weights")
+        raise ValueError(f"--init_lora {adapter.init_lora!r} holds no {name} LoRA weights")
     metadata = metadata or {}
-    found = {"--rank": metadata.get("unet.r", downs[0].shape[0]),
-             "--lora_alpha": metadata.get("unet.lora_alpha", metadata.get("unet.r", downs[0].shape[0]))}
+    found = {"--rank": metadata.get(f"{name}.r", downs[0].shape[0]),
+             "--lora_alpha": metadata.get(f"{name}.lora_alpha", metadata.get(f"{name}.r", downs[0].shape[0]))}
     wanted = {"--rank": adapter.rank, "--lora_alpha": adapter.lora_alpha}
     if found != wanted:
         given = " ".join(f"{flag}={value}" for flag, value in found.items())
@@ -119,8 +126,8 @@ def load_lora_into_adapter(directory: str, unet, pipeline_cls) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state_dict = pipeline_cls.lora_state_dict(directory)[0]
-    unet_state = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
+    state_dict, prefix = pipeline_cls.lora_state_dict(directory)[0], f"{denoiser_name(pipeline_cls)}."
+    unet_state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"checkpoint LoRA does not match the model: {result.unexpected_keys[:5]}")

@@ -18,12 +18,15 @@ HEADROOM = 1.25  # transient buffers of the largest layer, the reference pass, r
 
 
 def model_configs(model: ModelConfig) -> tuple[dict, dict]:
-    """The UNet's and the VAE's config dicts, read from the model's config files (no weights)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """The denoiser's (the UNet, or FLUX's transformer) and the VAE's config dicts, read from the model's
+    config files (no weights)."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
     location = dict(pretrained_model_name_or_path=model.pretrained_model_name_or_path, revision=model.revision,
                     cache_dir=model.cache_dir)
-    return (UNet2DConditionModel.load_config(subfolder="unet", **location),
+    components = DiffusionPipeline.load_config(**location)
+    denoiser = "unet" if "unet" in components else "transformer"
+    return (UNet2DConditionModel.load_config(subfolder=denoiser, **location),  # load_config reads any config.json
             AutoencoderKL.load_config(subfolder="vae", **location))
 
 
@@ -32,7 +35,10 @@ def vae_scale_factor(vae_config: dict) -> int:
 
 
 def own_resolution(unet_config: dict, vae_config: dict) -> int:
-    """The resolution the model was trained at: UNet sample size x VAE scale factor (SD-Turbo: 512)."""
+    """The resolution the model was trained at: UNet sample size x VAE scale factor (SD-Turbo: 512); a
+    transformer without a sample size (FLUX): the VAE's (FLUX.1: 1024)."""
+    if "sample_size" not in unet_config:
+        return vae_config["sample_size"]
     return unet_config["sample_size"] * vae_scale_factor(vae_config)
 
 

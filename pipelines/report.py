@@ -9,10 +9,10 @@ import os
 
 import torch
 
-from pipelines import files, hub, methods
+from pipelines import files, generators, hub, methods
 from pipelines.config import TrainingConfig
 from pipelines.images import labelled_grid, to_pil
-from pipelines.inference import load_lora
+from pipelines.inference import denoiser, load_lora
 from pipelines.lora_files import kohya_base_model_version, save_kohya_lora, save_lora
 from pipelines.redact import public_text
 from pipelines.scoring import describe_change, reward_table, summarize
@@ -115,7 +115,8 @@ def card_setup(config: TrainingConfig) -> str:
             f"`{setup.drift_preset}`: lambda = {drift.ref_weight}, eta = {drift.velocity_scale}, radii "
             f"{','.join(map(str, drift.radii))}, kernel {drift.kernel}; {config.run.max_train_steps} steps at learning "
             f"rate {config.optim.learning_rate}, rank {config.adapter.rank}"
-            + (f", starting from the LoRA `{config.adapter.init_lora}`." if config.adapter.init_lora else "."))
+            + (f", starting from the LoRA `{config.adapter.init_lora}`." if config.adapter.init_lora else ".")
+            + generators.describe(config.model))
 
 
 def run_config_section(output_dir: str) -> str:
@@ -167,9 +168,9 @@ from diffusers import AutoPipelineForText2Image
 from diffusers.utils import logging
 
 logging.set_verbosity_error()  # a DrPO LoRA is UNet-only: hides "No LoRA keys associated to CLIPTextModel"
-pipe = AutoPipelineForText2Image.from_pretrained("{base_model or model}")
+{generators.loading_snippet(config.model, base_model or model)}
 pipe.load_lora_weights("{hub.repo_name(config.hub, output_dir)}")
-image = pipe("a prompt", num_inference_steps=1, guidance_scale=0.0).images[0]
+image = pipe("a prompt", num_inference_steps=1, guidance_scale=0.0{generators.call_text(config.model)}).images[0]
 ```
 {recipe}
 {hub.CARD_END}
@@ -202,7 +203,7 @@ def finish_training(accelerator, config: TrainingConfig, pipe, history, prompts:
     if not accelerator.is_main_process:
         return {}
     output_dir = config.run.output_dir
-    save_lora(output_dir, accelerator.unwrap_model(pipe.unet), type(pipe))
+    save_lora(output_dir, accelerator.unwrap_model(denoiser(pipe)), type(pipe))
     if config.run.output_kohya_format:
         save_kohya_lora(output_dir, config.adapter.lora_alpha,
                         kohya_base_model_version(type(pipe), pipe.unet.config.cross_attention_dim))

@@ -13,7 +13,7 @@ from drpo_utils import lora_disabled
 from pipelines import files
 from pipelines.config import ValidationConfig
 from pipelines.images import labelled_grid
-from pipelines.inference import generate_images
+from pipelines.inference import denoiser, generate_images
 from pipelines.redact import public_text
 from pipelines.rewards import score_candidates
 
@@ -85,7 +85,7 @@ class Validation:
         if not self.accelerator.is_main_process:
             return {}
         if self.base_images is None:
-            with lora_disabled(self.pipe.unet):
+            with lora_disabled(denoiser(self.pipe)):
                 self.base_images = generate_images(self.pipe, self.prompts, self.seeds, self.resolution)
             self.base_scores = self.scores(self.base_images, "_base")
         tuned = generate_images(self.pipe, self.prompts, self.seeds, self.resolution)

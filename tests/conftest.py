@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_SD = os.path.join(ROOT, "assets", "tiny-sd-turbo")
 TINY_SDXL = os.path.join(ROOT, "assets", "tiny-sdxl-turbo")
+TINY_FLUX = os.path.join(ROOT, "assets", "tiny-flux-schnell")
 PROMPTS = os.path.join(ROOT, "assets", "tiny_prompts.txt")
 
 # The training seed of the behavioural tests (``@pytest.mark.behaviour``): 0 in the suite.

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import (PROMPTS, ROOT, TINY_SD, TINY_SDXL, TRAINING_SEED, assert_above, reset_accelerate_state,
+from conftest import (PROMPTS, ROOT, TINY_FLUX, TINY_SD, TINY_SDXL, TRAINING_SEED, assert_above, reset_accelerate_state,
                       tiny_latent_mae)
 from safetensors.torch import load_file
 
@@ -18,6 +18,7 @@ from pipelines.scoring import evaluate
 
 REWARDS = os.path.join(ROOT, "tests", "data", "rewards.py")
 SCRIPTS = {"train_drpo.py": TINY_SD, "train_drpo_sdxl.py": TINY_SDXL}
+MODELS = {**SCRIPTS, "train_drpo_flux.py": TINY_FLUX}
 # Behavioural checks: 16 tiny prompts x 4 seeds never used in training, paired z (bootstrap over prompts).
 HELD_OUT_SEEDS = list(range(5000, 5004))
 
@@ -118,14 +119,15 @@ def test_bf16_accumulation_and_gradient_checkpointing_run(tmp_path, script):
     ("train_drpo.py", []),
     # SDXL with a baseline (its own pieces: a fresh noise per pair), chunked, overlapped scoring, one sync per window
     ("train_drpo_sdxl.py", ["--method=dpo", "--candidate_chunk_size=3", "--gradient_accumulation_steps=2"]),
-], ids=["sd", "sdxl-dpo-chunked-overlapped"])
+    ("train_drpo_flux.py", ["--candidate_chunk_size=4"]),
+], ids=["sd", "sdxl-dpo-chunked-overlapped", "flux-chunked"])
 def test_two_cpu_processes_stay_in_sync(tmp_path, script, extra):
     """torchrun --nproc_per_node 2 (gloo): different draws per rank, identical LoRA, one writer."""
     probe, output = tmp_path / "probe", tmp_path / "out"
     probe.mkdir()
     torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node=2", "--master_port=29517",
                 os.path.join(ROOT, "tests", "data", "ddp_probe.py"), str(probe)]
-    launch(script, *training_args(SCRIPTS[script], output, "--reward=color_match", "--max_train_steps=3",
+    launch(script, *training_args(MODELS[script], output, "--reward=color_match", "--max_train_steps=3",
                                   "--checkpointing_steps=2", "--learning_rate=1e-3", *extra),
            launcher=torchrun, env={"ACCELERATE_USE_CPU": "true", "PYTHONPATH": ROOT})
     import json

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from pipelines import report, rewards
+from pipelines.inference import denoiser
 
 probe_dir, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 rank = int(os.environ["RANK"])
@@ -27,7 +28,7 @@ def recording_score(reward_fn, images, prompts, name):
 def recording_finish(accelerator, settings, pipe, *rest, **kwargs):
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(accelerator.unwrap_model(pipe.unet))
+    state = get_peft_model_state_dict(accelerator.unwrap_model(denoiser(pipe)))
     torch.save({k: v.detach().cpu() for k, v in state.items()}, os.path.join(probe_dir, f"lora_rank{rank}.pt"))
     with open(os.path.join(probe_dir, f"draws_rank{rank}.json"), "w") as handle:
         json.dump(draws, handle)
