@@ -231,6 +231,11 @@ def check_start_paths(args) -> None:
         raise FileNotFoundError(f"--init_lora {args.init_lora!r}: no such file or folder")
 
 
+def scheduler_overrides(args) -> dict:
+    """--timestep_spacing / --prediction_type as given (pipelines/generators.py)."""
+    return {key: getattr(args, key) for key in generators.SCHEDULER_OVERRIDES if getattr(args, key) is not None}
+
+
 def check_args(args, given: set[str] = frozenset()) -> None:
     """Fail on bad input before any model is loaded. ``given``: the flags on the command line (a flag
     that does nothing in this run is refused; flags left at their defaults are never refused)."""
@@ -276,8 +281,7 @@ def check_args(args, given: set[str] = frozenset()) -> None:
         raise ValueError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would resume from; "
                          "give only one of them")
     check_start_paths(args)
-    generators.check_generator_flags(args.unet, args.scheduler, {key: getattr(args, key) for key in
-                                     generators.SCHEDULER_OVERRIDES if getattr(args, key) is not None}, args.timesteps)
+    generators.check_generator_flags(args.unet, args.scheduler, scheduler_overrides(args), args.timesteps)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed_precision fp16 needs a GPU; on the CPU use --mixed_precision bf16 or no")
     if args.hub_token is not None and args.report_to in ("wandb", "all"):

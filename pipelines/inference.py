@@ -94,6 +94,13 @@ def initial_noise(pipe, seed: int, height: int, width: int, device="cpu", dtype=
     return torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
 
+def unpacked(pipe, latents: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The pipeline's latent output as [B, C, h, w]: FLUX returns its 2x2-packed token sequence."""
+    if latents.dim() == 4:
+        return latents
+    return pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
+
+
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], seeds: list[int], resolution: int | None = None,
                     progress: bool = False, description: str = "generating") -> torch.Tensor:
@@ -111,5 +118,5 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], resolution: int 
             [prompt] * len(seeds), generator=generators, height=resolution, width=resolution, output_type="latent",
             **one_step_arguments(pipe),
         ).images
-        images.append(decode_latents(pipe.vae, latents).cpu())
+        images.append(decode_latents(pipe.vae, unpacked(pipe, latents, resolution)).cpu())
     return torch.cat(images)

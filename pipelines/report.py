@@ -167,7 +167,7 @@ def write_model_card(config: TrainingConfig, sample_file: str | None, metrics: d
 from diffusers import AutoPipelineForText2Image
 from diffusers.utils import logging
 
-logging.set_verbosity_error()  # a DrPO LoRA is UNet-only: hides "No LoRA keys associated to CLIPTextModel"
+logging.set_verbosity_error()  # a DrPO LoRA has no text-encoder keys: hides "No LoRA keys associated to CLIPTextModel"
 {generators.loading_snippet(config.model, base_model or model)}
 pipe.load_lora_weights("{hub.repo_name(config.hub, output_dir)}")
 image = pipe("a prompt", num_inference_steps=1, guidance_scale=0.0{generators.call_text(config.model)}).images[0]

@@ -88,3 +88,13 @@ def test_flux_chunked_gradients_equal_unchunked_and_resume_continues_exactly(tmp
     for key in whole:  # chunking only regroups float32 sums: measured <= 1e-7
         torch.testing.assert_close(chunked[key], whole[key], rtol=1e-4, atol=1e-6)
     assert any(not torch.equal(whole[key], lora_tensors(tmp_path / "whole" / "checkpoint-2")[key]) for key in whole)
+
+
+@pytest.mark.parametrize("method", ["draft", "vggflow", "dpo", "grpo"])
+def test_every_baseline_trains_on_flux(tmp_path, method):
+    reward = f"--reward={REWARDS}:brightness"  # differentiable, for DRaFT and VGG-Flow
+    train_flux(*training_args(TINY_FLUX, tmp_path, reward, f"--method={method}", "--num_candidates=4",
+                              "--num_pairs=4", "--max_train_steps=2", "--learning_rate=1e-2"))
+    tensors = lora_tensors(tmp_path)
+    assert tensors and all(key.startswith("transformer.") for key in tensors)
+    assert any("lora.up" in key and value.abs().sum() > 0 for key, value in tensors.items())  # trained (B starts at 0)

@@ -124,8 +124,9 @@ def test_the_sys_path_check_sees_insertions(tmp_path):
 
 # Module and function size limits, with the exceptions each justified:
 LINE_LIMIT, FUNCTION_LIMIT = 450, 60
-# the method and nothing else (with the released recipe's options), one file, imports no project module (DESIGN)
-LONGER_MODULES = {"drpo_utils": 640}
+# the method and nothing else (with the released recipe's options, and the one-step generator of each family:
+# scheduler-stepped UNets, FLUX's flow matching), one file, imports no project module (DESIGN)
+LONGER_MODULES = {"drpo_utils": 680}
 LONGER_FUNCTIONS = {("pipelines.rewards.server", "make_handler"): 90}  # the stdlib server, rebuilt by issue 24
 
 

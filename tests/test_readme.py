@@ -138,7 +138,7 @@ def test_the_reference_check_finds_a_moved_function():
 FEWER_STEPS = {  # the README's step counts, cut so that every command runs in seconds
     "--max_train_steps=100": "--max_train_steps=2", "--max_train_steps=200": "--max_train_steps=3",
     "--checkpointing_steps=50": "--checkpointing_steps=1", "--validation_steps=50": "--validation_steps=2"}
-CHECKOUT = ["assets", "pipelines", "drpo_utils.py", "train_drpo.py", "train_drpo_sdxl.py"]
+CHECKOUT = ["assets", "pipelines", "drpo_utils.py", "train_drpo.py", "train_drpo_sdxl.py", "train_drpo_flux.py"]
 
 
 def shell_commands(block: str) -> list[list[str]]:
@@ -189,6 +189,8 @@ def test_next_steps_with_the_tiny_model_run_as_written(tmp_path):
     assert [argv[:4] for argv in commands] == [
         ["python", "-m", "pipelines.evaluate", "--pretrained_model_name_or_path=assets/tiny-sd-turbo"],
         ["accelerate", "launch", "--quiet", "--cpu"],
+        ["accelerate", "launch", "--quiet", "--cpu"],
+        ["accelerate", "launch", "--quiet", "--cpu"],
         ["accelerate", "launch", "--quiet", "--cpu"]]
     for argv in commands:
         run_as_user(argv, tmp_path)
@@ -199,5 +201,8 @@ def test_next_steps_with_the_tiny_model_run_as_written(tmp_path):
     history = (tmp_path / "drpo-tiny" / "reward_history.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in history] == [1, 2, 3], "resumed at step 2, trained to 3"
     assert load_file(tmp_path / "drpo-tiny-sdxl" / "pytorch_lora_weights.safetensors")
+    assert "timesteps=[399]" in (tmp_path / "drpo-tiny-dmd2" / "README.md").read_text()  # the card's call
+    assert all(key.startswith("transformer.") for key in load_file(tmp_path / "drpo-tiny-flux" /
+                                                                    "pytorch_lora_weights.safetensors"))
     run_as_user(["python", "-c", python_block_after("## Next steps with the tiny model")], tmp_path)
     assert Image.open(tmp_path / "red-circle.png").size == (64, 64)
