@@ -202,6 +202,11 @@ class EvalConfig:
     variant: str | None = None
     lora: tuple[str, ...] = ()
     unet: tuple[str, ...] = ()
+    base_unet: str | None = None  # a distilled one-step UNet for the base and its scheduler (pipelines/generators.py)
+    scheduler: str | None = None
+    timestep_spacing: str | None = None
+    prediction_type: str | None = None
+    timesteps: tuple[int, ...] | None = None
     prompt_set: str | None = None
     prompts_file: str | None = None
     dataset_name: str | None = None

@@ -80,12 +80,14 @@ class ImageCache:
 
     The folder's key is the *content* of everything that changes a model's images (``pipelines.content``):
     the base model's files or Hub commit, the LoRA's / UNet's files (the same path retrained is another
-    key), resolution, dtype, variant and the diffusers version; ``model.json`` in each folder says what
+    key), a distilled one-step UNet (by content) and its scheduler settings, resolution, dtype, variant and the
+    diffusers version; ``model.json`` in each folder says what
     it holds. Each PNG carries the SHA-256 of its pixels: an image that is cut short or altered is named,
     removed and generated again. Writes go through a temporary file (never a half-written image).
     """
 
-    def __init__(self, root: str, base_model: str, resolution: int | None, dtype: str, revision=None, variant=None):
+    def __init__(self, root: str, base_model: str, resolution: int | None, dtype: str, revision=None, variant=None,
+                 generator: dict | None = None):
         import diffusers
 
         from pipelines.content import source_key
@@ -93,7 +95,7 @@ class ImageCache:
         self.root, self.keys = root, {}
         self.setting = {"base_model": resolved(base_model), "base_model_content": source_key(base_model, revision),
                         "resolution": resolution, "dtype": dtype, "revision": revision, "variant": variant,
-                        "diffusers": diffusers.__version__}
+                        "diffusers": diffusers.__version__, **(generator or {})}  # a distilled UNet, its scheduler
 
     def describe(self, model: EvalModel) -> dict:
         """What the model's images depend on (its weights by content), computed once per model."""

@@ -26,9 +26,9 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from pipelines import flags
+from pipelines import flags, generators
 from pipelines.cli import from_namespace
-from pipelines.config import EvalConfig
+from pipelines.config import EvalConfig, ModelConfig
 from pipelines.eval_cache import ImageCache, model_weights, parse_models, split_label
 from pipelines.eval_report import summarize_run, write_reports
 from pipelines.eval_tables import render_markdown
@@ -51,6 +51,14 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
+def base_generator(evaluation: EvalConfig) -> ModelConfig:
+    """The base model as the trainer's flags give it: with --base_unet and the scheduler flags, if any."""
+    return ModelConfig(evaluation.pretrained_model_name_or_path, revision=evaluation.revision,
+                       variant=evaluation.variant, unet=evaluation.base_unet, scheduler=evaluation.scheduler,
+                       timestep_spacing=evaluation.timestep_spacing, prediction_type=evaluation.prediction_type,
+                       timesteps=evaluation.timesteps)
+
+
 def generate_missing(evaluation: EvalConfig, models, prompts, seeds, cache: ImageCache, state) -> int:
     """Generate this process' share of the (model, prompt, seed) images the cache lacks; returns how many.
     Processes split the distinct prompts, so a repeated prompt's images are written by one process only."""
@@ -60,8 +68,10 @@ def generate_missing(evaluation: EvalConfig, models, prompts, seeds, cache: Imag
     total = sum(len(missing) for work in todo.values() for _, missing in work)
     if total == 0:
         return 0
-    dtype = DTYPES[evaluation.mixed_precision]
+    dtype, generator = DTYPES[evaluation.mixed_precision], base_generator(evaluation)
     pipe = load_one_step_pipeline(evaluation.pretrained_model_name_or_path, dtype=dtype, device=state.device,
+                                  call_arguments=generators.call_arguments(generator),
+                                  **generators.pipeline_components(generator, dtype),
                                   **{k: v for k, v in (("revision", evaluation.revision),
                                                        ("variant", evaluation.variant)) if v})
     with tqdm(total=total, desc="generating", unit="image", disable=not state.is_main_process) as bar:
@@ -209,6 +219,7 @@ def hub_needs(evaluation: EvalConfig) -> dict[str, list[str]]:
     needs = {"--pretrained_model_name_or_path": [evaluation.pretrained_model_name_or_path],
              "--lora": [split_label(item)[1] for item in evaluation.lora],
              "--unet": [split_label(item)[1] for item in evaluation.unet],
+             "--base_unet": [evaluation.base_unet] if evaluation.base_unet else [],
              "--metrics": [r for item in evaluation.metrics.split(",") if item.strip() not in ("", "none")
                            for r in hub_resources(metric_label(item.strip())[1])],
              "--geneval": [evaluation.geneval_detector, evaluation.geneval_clip] if evaluation.geneval else [],
@@ -243,7 +254,7 @@ def run(evaluation: EvalConfig) -> dict | None:
     prompts = prompt_set.prompts
     cache = ImageCache(evaluation.image_cache_dir or os.path.join(evaluation.output_dir, "images"),
                        evaluation.pretrained_model_name_or_path, evaluation.resolution, evaluation.mixed_precision,
-                       evaluation.revision, evaluation.variant)
+                       evaluation.revision, evaluation.variant, generators.cache_key(base_generator(evaluation)))
     if state.is_main_process:
         for model in models:
             cache.describe_folder(model)
@@ -276,6 +287,7 @@ def add_model_flags(parser) -> None:
     models.add_argument("--unet", nargs="*", action="extend", default=[],
                         help="Finetuned UNets to evaluate: [name=]folder of a UNet2DConditionModel (or of a "
                              "pipeline with a unet/ subfolder).")
+    generators.add_generator_flags(parser, unet_flag="--base_unet")
 
 
 def add_prompt_flags(parser) -> None:
@@ -369,6 +381,8 @@ def check_config(evaluation: EvalConfig) -> None:
     check_judge(evaluation.judge, evaluation.judge_model)
     if evaluation.geneval:
         check_installed("geneval", "--geneval")
+    generators.check_generator_flags(evaluation.base_unet, evaluation.scheduler, base_generator(evaluation)
+                                     .scheduler_overrides, evaluation.timesteps)
     for model in parse_models(evaluation.lora, evaluation.unet)[1:]:
         if missing_local_path(model.path):
             offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

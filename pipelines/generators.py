@@ -22,11 +22,13 @@ SCHEDULER_OVERRIDES = ("timestep_spacing", "prediction_type")
 UNET_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
-def add_generator_flags(parser) -> None:
+def add_generator_flags(parser, unet_flag: str = "--unet") -> None:
+    """The flags; ``unet_flag``: --unet in training, --base_unet in the evaluation (whose --unet compares
+    finetuned UNets)."""
     generator = parser.add_argument_group(
         "one-step generator: a distilled UNet on an SD/SDXL base and its scheduler (default: the base's own)")
-    generator.add_argument("--unet", default=None,
-                           help="A one-step UNet replacing the base's before the LoRA is added: a diffusers UNet "
+    generator.add_argument(unet_flag, default=None,
+                           help="A one-step UNet replacing the base's (before the LoRA is added): a diffusers UNet "
                                 "folder or Hub repo, or one weights file in diffusers keys (.safetensors / .bin), "
                                 "local or owner/repo:file (e.g. tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin).")
     generator.add_argument("--scheduler", default=None,
@@ -57,7 +59,7 @@ def check_generator_flags(unet: str | None, name: str | None, overrides: dict, t
     config overrides given and, with --timesteps, explicit timesteps; one step means one timestep."""
     if unet is not None and not os.path.exists(unet) and (":" not in unet or unet.startswith((".", "/", "~"))) \
             and (unet.endswith(UNET_FILE_SUFFIXES) or unet.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"--unet {unet!r}: no such file or folder")
+        raise FileNotFoundError(f"the one-step UNet {unet!r}: no such file or folder")
     if timesteps is not None and len(timesteps) != 1:
         raise ValueError(f"--timesteps {','.join(map(str, timesteps))}: a one-step generator takes one timestep "
                          "(e.g. --timesteps 399 for DMD2)")
@@ -209,6 +211,19 @@ def call_arguments(model: ModelConfig) -> dict:
 def call_text(model: ModelConfig) -> str:
     """``call_arguments`` as the model card's call writes them (``, timesteps=[399]``)."""
     return "".join(f", {key}={value!r}" for key, value in call_arguments(model).items())
+
+
+def cache_key(model: ModelConfig) -> dict:
+    """What the generator adds to what a model's images depend on (empty for the base's own): the UNet by
+    content, the scheduler and its settings."""
+    from pipelines.content import source_key
+
+    if model.unet is None and model.scheduler is None and not model.scheduler_overrides and model.timesteps is None:
+        return {}
+    unet = None if model.unet is None else source_key(model.unet if not is_unet_file(model.unet)
+                                                      or os.path.exists(model.unet) else model.unet.partition(":")[0])
+    return {"generator": {"unet": unet, "unet_name": model.unet, "scheduler": model.scheduler,
+                          **model.scheduler_overrides, "timesteps": model.timesteps}}
 
 
 def describe(model: ModelConfig) -> str:

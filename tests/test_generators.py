@@ -150,3 +150,31 @@ def test_drpo_on_a_dmd2_style_unet_raises_a_custom_reward_through_the_stock_pipe
         load_lora(pipe, str(tmp_path))
         tuned = brightness_table()
     assert_above(summarize(base, tuned)["z_paired"], 3, (base.mean(), tuned.mean()))
+
+
+def test_the_evaluation_generates_with_the_distilled_unet_and_keys_its_cache_by_it(tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import PROMPTS, reset_accelerate_state
+    from pipelines import evaluate
+
+    cache, prompt = tmp_path / "images", [line.strip() for line in open(PROMPTS)][0]
+    common = [f"--pretrained_model_name_or_path={TINY_BASE}", f"--prompts_file={PROMPTS}", "--max_prompts=1",
+              "--seeds=0-1", "--metrics=benchmarks.rewards:brightness", f"--image_cache_dir={cache}", "--bootstrap=20"]
+    for output, extra in (("plain", []), ("dmd2", [f"--base_unet={TINY_UNET}", f"--scheduler={ONE_STEP_SCHEDULER}",
+                                                   f"--timesteps={ONE_STEP_TIMESTEP}"])):
+        reset_accelerate_state()
+        evaluate.main([*common, f"--output_dir={tmp_path / output}", *extra])
+        reset_accelerate_state()
+        assert "generated 2 images" in capsys.readouterr().err  # nothing served from the other run's folder
+    folders = sorted(os.listdir(cache))
+    assert len(folders) == 2 and all(folder.startswith("base-") for folder in folders)
+    pipe = stock_pipeline()
+    with torch.no_grad():
+        latents = stock_latents(pipe, prompt, 0, ONE_STEP_TIMESTEP)
+        expected = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample[0] / 2 + 0.5).clamp(0, 1)
+    pngs = [os.path.join(cache, folder, name) for folder in folders for name in os.listdir(os.path.join(cache, folder))
+            if name.endswith("-0.png")]
+    errors = [(torch.tensor(list(Image.open(png).getdata())).T.reshape(3, 64, 64) / 255 - expected).abs().max()
+              for png in pngs]
+    assert min(errors) <= 1 / 255 + 1e-4 < max(errors), errors  # one folder holds the DMD2-style images
