@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 import drpo_utils
 from pipelines import (candidates, checkpoints, cli, config, content, downloads, drift_flags, features, flags,
-                       generators, hub, lora_files, memory, methods, offline, preference_data, report, rewards, runtime, validation)
+                       generators, hub, lora_files, memory, methods, offline, preference_data, report, rewards,
+                       runtime, validation)
 from pipelines.inference import denoiser, latent_channels, load_one_step_pipeline
 from pipelines.prompts import load_prompts
 

@@ -109,7 +109,7 @@ class StepContext:
 
     accelerator: object
     pipe: object  # the stock pipeline: its UNet with LoRA is g_theta, with LoRA disabled g_ref
-    unet: torch.nn.Module  # the denoiser (UNet; FLUX: transformer) as prepared by accelerate (DDP-wrapped if distributed)
+    unet: torch.nn.Module  # the denoiser (UNet; FLUX: transformer) as prepared by accelerate (DDP-wrapped)
     scheduler: object  # private copy of the pipeline's scheduler for the differentiable one-step sampler
     timesteps: tuple[int, ...] | None  # the one step's explicit timestep (--timesteps), else the scheduler's
     sample: Callable  # the differentiable one-step sampler: drpo_utils.one_step_latents (UNets) or _flow (FLUX)

@@ -101,10 +101,17 @@ def save_kohya_lora(directory: str, alpha: float, base_model_version: str) -> st
     return path
 
 
+def read_lora(source: str, pipeline_cls) -> tuple[dict, dict | None]:
+    """(state dict, adapter metadata) of a saved LoRA, through the pipeline's own ``lora_state_dict`` (which
+    returns network alphas too for the UNet pipelines, not for FLUX: the metadata is always last)."""
+    loaded = pipeline_cls.lora_state_dict(source, return_lora_metadata=True)
+    return loaded[0], loaded[-1]
+
+
 def init_from_lora(unet, adapter: AdapterConfig, pipeline_cls) -> None:
     """``--init_lora``: a new run's adapter starts from an existing LoRA (a folder, a file or a Hub id) whose
     rank, alpha and target modules (from its adapter metadata, else its tensors) are the run's own."""
-    state_dict, _, metadata = pipeline_cls.lora_state_dict(adapter.init_lora, return_lora_metadata=True)
+    state_dict, metadata = read_lora(adapter.init_lora, pipeline_cls)
     name = denoiser_name(pipeline_cls)
     downs = [value for key, value in state_dict.items()
              if key.startswith(f"{name}.") and key.split(".")[-2] in ("down", "lora_A", "lora_down")]
@@ -126,7 +133,7 @@ def load_lora_into_adapter(directory: str, unet, pipeline_cls) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    state_dict, prefix = pipeline_cls.lora_state_dict(directory)[0], f"{denoiser_name(pipeline_cls)}."
+    state_dict, prefix = read_lora(directory, pipeline_cls)[0], f"{denoiser_name(pipeline_cls)}."
     unet_state = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
     if getattr(result, "unexpected_keys", None):

@@ -178,3 +178,14 @@ def test_the_evaluation_generates_with_the_distilled_unet_and_keys_its_cache_by_
     errors = [(torch.tensor(list(Image.open(png).getdata())).T.reshape(3, 64, 64) / 255 - expected).abs().max()
               for png in pngs]
     assert min(errors) <= 1 / 255 + 1e-4 < max(errors), errors  # one folder holds the DMD2-style images
+
+
+def test_a_hub_unet_that_is_not_cached_fails_at_once_offline(tmp_path):
+    def no_model_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the --unet download was checked")
+
+    dmd2 = "tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin"
+    args = train_drpo_sdxl.parse_args(training_args(TINY_BASE, tmp_path, f"--unet={dmd2}", "--scheduler=LCMScheduler",
+                                                    "--timesteps=399"))
+    with pytest.raises(OSError, match="--unet needs 'tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin' from the Hub"):
+        train_drpo.main(args, encode_prompts=train_drpo_sdxl.encode_prompts, load_pipeline=no_model_loading)
