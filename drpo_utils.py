@@ -19,7 +19,8 @@ The contracts other code relies on, stated where they are implemented:
 - ``sample_reward_pairs``: M reward-ordered pairs among the K candidates of one prompt; tied pairs carry
   no preference and are dropped; all-equal rewards give no pairs (the preference term is then zero).
 
-This module imports torch only: feature maps, rewards and run plumbing live in ``pipelines/``.
+This module imports torch only (and, inside the FLUX sampler, diffusers' own latent packing): feature maps,
+rewards and run plumbing live in ``pipelines/``.
 """
 
 from __future__ import annotations

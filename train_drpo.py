@@ -177,6 +177,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline, sampl
     else:
         prompts = load_prompts(data.prompts_file, data.dataset_name, data.dataset_split, data.prompt_column)
     unet_config, vae_config = memory.model_configs(settings.model)
+    generators.check_denoiser_config(unet_config, settings.model.pretrained_model_name_or_path)  # a one-step model
     generators.check_scheduler(settings.model)  # --scheduler / --timesteps tried on the base's config, no weights
     settings = settings.resolved(
         model={"resolution": memory.resolve_resolution(settings.model.resolution, unet_config, vae_config)},
@@ -242,7 +243,7 @@ def optimiser(accelerator, optim: config.OptimConfig, max_train_steps: int, pipe
 
 
 def step_context(accelerator, settings: config.TrainingConfig, pipe, unet, feature_map, reward_fn, method,
-                 encode_prompts, sample) -> candidates.StepContext:
+                 encode_prompts, sample=drpo_utils.one_step_latents) -> candidates.StepContext:
     """Everything a per-prompt step reads (scoring in the background when it can overlap compute)."""
     optim = settings.optim
     overlap = optim.overlap_reward and optim.candidate_chunk_size is not None and \

@@ -9,7 +9,8 @@ Same flags, outputs and training loop as train_drpo.py (it runs train_drpo.main)
 lives here: the condition (T5 token states padded to --max_sequence_length plus CLIP's pooled output,
 drpo_utils.encode_prompts_flux), the one-step sample (flow matching from sigma = 1 on 2x2-packed latents,
 x0 = eps - v, drpo_utils.one_step_latents_flow), and the LoRA's target modules (the attention projections of
-both streams). The LoRA is saved in diffusers' FLUX format (keys ``transformer.*``) and loads with
+both streams); the pipeline loads as SD's does (train_drpo.load_pipeline). The LoRA is saved in diffusers'
+FLUX format (keys ``transformer.*``) and loads with
 ``AutoPipelineForText2Image.from_pretrained(...).load_lora_weights(...)``.
 """
 
@@ -22,13 +23,14 @@ import train_drpo
 from pipelines import cli, flags
 from pipelines.inference import FLUX_MAX_SEQUENCE_LENGTH
 
+logger = logging.getLogger(__name__)
 encode_prompts = drpo_utils.encode_prompts_flux  # condition c: T5 states + CLIP pooled output
 sample = drpo_utils.one_step_latents_flow  # x = g_theta(eps, c): one flow-matching Euler step, x0 = eps - v
-load_pipeline = train_drpo.load_pipeline  # the stock pipeline; --max_sequence_length rides on its one-step call
 
 # Attention projections of the image and the text streams (the diffusers FLUX LoRA examples' attention set).
 LORA_TARGET_MODULES = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
-UNET_ONLY = ("unet", "scheduler", "timestep_spacing", "prediction_type", "timesteps")
+FLUX_MAX_T5_TOKENS = 512  # FluxPipeline.check_inputs refuses more
+UNET_AND_SCHEDULER_FLAGS = ("unet", "scheduler", "timestep_spacing", "prediction_type", "timesteps")
 
 
 def build_parser():
@@ -44,10 +46,16 @@ def build_parser():
 
 def parse_args(input_args=None):
     args = train_drpo.parse_args(input_args, build_parser())
-    given = [f"--{name}" for name in UNET_ONLY if getattr(args, name) is not None]
+    given = [f"--{name}" for name in UNET_AND_SCHEDULER_FLAGS if getattr(args, name) is not None]
     if given:
         raise ValueError(f"{', '.join(given)} choose a distilled UNet and its scheduler (train_drpo.py / "
                          "train_drpo_sdxl.py); FLUX's one step is flow matching from sigma = 1")
+    if args.max_sequence_length > FLUX_MAX_T5_TOKENS:
+        raise ValueError(f"--max_sequence_length {args.max_sequence_length}: FluxPipeline takes at most "
+                         f"{FLUX_MAX_T5_TOKENS} T5 tokens (FLUX.1-schnell: {FLUX_MAX_SEQUENCE_LENGTH})")
+    if args.max_sequence_length > FLUX_MAX_SEQUENCE_LENGTH:
+        logger.warning("--max_sequence_length %d: FLUX.1-schnell was trained with at most %d T5 tokens",
+                       args.max_sequence_length, FLUX_MAX_SEQUENCE_LENGTH)
     if args.feature_extractor == "teacher_unet":
         raise ValueError("--feature_extractor teacher_unet reads a UNet's activations; FLUX has a transformer: "
                          "choose vit_mae, dinov2, image or latent")
@@ -60,5 +68,4 @@ def parse_args(input_args=None):
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     cli.run_reporting_user_errors(
-        lambda: train_drpo.main(parse_args(), encode_prompts=encode_prompts, load_pipeline=load_pipeline,
-                                sample=sample))
+        lambda: train_drpo.main(parse_args(), encode_prompts=encode_prompts, sample=sample))

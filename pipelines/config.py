@@ -207,6 +207,7 @@ class EvalConfig:
     timestep_spacing: str | None = None
     prediction_type: str | None = None
     timesteps: tuple[int, ...] | None = None
+    max_sequence_length: int | None = None  # FLUX: T5 tokens (default: schnell's 256)
     prompt_set: str | None = None
     prompts_file: str | None = None
     dataset_name: str | None = None

@@ -56,7 +56,24 @@ def base_generator(evaluation: EvalConfig) -> ModelConfig:
     return ModelConfig(evaluation.pretrained_model_name_or_path, revision=evaluation.revision,
                        variant=evaluation.variant, unet=evaluation.base_unet, scheduler=evaluation.scheduler,
                        timestep_spacing=evaluation.timestep_spacing, prediction_type=evaluation.prediction_type,
-                       timesteps=evaluation.timesteps)
+                       timesteps=evaluation.timesteps, max_sequence_length=evaluation.max_sequence_length)
+
+
+def check_generator(evaluation: EvalConfig) -> None:
+    """From the base's config files (no weights): UNet flags need a UNet (not FLUX's transformer), and the
+    scheduler takes the settings and timestep given."""
+    from diffusers import DiffusionPipeline
+
+    components = DiffusionPipeline.load_config(evaluation.pretrained_model_name_or_path, revision=evaluation.revision)
+    unet_flags = [flag for flag, given in (("--base_unet", evaluation.base_unet), ("--unet", evaluation.unet),
+                                           ("--scheduler", evaluation.scheduler),
+                                           ("--timesteps", evaluation.timesteps)) if given]
+    if "unet" not in components and unet_flags:
+        raise ValueError(f"{', '.join(unet_flags)} apply to a UNet; {evaluation.pretrained_model_name_or_path} is a "
+                         f"{components.get('_class_name')} without one")
+    if "unet" in components and evaluation.max_sequence_length is not None:
+        raise ValueError("--max_sequence_length applies to FLUX's T5 prompt encoding")
+    generators.check_scheduler(base_generator(evaluation))
 
 
 def generate_missing(evaluation: EvalConfig, models, prompts, seeds, cache: ImageCache, state) -> int:
@@ -235,6 +252,7 @@ def run(evaluation: EvalConfig) -> dict | None:
     from pipelines.downloads import check_available
 
     check_available(hub_needs(evaluation))  # every model's and metric's weights, before any image is generated
+    check_generator(evaluation)
 
     # as Accelerator does: without cpu=True, torchrun on a CPU-only machine gives N unconnected processes
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available())
@@ -288,6 +306,8 @@ def add_model_flags(parser) -> None:
                         help="Finetuned UNets to evaluate: [name=]folder of a UNet2DConditionModel (or of a "
                              "pipeline with a unet/ subfolder).")
     generators.add_generator_flags(parser, unet_flag="--base_unet")
+    models.add_argument("--max_sequence_length", type=flags.positive_int, default=None,
+                        help="FLUX: T5 tokens of the prompt, as the LoRA was trained (default: schnell's 256).")
 
 
 def add_prompt_flags(parser) -> None:

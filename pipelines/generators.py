@@ -19,7 +19,7 @@ from pipelines.config import ModelConfig
 ONE_STEP_SCHEDULERS = ("EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "LCMScheduler", "TCDScheduler",
                        "DDIMScheduler")
 SCHEDULER_OVERRIDES = ("timestep_spacing", "prediction_type")
-UNET_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+UNET_FILE_SUFFIXES = (".safetensors", ".bin")
 
 
 def add_generator_flags(parser, unet_flag: str = "--unet") -> None:
@@ -57,8 +57,9 @@ def scheduler_class(name: str):
 def check_generator_flags(unet: str | None, name: str | None, overrides: dict, timesteps) -> None:
     """What can be checked without the model: a local --unet exists; the scheduler class exists, takes the
     config overrides given and, with --timesteps, explicit timesteps; one step means one timestep."""
-    if unet is not None and not os.path.exists(unet) and (":" not in unet or unet.startswith((".", "/", "~"))) \
-            and (unet.endswith(UNET_FILE_SUFFIXES) or unet.startswith((".", "/", "~"))):
+    local = unet is not None and (unet.startswith((".", "/", "~")) or ":" not in unet and
+                                  unet.endswith(UNET_FILE_SUFFIXES))  # a path, not a Hub id or owner/repo:file
+    if local and not os.path.exists(unet):
         raise FileNotFoundError(f"the one-step UNet {unet!r}: no such file or folder")
     if timesteps is not None and len(timesteps) != 1:
         raise ValueError(f"--timesteps {','.join(map(str, timesteps))}: a one-step generator takes one timestep "
@@ -101,6 +102,9 @@ def load_scheduler(model: ModelConfig):
     return scheduler
 
 
+CUSTOM_TIMESTEP_WARNING = "The first timestep on the custom timestep schedule"
+
+
 class _DropCustomTimestepWarning(logging.Filter):
     """LCM and TCD warn on every ``set_timesteps`` whose first timestep is not T - 1; a distilled UNet's own
     step (DMD2: 399) is meant, and the trainer sets it once per sample."""
@@ -109,14 +113,24 @@ class _DropCustomTimestepWarning(logging.Filter):
         return not record.getMessage().startswith(CUSTOM_TIMESTEP_WARNING)
 
 
-CUSTOM_TIMESTEP_WARNING = "The first timestep on the custom timestep schedule"
-
-
 def drop_custom_timestep_warning() -> None:
     for name in ("diffusers.schedulers.scheduling_lcm", "diffusers.schedulers.scheduling_tcd"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropCustomTimestepWarning) for f in logger.filters):
             logger.addFilter(_DropCustomTimestepWarning())
+
+
+def check_denoiser_config(config: dict, source: str) -> None:
+    """Refuse the networks whose stock pipeline call feeds more than the trainer's one step does: a
+    guidance-distilled FLUX (FLUX.1-dev: a guidance embedding, not a one-step model) and an LCM-distilled
+    UNet (``time_cond_proj_dim``: the pipeline adds a guidance-scale embedding)."""
+    if config.get("guidance_embeds"):
+        raise ValueError(f"{source} is guidance-distilled (guidance_embeds, e.g. FLUX.1-dev), not a one-step model; "
+                         "use FLUX.1-schnell")
+    if config.get("time_cond_proj_dim") is not None:
+        raise ValueError(f"{source} takes a guidance-scale embedding (time_cond_proj_dim, an LCM-distilled UNet), "
+                         "which the one-step sample does not feed; use a one-step UNet (DMD2, SDXL-Lightning, "
+                         "Hyper-SD)")
 
 
 def check_scheduler(model: ModelConfig) -> None:
@@ -138,8 +152,12 @@ def load_unet(model: ModelConfig, dtype):
     from diffusers import UNet2DConditionModel
     from diffusers.models.model_loading_utils import load_state_dict
 
+    from accelerate import init_empty_weights
+
     if not is_unet_file(model.unet):
         subfolder = "unet" if os.path.isdir(os.path.join(model.unet, "unet")) else None
+        config = UNet2DConditionModel.load_config(model.unet, subfolder=subfolder, cache_dir=model.cache_dir)
+        check_denoiser_config(config, f"--unet {model.unet!r}")
         return UNet2DConditionModel.from_pretrained(model.unet, subfolder=subfolder, dtype=dtype,
                                                     cache_dir=model.cache_dir)
     path = model.unet
@@ -150,11 +168,11 @@ def load_unet(model: ModelConfig, dtype):
         path = hf_hub_download(repo_id, filename, cache_dir=model.cache_dir)
     config = UNet2DConditionModel.load_config(model.pretrained_model_name_or_path, subfolder="unet",
                                               revision=model.revision, cache_dir=model.cache_dir)
-    unet = UNet2DConditionModel.from_config(config)
-    state_dict = load_state_dict(path)
+    with init_empty_weights():  # no second full-size UNet allocated before the file's tensors arrive
+        unet = UNet2DConditionModel.from_config(config)
     mismatch = f"--unet {model.unet!r} does not fit the base's UNet ({model.pretrained_model_name_or_path})"
     try:
-        missing, unexpected = unet.load_state_dict(state_dict, strict=False)
+        missing, unexpected = unet.load_state_dict(load_state_dict(path), strict=False, assign=True)
     except RuntimeError as error:  # a tensor of another shape
         raise ValueError(f"{mismatch}: {str(error)[:400]}") from error
     if missing or unexpected:
@@ -165,10 +183,10 @@ def load_unet(model: ModelConfig, dtype):
 def pipeline_components(model: ModelConfig, dtype) -> dict:
     """What replaces the base pipeline's own components: the --unet and the --scheduler (with its overrides)."""
     components = {}
+    if model.scheduler is not None or model.scheduler_overrides:
+        components["scheduler"] = load_scheduler(model)  # first: a timestep it refuses fails before the weights
     if model.unet is not None:
         components["unet"] = load_unet(model, dtype)
-    if model.scheduler is not None or model.scheduler_overrides:
-        components["scheduler"] = load_scheduler(model)
     return components
 
 
@@ -218,6 +236,8 @@ def cache_key(model: ModelConfig) -> dict:
     content, the scheduler and its settings."""
     from pipelines.content import source_key
 
+    if model.max_sequence_length is not None:  # FLUX: the T5 tokens of the one-step call
+        return {"max_sequence_length": model.max_sequence_length}
     if model.unet is None and model.scheduler is None and not model.scheduler_overrides and model.timesteps is None:
         return {}
     unet = None if model.unet is None else source_key(model.unet if not is_unet_file(model.unet)

@@ -62,11 +62,11 @@ def save_lora(directory: str, unet, pipeline_cls) -> None:
     from peft.utils import get_peft_model_state_dict
 
     state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    name = denoiser_name(pipeline_cls)
+    denoiser = denoiser_name(pipeline_cls)
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".drpo-lora-") as staging:  # a whole file or none
-        pipeline_cls.save_lora_weights(staging, **{f"{name}_lora_layers": state_dict,
-                                                   f"{name}_lora_adapter_metadata": adapter_metadata(unet)})
+        pipeline_cls.save_lora_weights(staging, **{f"{denoiser}_lora_layers": state_dict,
+                                                   f"{denoiser}_lora_adapter_metadata": adapter_metadata(unet)})
         for name in os.listdir(staging):
             canonical_header(os.path.join(staging, name))
             os.replace(os.path.join(staging, name), os.path.join(directory, name))

@@ -44,13 +44,15 @@ def own_resolution(unet_config: dict, vae_config: dict) -> int:
 
 def resolve_resolution(requested: int | None, unet_config: dict, vae_config: dict) -> int:
     """``--resolution``, or the model's own; either way one the pipelines accept (a positive multiple of
-    8 and of the VAE's downsampling factor)."""
+    8 and of the VAE's downsampling factor, twice that for FLUX, which packs 2x2 latent patches)."""
     resolution = requested if requested is not None else own_resolution(unet_config, vae_config)
     factor = vae_scale_factor(vae_config)
-    multiple = max(8, factor)
+    packs = unet_config.get("_class_name", "").startswith("Flux")
+    multiple = max(8, factor * (2 if packs else 1))
     if resolution <= 0 or resolution % multiple:
         raise ValueError(f"--resolution must be a positive multiple of {multiple} for this model "
-                         f"(diffusers pipelines need multiples of 8; its VAE downsamples {factor}x), got {resolution}")
+                         f"(diffusers pipelines need multiples of 8; its VAE downsamples {factor}x"
+                         f"{' and FLUX packs 2x2 latent patches' if packs else ''}), got {resolution}")
     return resolution
 
 

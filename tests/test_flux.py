@@ -19,7 +19,7 @@ from test_train import HELD_OUT_SEEDS, REWARDS, held_out_prompts, launch, lora_t
 def train_flux(*args):
     reset_accelerate_state()
     train_drpo.main(train_drpo_flux.parse_args(list(args)), encode_prompts=train_drpo_flux.encode_prompts,
-                    load_pipeline=train_drpo_flux.load_pipeline, sample=train_drpo_flux.sample)
+                    sample=train_drpo_flux.sample)
     reset_accelerate_state()
 
 
@@ -98,3 +98,27 @@ def test_every_baseline_trains_on_flux(tmp_path, method):
     tensors = lora_tensors(tmp_path)
     assert tensors and all(key.startswith("transformer.") for key in tensors)
     assert any("lora.up" in key and value.abs().sum() > 0 for key, value in tensors.items())  # trained (B starts at 0)
+
+
+def test_flux_inputs_that_would_fail_later_are_refused_at_start_up(tmp_path):
+    from pipelines import generators, memory
+
+    with pytest.raises(ValueError, match="at most 512 T5 tokens"):
+        train_drpo_flux.parse_args(training_args(TINY_FLUX, tmp_path, "--max_sequence_length=600"))
+    flux, vae = {"_class_name": "FluxTransformer2DModel"}, {"block_out_channels": [128, 256, 512, 512]}
+    assert memory.resolve_resolution(512, flux, vae) == 512
+    with pytest.raises(ValueError, match="multiple of 16 .*packs 2x2 latent patches"):
+        memory.resolve_resolution(520, flux, vae)  # a multiple of 8, but the packed grid needs 16
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        generators.check_denoiser_config({"guidance_embeds": True}, "black-forest-labs/FLUX.1-dev")
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        generators.check_denoiser_config({"time_cond_proj_dim": 256}, "latent-consistency/lcm-sdxl")
+
+
+def test_the_evaluation_refuses_unet_flags_on_flux(tmp_path):
+    from pipelines import evaluate
+
+    with pytest.raises(ValueError, match="--timesteps apply to a UNet"):
+        evaluate.main([f"--pretrained_model_name_or_path={TINY_FLUX}", "--prompts_file=assets/tiny_prompts.txt",
+                       "--timesteps=399", "--scheduler=LCMScheduler", "--metrics=benchmarks.rewards:brightness",
+                       f"--output_dir={tmp_path}"])
