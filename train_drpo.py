@@ -184,7 +184,7 @@ def main(args, encode_prompts=encode_prompts, load_pipeline=load_pipeline, sampl
         run={"mixed_precision": accelerator.mixed_precision})  # as resolved: the flag or accelerate's configuration
     record = config.run_record(settings, prompt_encoding=f"{encode_prompts.__module__}.{encode_prompts.__name__}",
                                num_processes=accelerator.num_processes,
-                               inputs=content.run_inputs(prompts, settings.reward.reward))
+                               inputs=content.run_inputs(prompts, settings.reward.reward, settings.model.unet))
     # writable, not another run's, locked; a write that fails for space or permission names the intact checkpoint
     with checkpoints.claimed_output_dir(accelerator, settings.run, record), checkpoints.writing_outputs(settings.run):
         if accelerator.is_main_process:  # the resolved flags, reusable as --config

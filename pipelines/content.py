@@ -10,6 +10,7 @@ a folder's files, and for a Hub model its resolved commit.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 
@@ -78,11 +79,13 @@ def source_key(name_or_path: str, revision: str | None = None, repo_type: str = 
     return {"hub": name_or_path, "commit": hub_commit(name_or_path, revision, repo_type)}
 
 
-def run_inputs(prompts: list[str] | None, reward_spec: str) -> dict[str, str]:
+def run_inputs(prompts: list[str] | None, reward_spec: str, unet: str | None = None) -> dict[str, str]:
     """What a run reads beyond its flags, by content: the prompts (whatever file or dataset revision they
-    came from) and every custom reward file of the spec; recorded in ``run.json``, so resuming after any
-    of them changed is refused like a changed flag."""
+    came from), every custom reward file of the spec and a local --unet; recorded in ``run.json``, so resuming
+    after any of them changed is refused like a changed flag."""
     inputs = {"prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()} if prompts else {}
+    if unet is not None and os.path.exists(unet):
+        inputs[f"content of {unet}"] = json.dumps(path_key(unet))
     for part in re.split(r"[,|]", reward_spec):
         location = part.strip().rsplit(":", 1)[0]
         if location.endswith(".py") and os.path.isfile(location):

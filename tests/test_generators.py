@@ -189,3 +189,14 @@ def test_a_hub_unet_that_is_not_cached_fails_at_once_offline(tmp_path):
                                                     "--timesteps=399"))
     with pytest.raises(OSError, match="--unet needs 'tianweiy/DMD2:dmd2_sdxl_1step_unet_fp16.bin' from the Hub"):
         train_drpo.main(args, encode_prompts=train_drpo_sdxl.encode_prompts, load_pipeline=no_model_loading)
+
+
+def test_a_local_unet_is_part_of_what_a_resume_compares(tmp_path):
+    from pipelines import content
+
+    unet = tmp_path / "unet.safetensors"
+    unet.write_bytes(b"first weights")
+    before = content.run_inputs(["a prompt"], "color_match", str(unet))
+    unet.write_bytes(b"retrained weights")  # the same path, another UNet: resuming on it is refused
+    assert content.run_inputs(["a prompt"], "color_match", str(unet)) != before
+    assert content.run_inputs(["a prompt"], "color_match") == {k: v for k, v in before.items() if "unet" not in k}
