@@ -233,7 +233,7 @@ def check_start_paths(args) -> None:
 
 def scheduler_overrides(args) -> dict:
     """--timestep_spacing / --prediction_type as given (pipelines/generators.py)."""
-    return {key: getattr(args, key) for key in generators.SCHEDULER_OVERRIDES if getattr(args, key) is not None}
+    return {key: getattr(args, key) for key in config.SCHEDULER_OVERRIDES if getattr(args, key) is not None}
 
 
 def check_args(args, given: set[str] = frozenset()) -> None:

@@ -30,6 +30,9 @@ def setting(default=dataclasses.MISSING):
     return field(default=default, metadata={"result": False})
 
 
+SCHEDULER_OVERRIDES = ("timestep_spacing", "prediction_type")  # scheduler config values settable by flag
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """The trainable LoRA (paper: rank 16 on to_q, to_k, to_v, to_out.0)."""
@@ -61,8 +64,7 @@ class ModelConfig:
     @property
     def scheduler_overrides(self) -> dict:
         """The scheduler config values given by flag (--timestep_spacing, --prediction_type)."""
-        return {key: value for key, value in (("timestep_spacing", self.timestep_spacing),
-                                              ("prediction_type", self.prediction_type)) if value is not None}
+        return {key: getattr(self, key) for key in SCHEDULER_OVERRIDES if getattr(self, key) is not None}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from pipelines.config import ModelConfig
 # The schedulers the one-step distilled UNets name in their model cards (others of diffusers work too).
 ONE_STEP_SCHEDULERS = ("EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "LCMScheduler", "TCDScheduler",
                        "DDIMScheduler")
-SCHEDULER_OVERRIDES = ("timestep_spacing", "prediction_type")
 UNET_FILE_SUFFIXES = (".safetensors", ".bin")
 
 
