@@ -200,3 +200,21 @@ def test_a_local_unet_is_part_of_what_a_resume_compares(tmp_path):
     unet.write_bytes(b"retrained weights")  # the same path, another UNet: resuming on it is refused
     assert content.run_inputs(["a prompt"], "color_match", str(unet)) != before
     assert content.run_inputs(["a prompt"], "color_match") == {k: v for k, v in before.items() if "unet" not in k}
+
+
+def test_the_documented_gpu_commands_parse(tmp_path):
+    """Every training command of docs/generators.md passes its script's own checks (flags, values, files)."""
+    import re
+    import shlex
+
+    import train_drpo_flux
+
+    scripts = {"train_drpo_sdxl.py": train_drpo_sdxl, "train_drpo_flux.py": train_drpo_flux}
+    text = open(os.path.join(ROOT, "docs", "generators.md")).read()
+    commands = [shlex.split(re.sub(r"\\\n\s*", " ", block)) for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                if block.startswith("accelerate launch")]
+    assert len(commands) == 4  # DMD2, SDXL-Lightning, Hyper-SD, FLUX.1-schnell
+    for argv in commands:
+        script = next(word for word in argv if word.endswith(".py"))
+        args = scripts[script].parse_args([*argv[argv.index(script) + 1:], f"--output_dir={tmp_path / script}"])
+        assert args.pretrained_model_name_or_path.startswith(("stabilityai/", "black-forest-labs/"))
