@@ -1,6 +1,7 @@
 """Train the embedded tiny FLUX.1-schnell stand-in on the procedural images of ``build_tiny_models``.
 
-    python -m pipelines.build_tiny_flux --output_dir assets/tiny-flux-schnell --vae_from assets/tiny-sd-turbo
+    python -m pipelines.build_tiny_flux --output_dir assets/tiny-flux-schnell --vae_from assets/tiny-sd-turbo \
+        --generator_steps 1500
 
 A FLUX-shaped diffusers folder (``FluxPipeline``: a ``FluxTransformer2DModel`` with double- and single-stream
 blocks on 2x2-packed latents, CLIP for the pooled text and T5 for the token states, a flow-matching Euler
@@ -14,7 +15,6 @@ is regressed onto the latent of the image rendered from c with its free factors 
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -22,9 +22,8 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel,
 
 from drpo_utils import encode_prompts_flux, one_step_latents_flow
 from pipelines import flags
-from pipelines.build_tiny_models import all_captions, train_generator
+from pipelines.build_tiny_models import all_captions, save_trained, train_generator
 from pipelines.inference import FLUX_MAX_SEQUENCE_LENGTH
-
 
 
 def build_t5_tokenizer() -> T5Tokenizer:
@@ -60,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="assets/tiny-flux-schnell")
     parser.add_argument("--vae_from", default="assets/tiny-sd-turbo",
                         help="The tiny SD-Turbo folder whose VAE, CLIP text encoder and tokenizer are reused.")
-    parser.add_argument("--generator_steps", type=flags.positive_int, default=2000)
+    parser.add_argument("--generator_steps", type=flags.positive_int, default=1500)  # the committed model's
     parser.add_argument("--batch_size", type=flags.positive_int, default=32)
     parser.add_argument("--seed", type=flags.seed, default=0)
     return parser
@@ -77,11 +76,7 @@ def main(args=None):
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     train_generator(pipe, encode_prompts_flux, args.generator_steps, args.batch_size,
                     torch.Generator().manual_seed(args.seed), scheduler=scheduler, sample=one_step_latents_flow)
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
-    pipe.save_pretrained(args.output_dir)
-    print(f"saved {os.path.abspath(args.output_dir)}")
+    save_trained(pipe, args.output_dir)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -303,8 +304,6 @@ def build_one_step_unet_base(turbo_dir: str, output_dir: str, steps: int, batch_
     """The tiny SDXL-Turbo's text encoders, VAE and (as the base's placeholder UNet, fp16) UNet with SDXL
     base's scheduler; and ``ONE_STEP_UNET_FILE``: its UNet retrained as an epsilon-prediction one-step model
     for ``LCMScheduler`` at ``timesteps=[399]`` (text encoders frozen, as they are the base's)."""
-    import os
-
     from safetensors.torch import save_file
 
     pipe = StableDiffusionXLPipeline.from_pretrained(turbo_dir)
@@ -361,11 +360,16 @@ def main(args=None):
         if isinstance(module, torch.nn.Module) and module is not vae:
             module.train()
     train_generator(pipe, encode_prompts, args.generator_steps, args.batch_size, generator)
+    save_trained(pipe, args.output_dir)
+
+
+def save_trained(pipe, output_dir: str) -> None:
+    """Every module back in eval mode, then the diffusers folder."""
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
-    pipe.save_pretrained(args.output_dir)
-    print(f"saved {args.output_dir}")
+    pipe.save_pretrained(output_dir)
+    print(f"saved {output_dir}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def denoiser(pipe):
 
 def latent_channels(pipe) -> int:
     """Channels of the initial noise: the UNet's input; FLUX packs 2x2 patches, so a quarter of its input."""
-    return pipe.unet.config.in_channels if hasattr(pipe, "unet") else pipe.transformer.config.in_channels // 4
+    channels = denoiser(pipe).config.in_channels
+    return channels if hasattr(pipe, "unet") else channels // 4
 
 
 def default_resolution(pipe) -> int:
